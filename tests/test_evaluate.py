@@ -1,0 +1,201 @@
+"""evaluate.py: metrics against scipy, the logistic fit, the figures, the files and the table."""
+
+import csv
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import scipy.optimize
+import scipy.stats
+from PIL import Image
+
+import data
+import evaluate
+import preresq
+
+# ---------------------------------------------------------------------------------------
+# correlations
+# ---------------------------------------------------------------------------------------
+
+
+def test_correlations_equal_scipy_on_the_same_vectors():
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(1, 5, 300)
+    # Rounded predictions give ties, which is where Kendall's tau-b and Spearman differ
+    # from the naive formulas.
+    pred = np.round(mos + rng.normal(0, 0.8, 300), 1)
+    got = evaluate.correlations(pred, mos)
+    assert got["srcc"] == pytest.approx(scipy.stats.spearmanr(pred, mos).statistic, abs=1e-12)
+    assert got["plcc"] == pytest.approx(scipy.stats.pearsonr(pred, mos).statistic, abs=1e-12)
+    assert got["krcc"] == pytest.approx(scipy.stats.kendalltau(pred, mos).statistic, abs=1e-12)
+    fitted = evaluate.logistic4(pred, *got["logistic_params"])
+    assert got["plcc_logistic"] == pytest.approx(
+        scipy.stats.pearsonr(fitted, mos).statistic, abs=1e-12)
+    assert got["logistic_note"] == ""
+
+
+def test_logistic4_hand_worked_values():
+    b = (4.0, 1.0, 3.0, 0.5)
+    assert evaluate.logistic4(3.0, *b) == pytest.approx(2.5)  # midpoint: (b1 + b2) / 2
+    # (4 - 1) / (1 + e^-2) + 1
+    assert evaluate.logistic4(4.0, *b) == pytest.approx(3 / (1 + math.exp(-2)) + 1)
+    # |b4|: the sign of the width does not matter; far tails reach the asymptotes without overflow
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = evaluate.logistic4(np.array([-1e6, 1e6]), 4.0, 1.0, 3.0, -0.5)
+    assert far.tolist() == pytest.approx([1.0, 4.0])
+
+
+def test_logistic_fit_recovers_known_parameters():
+    rng = np.random.default_rng(1)
+    true = np.array([4.6, 1.3, 3.1, 0.45])
+    x = rng.uniform(1, 5, 400)
+    y = evaluate.logistic4(x, *true) + rng.normal(0, 0.02, 400)
+    params = evaluate.fit_logistic(x, y)
+    params[3] = abs(params[3])
+    assert params == pytest.approx(true, rel=0.03)
+
+
+def test_logistic_fit_improves_plcc_on_a_saturating_relation():
+    x = np.linspace(0, 10, 200)
+    mos = evaluate.logistic4(x, 5.0, 1.0, 5.0, 0.5)
+    got = evaluate.correlations(x, mos)
+    assert got["plcc"] < 0.95
+    assert got["plcc_logistic"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_too_few_points_for_the_fit_fall_back_to_raw_plcc_with_a_note():
+    pred, mos = [1.0, 2.0, 3.5, 3.0], [1.2, 2.5, 3.1, 4.0]
+    got = evaluate.correlations(pred, mos)
+    assert got["plcc"] == pytest.approx(scipy.stats.pearsonr(pred, mos).statistic)
+    assert got["plcc_logistic"] == got["plcc"]
+    assert got["logistic_params"] is None
+    assert "more than 4 points" in got["logistic_note"]
+    assert "raw PLCC" in got["logistic_note"]
+
+
+def test_failing_fit_falls_back_to_raw_plcc_with_the_reason(monkeypatch):
+    def no_convergence(*args, **kwargs):
+        raise RuntimeError("Optimal parameters not found: Number of calls to function has "
+                           "reached maxfev = 10000.")
+
+    monkeypatch.setattr(scipy.optimize, "curve_fit", no_convergence)
+    rng = np.random.default_rng(2)
+    mos = rng.uniform(1, 5, 50)
+    pred = mos + rng.normal(0, 0.5, 50)
+    got = evaluate.correlations(pred, mos)
+    assert got["plcc_logistic"] == got["plcc"] == pytest.approx(
+        scipy.stats.pearsonr(pred, mos).statistic)
+    assert got["logistic_params"] is None
+    assert "maxfev" in got["logistic_note"] and "raw PLCC" in got["logistic_note"]
+
+
+@pytest.mark.parametrize("pred, mos", [
+    ([3.0] * 10, list(np.linspace(1, 5, 10))),  # constant predictions
+    (list(np.linspace(1, 5, 10)), [2.0] * 10),  # constant MOS
+    ([1.0, 2.0], [1.0, 3.0]),                   # too short: two points always correlate
+    ([], []),
+])
+def test_undefined_correlations_are_nan_without_warnings(pred, mos):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = evaluate.correlations(pred, mos)
+    for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
+        assert math.isnan(got[key]), key
+    assert got["logistic_params"] is None and got["logistic_note"]
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="3 predictions but 2 MOS"):
+        evaluate.correlations([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="unparsed"):
+        evaluate.correlations([1.0, math.nan, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])
+
+
+# ---------------------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------------------
+
+
+def _blobs(img, colour):
+    """Connected regions of exactly `colour`, as a list of (centre_x, centre_y)."""
+    mask = np.all(np.asarray(img) == colour, axis=-1)
+    labels, count = scipy.ndimage.label(mask)
+    centres = scipy.ndimage.center_of_mass(mask, labels, range(1, count + 1))
+    return [(x, y) for y, x in centres]
+
+
+def test_scatter_png_has_one_dot_per_point_where_the_data_put_it(tmp_path):
+    path = tmp_path / "scatter.png"
+    pred, mos = [1.0, 3.0, 5.0], [4.5, 1.0, 3.0]
+    evaluate.draw_scatter(path, pred, mos, title="toy")
+    img = Image.open(path)
+    assert img.format == "PNG" and img.size == (640, 480)
+    dots = sorted(_blobs(img.convert("RGB"), evaluate.PALETTE[0]))
+    assert len(dots) == 3
+    # left to right follows pred; image y grows downwards, so higher MOS is higher up
+    ys = [y for _, y in dots]
+    assert ys[0] < ys[2] < ys[1]
+    # no curve without parameters
+    assert not _blobs(img.convert("RGB"), evaluate.PALETTE[3])
+
+
+def test_scatter_draws_the_logistic_curve(tmp_path):
+    rng = np.random.default_rng(3)
+    pred = rng.uniform(1, 5, 100)
+    mos = evaluate.logistic4(pred, 4.8, 1.2, 3.0, 0.5) + rng.normal(0, 0.1, 100)
+    got = evaluate.correlations(pred, mos)
+    path = tmp_path / "scatter.png"
+    evaluate.draw_scatter(path, pred, mos, got["logistic_params"], size=(500, 400))
+    img = Image.open(path).convert("RGB")
+    assert img.size == (500, 400)
+    red = np.all(np.asarray(img) == evaluate.PALETTE[3], axis=-1)
+    # the curve spans most of the plot's width
+    columns = np.flatnonzero(red.any(axis=0))
+    assert columns.max() - columns.min() > 0.7 * 500
+
+
+def test_scatter_of_nothing_still_draws_axes(tmp_path):
+    path = tmp_path / "empty.png"
+    evaluate.draw_scatter(path, [], [], title="all unparsed")
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert (img != evaluate.BACKGROUND).any()
+
+
+def test_curves_put_reward_above_correlations_and_skip_nan(tmp_path):
+    path = tmp_path / "curves.png"
+    steps = range(0, 50, 5)
+    series = {"mean reward": [(s, 0.5 + 0.01 * s) for s in steps],
+              "held-out SRCC": [(0, math.nan)] + [(s, 0.015 * s) for s in steps[1:]],
+              "held-out PLCC": [(s, 0.014 * s) for s in steps]}
+    evaluate.draw_curves(path, series, title="demo")
+    img = Image.open(path).convert("RGB")
+    assert img.size == (720, 560)
+    arr = np.asarray(img)
+    for k, upper in ((0, True), (1, False), (2, False)):
+        rows = np.flatnonzero(np.all(arr == evaluate.PALETTE[k], axis=-1).any(axis=1))
+        assert len(rows), k
+        assert (rows.max() < 280) if upper else (rows.min() > 280), k
+
+
+def test_curves_with_only_correlations_use_one_panel(tmp_path):
+    path = tmp_path / "curves.png"
+    evaluate.draw_curves(path, {"SRCC": [(0, 0.1), (10, 0.6)]}, size=(400, 300))
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    rows = np.flatnonzero(np.all(arr == evaluate.PALETTE[0], axis=-1).any(axis=1))
+    assert rows.min() < 150 < rows.max()  # the one panel fills the height
+    with pytest.raises(ValueError, match="no series"):
+        evaluate.draw_curves(path, {})
+
+
+@pytest.mark.parametrize("lo, hi, expected", [
+    (0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+    (0.8, 5.2, [1.0, 2.0, 3.0, 4.0, 5.0]),
+    (-1.0, 1.0, [-1.0, -0.5, 0.0, 0.5, 1.0]),
+    (0.0, 123.0, [0.0, 25.0, 50.0, 75.0, 100.0]),
+])
+def test_nice_ticks(lo, hi, expected):
+    assert evaluate._nice_ticks(lo, hi) == pytest.approx(expected)
