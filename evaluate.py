@@ -226,9 +226,10 @@ def draw_scatter(path, pred, mos, params=None, title="", size=(640, 480)):
     heading = f"{title}   SRCC {srcc:.3f}   PLCC {plcc:.3f}   n={len(pred)}".strip()
     draw.text((width / 2, 12), heading, fill=INK, font=_font(15), anchor="mt")
     frame.draw_axes(img, draw, "predicted score", "MOS")
+    radius = 3 if len(pred) <= 1000 else 2  # thousands of points: smaller dots, less overdraw
     for x, y in zip(pred, mos):
         cx, cy = frame.px(x, y)
-        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=PALETTE[0])
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=PALETTE[0])
     if params is not None:
         xs = np.linspace(*frame.xrange, 200)
         ys = np.clip(logistic4(xs, *params), *frame.yrange)
@@ -382,6 +383,14 @@ def write_predictions(path, rows):
         for r in rows:
             writer.writerow({k: ("yes" if r[k] else "no") if k == "parsed"
                              else ("" if r[k] is None else r[k]) for k in columns})
+
+
+def write_dataset_files(out_dir, name, metrics, rows):
+    """Write OUT_DIR/predictions-<name>.csv and OUT_DIR/scatter-<name>.png for one dataset."""
+    write_predictions(os.path.join(out_dir, f"predictions-{name}.csv"), rows)
+    parsed = [r for r in rows if r["parsed"]]
+    draw_scatter(os.path.join(out_dir, f"scatter-{name}.png"), [r["score"] for r in parsed],
+                 [r["mos"] for r in parsed], metrics["logistic_params"], title=name)
 
 
 def format_table(summary):

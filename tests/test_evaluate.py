@@ -199,3 +199,151 @@ def test_curves_with_only_correlations_use_one_panel(tmp_path):
 ])
 def test_nice_ticks(lo, hi, expected):
     assert evaluate._nice_ticks(lo, hi) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate() with a stand-in judge, the files and the table
+# ---------------------------------------------------------------------------------------
+
+UNPARSABLE_RED = 7  # the stand-in judge cannot parse its answer for images this red
+
+
+def _fake_judge(calls):
+    """A judge whose score is read off the image (red / 50), and unparsed for one colour."""
+
+    def judge(model, tokenizer, image_processor, visuals, *, video=False, samples=None,
+              temperature=1.0, max_new_tokens=None, seed=0, batch_size=8, progress=False):
+        calls.append(dict(n=len(visuals), video=video, samples=samples, seed=seed,
+                          temperature=temperature))
+        out = []
+        for visual in visuals:
+            red = visual.getpixel((0, 0))[0]
+            if red == UNPARSABLE_RED:
+                out.append(preresq.Judgement(score=None, aspects=None,
+                                             texts=["<think>hmm</think>no answer"], parsed=0))
+            else:
+                score = red / 50
+                out.append(preresq.Judgement(score=score, aspects=[score] * 5,
+                                             texts=[f"<answer>{score}</answer>"], parsed=1))
+        return out
+
+    return judge
+
+
+@pytest.fixture
+def fake_set(tmp_path, monkeypatch):
+    """10 items: 7 judged images, 1 unparsable answer, 1 corrupt file, 1 missing file."""
+    calls = []
+    monkeypatch.setattr(preresq, "judge", _fake_judge(calls))
+    reds = [60, 240, 110, UNPARSABLE_RED, 200, 150, 90, 130]
+    mos = [1.5, 4.8, 2.0, 3.0, 4.1, 3.9, 1.9, 2.5]
+    items = []
+    for k, (red, m) in enumerate(zip(reds, mos)):
+        path = tmp_path / f"img{k}.png"
+        Image.new("RGB", (32, 24), (red, 80, 80)).save(path)
+        items.append(data.Item(path=str(path), mos=m, raw=m, dataset="toy"))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    items.insert(2, data.Item(path=str(corrupt), mos=3.3, raw=3.3, dataset="toy"))
+    items.append(data.Item(path=str(tmp_path / "missing.jpg"), mos=2.2, raw=2.2, dataset="toy"))
+    return items, calls
+
+
+def test_evaluate_counts_parse_failures_and_unreadable_files(fake_set):
+    items, calls = fake_set
+    with pytest.warns(UserWarning) as caught:
+        metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=4, seed=5,
+                                          progress=False)
+    warned = " ".join(str(w.message) for w in caught)
+    assert "corrupt.png" in warned and "missing.jpg" in warned
+    assert metrics["unreadable"] == 2
+    assert metrics["parse_failures"] == 1
+    assert metrics["n"] == 7
+    # rows: the readable items, in order; the unparsed one keeps its text and has no score
+    readable = [it for it in items if "corrupt" not in it.path and "missing" not in it.path]
+    assert [r["path"] for r in rows] == [it.path for it in readable]
+    failed = [r for r in rows if not r["parsed"]]
+    assert len(failed) == 1 and failed[0]["score"] is None and "no answer" in failed[0]["text"]
+    assert all(r["saturation"] == r["score"] for r in rows if r["parsed"])
+    # the correlations use exactly the parsed predictions
+    pred = [r["score"] for r in rows if r["parsed"]]
+    mos = [r["mos"] for r in rows if r["parsed"]]
+    assert metrics["srcc"] == pytest.approx(scipy.stats.spearmanr(pred, mos).statistic)
+    assert metrics["plcc"] == pytest.approx(scipy.stats.pearsonr(pred, mos).statistic)
+    # batches of 4 items (minus unreadable ones), each seeded from its first item's index
+    assert [(c["n"], c["seed"]) for c in calls] == [(3, 5), (4, 9), (1, 13)]
+    assert all(c["samples"] is None and not c["video"] for c in calls)
+
+
+def test_files_agree_with_each_other_and_with_a_recomputation(fake_set, tmp_path):
+    items, _ = fake_set
+    with pytest.warns(UserWarning):
+        metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=3, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    evaluate.write_summary(out / "summary.json", {"toy": metrics})
+    evaluate.write_dataset_files(str(out), "toy", metrics, rows)
+    summary = json.loads((out / "summary.json").read_text())["toy"]
+    with open(out / "predictions-toy.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert list(lines[0]) == ["path", "mos", "score", *preresq.IMAGE_ASPECTS, "parsed", "text"]
+    parsed = [line for line in lines if line["parsed"] == "yes"]
+    assert len(parsed) == summary["n"] == 7
+    assert sum(line["parsed"] == "no" for line in lines) == summary["parse_failures"] == 1
+    assert all(line["score"] == "" for line in lines if line["parsed"] == "no")
+    again = evaluate.correlations([float(line["score"]) for line in parsed],
+                                  [float(line["mos"]) for line in parsed])
+    for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
+        assert summary[key] == pytest.approx(again[key], abs=1e-12), key
+    scatter = Image.open(out / "scatter-toy.png").convert("RGB")
+    assert len(_blobs(scatter, evaluate.PALETTE[0])) == 7
+
+
+def test_evaluate_judges_images_and_videos_separately_keeping_order(monkeypatch):
+    calls = []
+
+    def judge(model, tokenizer, image_processor, visuals, *, video=False, **kwargs):
+        calls.append(video)
+        return [preresq.Judgement(score=v, aspects=[v] * (2 if video else 5), texts=["t"],
+                                  parsed=1) for v in visuals]
+
+    monkeypatch.setattr(preresq, "judge", judge)
+    monkeypatch.setattr(preresq, "read_visual", lambda path, max_pixels=None: float(path[1]))
+    items = [data.Item(path=p, mos=float(p[1]), raw=0.0, dataset="mixed")
+             for p in ("/1.mp4", "/2.png", "/3.mp4", "/4.png")]
+    metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=4, progress=False)
+    assert [r["path"] for r in rows] == [it.path for it in items]
+    assert sorted(calls) == [False, True]
+    assert rows[0]["global"] == 1.0 and rows[1]["sharpness"] == 2.0
+    assert metrics["srcc"] == pytest.approx(1.0)
+
+
+def test_constant_predictions_stay_nan_through_json_and_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(preresq, "judge", lambda *a, **k: [
+        preresq.Judgement(score=3.0, aspects=[3.0] * 5, texts=["x"], parsed=1) for _ in a[3]])
+    paths = []
+    for k in range(5):
+        paths.append(tmp_path / f"{k}.png")
+        Image.new("RGB", (8, 8)).save(paths[-1])
+    items = [data.Item(path=str(p), mos=1.0 + k, raw=0.0, dataset="flat") for k, p in enumerate(paths)]
+    metrics, _ = evaluate.evaluate(None, None, None, items, progress=False)
+    assert math.isnan(metrics["srcc"]) and metrics["n"] == 5
+    evaluate.write_summary(tmp_path / "summary.json", {"flat": metrics})
+    text = (tmp_path / "summary.json").read_text()
+    assert json.loads(text)["flat"]["srcc"] is None and "NaN" not in text
+    row = evaluate.format_table(json.loads(text)).splitlines()[2].split()
+    assert row[:6] == ["flat", "5", "nan", "nan", "nan", "nan"]
+
+
+def test_format_table_hand_built():
+    summary = {"koniq": dict(n=2015, srcc=0.91234, plcc=0.9, krcc=0.75, plcc_logistic=0.92345,
+                             parse_failures=3, unreadable=0),
+               "spaq": dict(n=10, srcc=math.nan, plcc=math.nan, krcc=math.nan,
+                            plcc_logistic=math.nan, parse_failures=0, unreadable=1)}
+    lines = evaluate.format_table(summary).splitlines()
+    assert lines[0].split() == ["dataset", "n", "SRCC", "PLCC", "raw", "KRCC", "PLCC",
+                                "logistic", "parse", "failures", "unreadable"]
+    assert set(lines[1]) == {"-"}
+    assert lines[2].split() == ["koniq", "2015", "0.9123", "0.9000", "0.7500", "0.9234", "3", "0"]
+    assert lines[3].split() == ["spaq", "10", "nan", "nan", "nan", "nan", "0", "1"]
+    assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
