@@ -66,9 +66,11 @@ Where this file differs from the authors' code, and why:
 10. R_rank's group size N is the number of valid rollouts + 1 (the authors: G + 1, all valid).
 11. P_std is on whenever the response branch is (the public code; the paper uses it in stage 1
     only). A stage-2 run passes `w_std=0`.
-Kept on purpose: R_pair's known defect. A wrongly ordered pair whose predictions are both far
-from their MOS has s near 0 and scores sqrt(1 - s) near 1, as much as a perfect pair. It is
-the reference behaviour; `test_rewards.py` shows it with numbers.
+Kept on purpose: R_pair's known defects, as the reference behaviour (`test_rewards.py` shows
+them with numbers). A wrongly ordered pair whose predictions are both far from their MOS has s
+near 0 and scores sqrt(1 - s) near 1, more than a correctly ordered pair with moderate errors.
+Two images with equal MOS have s = 0: any two different predictions score 1, two equal but
+inexact ones score 0.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ MAX_RATING = 100.0
 # A real answer block is a few dozen characters; the cap bounds the parser's work on garbage.
 MAX_ANSWER_CHARS = 1000
 
-_NUM = r"(?:\d+(?:\.\d*)?|\.\d+)"                       # unsigned decimal: 3  3.  3.25  .5
+_NUM = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"             # unsigned ASCII decimal: 3  3.  3.25  .5
 _LABEL = r"[A-Za-z][A-Za-z _()/-]*"                     # no digits or dots: cannot eat a number
 _ITEM = rf"(?:{_LABEL}:[ \t]*)?{_NUM}"
 _SEP = r"(?:\s*[,;]\s*|\s+)"
