@@ -634,7 +634,7 @@ def test_parse_answer_fuzz():
         found += 1
         assert len(got) == A and all(0 <= v <= 100 and math.isfinite(v) for v in got)
         assert set(got) <= _numbers_in_last_block(text), (text, got)
-    assert found > 3000, found     # the generator does reach the accepting paths
+    assert found > 1500, found     # the generator does reach the accepting paths
     # long garbage inside a block is cut off, not chewed on
     for text in ["<answer>" + "a " * 5000 + "</answer>", "<answer>" + "a" * 999 + "</answer>",
                  "<answer>" + ("Saturation " * 90) + "</answer>", "<answer>" + "1 " * 499 + "</answer>"]:
