@@ -9,16 +9,18 @@ g[i] is the image's MOS on the 1..5 scale.
 
 Video drops R_rank and the division by 3 (`video=True`).
 
-| term      | paper name                                   | function                | method.md |
-|-----------|----------------------------------------------|-------------------------|-----------|
-| R_format  | format reward                                | `format_reward`         | §2.1      |
-| P_std     | std penalty (response branch)                | `aspect_spread_penalty` | §2.2      |
-| R_tripbal | response triplet ranking balance             | `triplet_balance`       | §2.2      |
-| R_pair    | pairwise score-and-rank fidelity (preference)| `pairwise_fidelity`     | §2.3      |
-| R_trip3   | triplet ranking accuracy (preference)        | `triplet_accuracy`      | §2.3      |
-| R_rank    | within-group rank reward (preference)        | `group_rank`            | §2.3      |
-| R         | the combination                              | `preresq_reward`        | §2        |
-| rivals    | VisualQuality-R1 / Q-Insight / VQAThinker    | `fidelity_reward`, `threshold_reward`, `gaussian_reward` | §2.5 |
+| term      | paper name                                      | function                | method.md |
+|-----------|-------------------------------------------------|-------------------------|-----------|
+| R_format  | format reward                                   | `format_reward`         | §2.1      |
+| P_std     | std penalty (response branch)                   | `aspect_spread_penalty` | §2.2      |
+| R_tripbal | response triplet ranking balance                | `triplet_balance`       | §2.2      |
+| R_pair    | pairwise score-and-rank fidelity (preference)   | `pairwise_fidelity`     | §2.3      |
+| R_trip3   | triplet ranking accuracy (preference)           | `triplet_accuracy`      | §2.3      |
+| R_rank    | within-group rank reward (preference)           | `group_rank`            | §2.3      |
+| R         | the combination                                 | `preresq_reward`        | §2        |
+| rival     | VisualQuality-R1 Thurstone fidelity             | `fidelity_reward`       | §2.5      |
+| rival     | Q-Insight score threshold                       | `threshold_reward`      | §2.5      |
+| rival     | VQAThinker Gaussian score                       | `gaussian_reward`       | §2.5      |
 
 `REWARDS` maps the names `grpo.py --reward` accepts to these functions. Every reward takes
 `(scores (B, G, A), mos (B,), valid (B, G) bool = None, *, format_rewards (B, G) = None)` and
@@ -144,7 +146,8 @@ def parse_answer(text: str, num_aspects: int) -> list[float] | None:
 @functools.lru_cache(maxsize=None)
 def _strict_format(num_aspects: int) -> re.Pattern:
     return re.compile(
-        rf"<think>.*?</think>\s*<answer>\s*{_NUM}(?:[ \t]*\n\s*{_NUM}){{{num_aspects - 1}}}\s*</answer>",
+        rf"<think>.*?</think>\s*<answer>\s*{_NUM}"
+        rf"(?:[ \t]*\n\s*{_NUM}){{{num_aspects - 1}}}\s*</answer>",
         re.DOTALL)
 
 
@@ -367,7 +370,8 @@ def group_rank(p: Tensor, mos: Tensor, valid: Tensor | None = None) -> Tensor:
         # mean of step**u for u = 0..t: how far, uniformly, a tie of t+1 equal values pushes delta
         return (1 - step ** (t + 1)) / ((t + 1) * (1 - step))
 
-    far = torch.exp(-(1 + strictly_between) / n_list) * mean_decay(ties_with_p) * mean_decay(ties_with_g)
+    far = (torch.exp(-(1 + strictly_between) / n_list)
+           * mean_decay(ties_with_p) * mean_decay(ties_with_g))
     reward = torch.where(_below((p - g).abs(), RANK_TOL), 1.0, far)
     return torch.where(valid, reward, 0.0).float()
 
@@ -376,7 +380,8 @@ def group_rank(p: Tensor, mos: Tensor, valid: Tensor | None = None) -> Tensor:
 # The combination, and the rivals
 # ---------------------------------------------------------------------------------------
 
-def _format_and_predictions(scores, mos, valid, format_rewards, where):
+def _format_and_inputs(scores, mos, valid, format_rewards, where):
+    """R_format (B, G) (default: valid as 0/1) and the checked inputs d (B, G, A), g, valid."""
     d, g, valid = _prepare(scores, mos, valid, 3, where)
     if format_rewards is None:
         fmt = valid.to(torch.float64)
@@ -385,7 +390,7 @@ def _format_and_predictions(scores, mos, valid, format_rewards, where):
         if tuple(fmt.shape) != tuple(valid.shape) or not torch.isfinite(fmt).all():
             raise ValueError(f"{where}: format_rewards must be finite with shape "
                              f"{tuple(valid.shape)}, got {tuple(fmt.shape)}.")
-    return fmt, d.mean(-1), g, valid
+    return fmt, d, g, valid
 
 
 def preresq_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
@@ -403,8 +408,8 @@ def preresq_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
     + w_rank R_rank) / 3, keeping only the enabled branches. video=True drops R_rank and the
     division by 3.
     """
-    fmt, p, g, valid = _format_and_predictions(scores, mos, valid, format_rewards, "preresq_reward")
-    d = torch.where(valid[..., None], scores.to(torch.float64), 0.0)
+    fmt, d, g, valid = _format_and_inputs(scores, mos, valid, format_rewards, "preresq_reward")
+    p = d.mean(-1)
     terms = {
         "pair_fidelity": pairwise_fidelity(p, g, valid),
         "triplet_accuracy": triplet_accuracy(p, g, valid),
@@ -431,7 +436,8 @@ def fidelity_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
     (i, j) and every other image z: P = Phi((p_ij - mu_z) / sqrt(var_i + var_z + 1e-6)),
     P* = 1, 0.5, 0 as g_i >, =, < g_z, f = sqrt(P* P + 1e-6) + sqrt((1 - P*)(1 - P) + 1e-6);
     "fidelity" = mean over z. Returns "format", "fidelity", "total" (B, G)."""
-    fmt, p, g, valid = _format_and_predictions(scores, mos, valid, format_rewards, "fidelity_reward")
+    fmt, d, g, valid = _format_and_inputs(scores, mos, valid, format_rewards, "fidelity_reward")
+    p = d.mean(-1)
     B = p.shape[0]
     n = valid.sum(1).to(torch.float64)
     mu = torch.where(valid, p, 0.0).sum(1) / n.clamp_min(1)
@@ -452,7 +458,8 @@ def threshold_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *
                      format_rewards: Tensor | None = None) -> dict[str, Tensor]:
     """Q-Insight's score reward (method.md §2.5): "threshold" = 1 when |p - g| < 0.35, else 0.
     Returns "format", "threshold", "total" (B, G)."""
-    fmt, p, g, valid = _format_and_predictions(scores, mos, valid, format_rewards, "threshold_reward")
+    fmt, d, g, valid = _format_and_inputs(scores, mos, valid, format_rewards, "threshold_reward")
+    p = d.mean(-1)
     hit = torch.where(valid & _below((p - g[:, None]).abs(), THRESHOLD_TOL), 1.0, 0.0)
     return {"format": fmt.float(), "threshold": hit.float(), "total": (fmt + hit).float()}
 
@@ -461,7 +468,8 @@ def gaussian_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
                     format_rewards: Tensor | None = None) -> dict[str, Tensor]:
     """VQAThinker's Gaussian score reward (method.md §2.5): "gaussian" = exp(-(p - g)^2 / (2 * 0.5^2)).
     Returns "format", "gaussian", "total" (B, G)."""
-    fmt, p, g, valid = _format_and_predictions(scores, mos, valid, format_rewards, "gaussian_reward")
+    fmt, d, g, valid = _format_and_inputs(scores, mos, valid, format_rewards, "gaussian_reward")
+    p = d.mean(-1)
     close = torch.where(valid, torch.exp(-(p - g[:, None]) ** 2 / (2 * GAUSSIAN_SIGMA ** 2)), 0.0)
     return {"format": fmt.float(), "gaussian": close.float(), "total": (fmt + close).float()}
 

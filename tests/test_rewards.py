@@ -365,7 +365,10 @@ def random_batch(rng, max_b=5, max_g=6):
     for _ in range(int(rng.integers(0, 3))):                                # identical answers
         i, j, k = rng.integers(B), rng.integers(G), rng.integers(G)
         scores[i, j] = scores[i, k]
-    mos = rng.choice([2.0, 3.0, 3.02, 3.1], B) if rng.random() < 0.4 else np.round(rng.uniform(1, 5, B), 2)
+    if rng.random() < 0.4:
+        mos = rng.choice([2.0, 3.0, 3.02, 3.1], B)
+    else:
+        mos = np.round(rng.uniform(1, 5, B), 2)
     valid = rng.random((B, G)) >= rng.choice([0.0, 0.0, 0.2, 0.5, 1.0])
     scores[~valid] = np.nan
     fmt = (valid & (rng.random((B, G)) < 0.8)).astype(np.float32)
@@ -382,7 +385,7 @@ def test_matches_literal_reference_on_random_batches(seed):
     rng = np.random.default_rng(seed)
     for _ in range(100):
         scores, mos, valid, fmt = random_batch(rng)
-        video, response, preference = bool(rng.random() < 0.3), bool(rng.random() < 0.8), bool(rng.random() < 0.8)
+        video, response, preference = (bool(x) for x in rng.random(3) < [0.3, 0.8, 0.8])
         got = preresq_reward(scores, mos, valid, format_rewards=fmt, video=video,
                              response_branch=response, preference_branch=preference)
         want = ref_preresq(*as_lists(scores, mos, valid, fmt), video=video,
@@ -501,7 +504,8 @@ EDGES = {
     "B=1,G=1": (t([[[3.0, 3.0]]]), t([3.0]), None),
     "B=1": (t([[[1.0], [2.0], [5.0]]]), t([2.0]), None),
     "G=1": (t([[[1.0]], [[2.0]], [[3.0]]]), t([1.0, 2.0, 3.0]), None),
-    "all invalid": (torch.full((3, 4, 5), NAN), t([1.0, 2.0, 3.0]), torch.zeros(3, 4, dtype=torch.bool)),
+    "all invalid": (torch.full((3, 4, 5), NAN), t([1.0, 2.0, 3.0]),
+                    torch.zeros(3, 4, dtype=torch.bool)),
     "one valid": (t([[[3.0], [NAN]], [[NAN], [NAN]]]), t([1.0, 5.0]),
                   torch.tensor([[True, False], [False, False]])),
     "all equal": (torch.full((4, 6, 5), 3.0), torch.full((4,), 3.0), None),
@@ -546,7 +550,8 @@ def test_bad_input_is_refused_with_a_clear_message():
 # Parsing
 # ---------------------------------------------------------------------------------------
 
-GOOD = "<think>The colours are dull and the background is noisy.</think>\n<answer>3.25\n2\n4.10\n3.5\n1.75</answer>"
+GOOD = ("<think>The colours are dull and the background is noisy.</think>\n"
+        "<answer>3.25\n2\n4.10\n3.5\n1.75</answer>")
 
 
 @pytest.mark.parametrize("text,want", [
@@ -618,7 +623,8 @@ def test_parse_answer_fuzz():
     for n in range(20000):
         A = rng.choice([1, 2, 5])
         if n % 3 == 0:      # random characters
-            text = "".join(rng.choice("<>/answer0123456789.,;: \n-eaS") for _ in range(rng.randrange(60)))
+            text = "".join(rng.choice("<>/answer0123456789.,;: \n-eaS")
+                           for _ in range(rng.randrange(60)))
         elif n % 3 == 1:    # adversarial token soup
             text = "".join(rng.choice(_TOKENS) for _ in range(rng.randrange(40)))
         else:               # near-valid answers with one mutation
@@ -637,6 +643,7 @@ def test_parse_answer_fuzz():
     assert found > 1500, found     # the generator does reach the accepting paths
     # long garbage inside a block is cut off, not chewed on
     for text in ["<answer>" + "a " * 5000 + "</answer>", "<answer>" + "a" * 999 + "</answer>",
-                 "<answer>" + ("Saturation " * 90) + "</answer>", "<answer>" + "1 " * 499 + "</answer>"]:
+                 "<answer>" + ("Saturation " * 90) + "</answer>",
+                 "<answer>" + "1 " * 499 + "</answer>"]:
         assert parse_answer(text, 5) is None
     assert time.perf_counter() - start < 10
