@@ -92,8 +92,8 @@ THRESHOLD_TOL = 0.35     # Q-Insight
 GAUSSIAN_SIGMA = 0.5     # VQAThinker
 FIDELITY_EPS = 1e-6      # VisualQuality-R1
 
-# Ratings are written with at most a few decimals; 1e-6 is far below that and far above the
-# float error of a difference of two such ratings (deviation 9).
+# Ratings are written with at most a few decimals; 1e-6 is far below that, and above the
+# float32 error of a difference of two ratings on the 1..5 scale (< 5e-7) (deviation 9).
 _DECIMAL_SLACK = 1e-6
 
 # A value above this is no rating on a 1..5 scale (a percentage, a year, a runaway digit
