@@ -1,4 +1,4 @@
-"""Video views for PreResQ-R1: a global-temporal mosaic and local-spatial frames (paper §3.3).
+"""Video views for PreResQ-R1: a global-temporal mosaic and local-spatial frames.
 
 PreResQ-R1 shows the model each clip as four labelled images in one user turn (method.md §5):
 image 0, the *global multiframe picture*, is a 4×4 grid of 16 frames spread over the clip
@@ -157,7 +157,6 @@ class _Clip:
     frames: int            # frame count in the header, 0 when unknown (mkv, webm, raw streams)
     duration: Fraction | None   # seconds
     rate: Fraction | None       # frames per second
-    start: Fraction             # seconds
     time_base: Fraction | None
     sar: Fraction               # sample (pixel) aspect ratio, 1 when unknown
 
@@ -182,8 +181,7 @@ def _clip_header(container: av.container.InputContainer, stream: av.video.stream
         duration = stream.frames / Fraction(rate)
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     return _Clip(frames=stream.frames, duration=duration, rate=Fraction(rate) if rate else None,
-                 start=(stream.start_time or 0) * tb if tb else Fraction(0), time_base=tb,
-                 sar=Fraction(sar) if sar else Fraction(1))
+                 time_base=tb, sar=Fraction(sar) if sar else Fraction(1))
 
 
 def _count_packets(path: str) -> int:
@@ -226,37 +224,51 @@ class _SeekFailed(Exception):
     pass
 
 
-def _read_by_seeking(path: str, clip: _Clip, n: int, wanted: dict[int, object],
-                     convert: Convert) -> dict[int, tuple[int, object]]:
-    """For each wanted k: the frame on screen at the middle of frame k's time slot.
+def _read_by_seeking(path: str, clip: _Clip, plan: Plan,
+                     convert: Convert) -> tuple[dict[int, tuple[int, object]], int]:
+    """Read the planned frames of a long clip by seeking. Returns ({k: (index read, value)}, n).
 
-    Returns {k: (estimated index of the frame read, value)}. Raises _SeekFailed when a
-    timestamp is missing, the demuxer or decoder fails, or nothing decodes after a seek.
+    The first and last timestamps are read from the frames themselves (container durations
+    disagree on whether they include a late start). n is the header's frame count, else
+    (last - first) · frame rate + 1; with s = (last - first) / (n - 1), frame k is read as
+    the frame on screen at first + (k + 1/2)·s, the middle of its time slot, and the index
+    reported is round((pts - first) / s). Raises _SeekFailed when a timestamp is missing,
+    demuxing or decoding fails, or nothing decodes after a seek.
     """
-    out = {}
-    slot = clip.duration / n  # seconds per frame (the mean, for variable frame rate)
+    tb = clip.time_base
     with _open(path) as (container, stream):
         try:
-            for k, request in sorted(wanted.items()):
-                target = clip.start + (k + Fraction(1, 2)) * slot
-                container.seek(math.floor(target / clip.time_base), stream=stream,
-                               backward=True, any_frame=False)
-                shown = _frame_on_screen(container, stream, target, clip.time_base)
-                index = math.floor((shown.pts * clip.time_base - clip.start) / slot)
+            first = next(container.decode(stream), None)
+            if first is None or first.pts is None:
+                raise _SeekFailed
+            first = first.pts * tb
+            container.seek(math.floor((first + clip.duration) / tb), stream=stream, backward=True, any_frame=False)
+            last = _frame_on_screen(container, stream, None, tb).pts * tb
+            n = clip.frames if clip.frames > 0 else round((last - first) * clip.rate) + 1
+            if n < 2 or last <= first:
+                raise _SeekFailed
+            slot = (last - first) / (n - 1)
+            out = {}
+            for k, request in sorted(plan(n).items()):
+                target = first + (k + Fraction(1, 2)) * slot
+                container.seek(math.floor(target / tb), stream=stream, backward=True, any_frame=False)
+                shown = _frame_on_screen(container, stream, target, tb)
+                index = round((shown.pts * tb - first) / slot)
                 out[k] = (min(max(index, 0), n - 1), convert(shown, request, clip.sar))
         except av.error.FFmpegError as error:
             raise _SeekFailed from error
-    return out
+    return out, n
 
 
-def _frame_on_screen(container, stream, target: Fraction, time_base: Fraction) -> av.VideoFrame:
-    """After a seek: decode forward to the last frame whose timestamp is <= target (seconds)."""
+def _frame_on_screen(container, stream, target: Fraction | None, time_base: Fraction) -> av.VideoFrame:
+    """After a seek: decode forward to the last frame whose timestamp is <= target seconds
+    (None: the last frame of the clip)."""
     previous = None
     for packet in container.demux(stream):
         for frame in stream.decode(packet):
             if frame.pts is None:
                 raise _SeekFailed
-            if frame.pts * time_base > target:
+            if target is not None and frame.pts * time_base > target:
                 return previous if previous is not None else frame
             previous = frame
     if previous is None:
@@ -273,9 +285,10 @@ def _read(path: str, plan: Plan, convert: Convert, *, min_frames: int,
     with _open(path) as (container, stream):
         clip = _clip_header(container, stream)
     estimate = clip.frames_estimate
-    if estimate is not None and estimate > seek_threshold and clip.duration and clip.time_base:
+    if (estimate is not None and estimate > max(seek_threshold, min_frames) and clip.duration
+            and clip.time_base and clip.rate):
         try:
-            return _read_by_seeking(path, clip, estimate, plan(estimate), convert), estimate, "seek"
+            return *_read_by_seeking(path, clip, plan, convert), "seek"
         except _SeekFailed:
             pass
     n = clip.frames if clip.frames > 0 else _count_packets(path)
@@ -475,14 +488,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=4, help="mosaic is grid × grid frames")
     parser.add_argument("--num-local", type=int, default=3, help="number of local views")
     parser.add_argument("--tile-size", type=int, default=TILE_SIZE, help="longer side of a mosaic tile")
-    parser.add_argument("--local-max-pixels", type=int, default=LOCAL_MAX_PIXELS)
+    parser.add_argument("--local-max-pixels", type=int, default=LOCAL_MAX_PIXELS,
+                        help="pixel cap of a local frame (0: native resolution)")
     parser.add_argument("--fragments", action="store_true", help="local views as FAST-VQA fragments")
     parser.add_argument("--seed", type=int, default=0, help="fragment positions")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         views = sample_views(args.clip, grid=args.grid, num_local=args.num_local, tile_size=args.tile_size,
-                             local_max_pixels=args.local_max_pixels, fragments=args.fragments, seed=args.seed)
+                             local_max_pixels=args.local_max_pixels or None, fragments=args.fragments, seed=args.seed)
     except VideoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -158,9 +158,13 @@ def test_short_clip_repeats_frames_then_refuses(tmp_path):
 # ---------------------------------------------------------------- timestamps, GOPs, damage
 
 
-def test_seeking_matches_sequential_on_long_gop_with_b_frames(tmp_path):
-    path = str(tmp_path / "gop.mp4")
-    write_clip(path, grey_frames(50), options={"crf": "18", "preset": "medium", "g": "12", "bf": "3"})
+@pytest.mark.parametrize("ext, fps", [(".mp4", 25), (".mkv", 30), (".webm", 30)])
+def test_seeking_matches_sequential(tmp_path, ext, fps):
+    # 30 fps in mkv/webm: timestamps are whole milliseconds (0, 33, 67, ...), not exact multiples
+    path = str(tmp_path / f"gop{ext}")
+    codec, options = ("libx264", {"crf": "18", "preset": "medium", "g": "12", "bf": "3"}) if ext != ".webm" \
+        else ("libvpx-vp9", {"lossless": "1", "deadline": "realtime", "cpu-used": "8", "g": "12"})
+    write_clip(path, grey_frames(50), fps=fps, codec=codec, options=options)
     sequential = sample_views(path, tile_size=32)
     seek = sample_views(path, tile_size=32, seek_threshold=10)
     assert (sequential.mode, seek.mode) == ("sequential", "seek")
@@ -170,15 +174,23 @@ def test_seeking_matches_sequential_on_long_gop_with_b_frames(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_seeking_with_a_late_first_timestamp(tmp_path):
+    # the first frame is shown at 1.5 s (as in streams cut from a broadcast)
+    path = write(tmp_path / "late.mkv", grey_frames(30), pts=[1500 + 40 * i for i in range(30)],
+                 time_base=Fraction(1, 1000))
+    for seek_threshold in (video.SEEK_THRESHOLD, 0):
+        images, indices = sample_frames(path, 6, seek_threshold=seek_threshold)
+        assert indices == segment_centres(30, 6) and [index_of(im) for im in images] == indices
+
+
 def test_variable_frame_rate_by_index_then_by_time(tmp_path):
-    # 15 frames 20 ms apart, then 15 frames 100 ms apart; the clip lasts 1.74 s (mp4 adds
-    # the last frame's 40 ms), so it reports its mean rate 30 / 1.74 s = 500/29 fps.
+    # 15 frames 20 ms apart, then 15 frames 100 ms apart: timestamps 0 .. 1.7 s
     pts = [20 * i for i in range(15)] + [300 + 100 * i for i in range(15)]
     path = write(tmp_path / "vfr.mp4", grey_frames(30), pts=pts, time_base=Fraction(1, 1000))
     images, indices = sample_frames(path, 4)  # sequential: by decoded index
     assert indices == [3, 11, 18, 26] and [index_of(im) for im in images] == indices
     images, _ = sample_frames(path, 4, seek_threshold=0)  # by time: the frame on screen at
-    # (k + 0.5) · 1.74/30 s for k = 3, 11, 18, 26: 0.203, 0.667, 1.073, 1.537 s
+    # (k + 0.5) · 1.7/29 s for k = 3, 11, 18, 26: 0.205, 0.674, 1.084, 1.553 s
     assert [index_of(im) for im in images] == [10, 18, 22, 27]
 
 
@@ -204,6 +216,30 @@ def test_truncated_files_keep_what_decodes(tmp_path):
         open(cut, "wb").write(data[:200])
         with pytest.raises(VideoError, match=f"cut.{ext}"):
             sample_frames(cut, 8)
+
+
+def test_a_corrupt_packet_is_skipped(tmp_path):
+    path = str(tmp_path / "intra.mp4")
+    write_clip(path, grey_frames(40), options={"crf": "0", "g": "1"})  # every frame a key frame
+    with av.open(path) as container:
+        payload = [bytes(p) for p in container.demux(video=0) if p.size][20]
+    data = bytearray(open(path, "rb").read())
+    at = data.find(payload)
+    data[at:at + len(payload)] = b"\xff" * len(payload)  # frame 20 becomes garbage
+    open(path, "wb").write(data)
+    images, indices = sample_frames(path, 8)
+    assert indices == segment_centres(39, 8)  # indices count the frames that decode
+    assert [index_of(im) for im in images] == [k if k < 20 else k + 1 for k in indices]
+
+
+def test_counted_packets_spare_a_second_pass(clips, monkeypatch):
+    passes = []
+    read = video._read_sequential
+    monkeypatch.setattr(video, "_read_sequential", lambda *a: passes.append(1) or read(*a))
+    for name in ("mkv-h264", "mkv-ffv1", "webm-vp9"):  # no frame count in the header
+        passes.clear()
+        sample_frames(clips[name], 5)
+        assert len(passes) == 1, name
 
 
 def test_bad_files_name_the_path(tmp_path):
@@ -284,6 +320,7 @@ def test_fragment_picture_cuts_native_patches_one_per_cell():
     picture = np.asarray(fragment_picture(frame, seed=3))
     assert picture.shape == (224, 224, 3)
     cell_h, cell_w = height // 7, width // 7
+    offsets = set()
     for r in range(7):
         for c in range(7):
             patch = picture[32 * r:32 * r + 32, 32 * c:32 * c + 32]
@@ -291,6 +328,8 @@ def test_fragment_picture_cuts_native_patches_one_per_cell():
             left = int(patch[0, 0, 0]) + 256 * (int(patch[0, 0, 2]) // 100)
             assert r * cell_h <= top <= (r + 1) * cell_h - 32 and c * cell_w <= left <= (c + 1) * cell_w - 32
             assert np.array_equal(patch, frame[top:top + 32, left:left + 32])  # native pixels, uncut
+            offsets.add((top - r * cell_h, left - c * cell_w))
+    assert len(offsets) > 40  # positions drawn at random within each cell
     assert np.array_equal(picture, np.asarray(fragment_picture(frame, seed=3)))
     assert not np.array_equal(picture, np.asarray(fragment_picture(frame, seed=4)))
     small = fragment_picture(frame[:100, :150], seed=0)  # enlarged to reach 224 first
