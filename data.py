@@ -91,17 +91,19 @@ class LabelRow:
 
 # --------------------------------------------------------------------------- label files
 
-def _bad_row(path: str, line: int, row, why: str) -> DataError:
-    return DataError(f"{path}, line {line}: {why} in row {row!r}. Fix or delete that line.")
+def _bad_row(path: str, line: int | str, row, why: str) -> DataError:
+    """line: a 1-based line (or spreadsheet row) number, or a description such as "entry 7"."""
+    where = line if isinstance(line, str) else f"line {line}"
+    return DataError(f"{path}, {where}: {why} in row {row!r}. Fix or delete that row.")
 
 
-def _number(value, path: str, line: int, row) -> float:
+def _number(value, path: str, line: int | str, row) -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise _bad_row(path, line, row, f"score {value!r} is not a number") from None
+        raise _bad_row(path, line, row, f"score {str(value)!r} is not a number") from None
     if not math.isfinite(x):
-        raise _bad_row(path, line, row, f"score {value!r} is not finite")
+        raise _bad_row(path, line, row, f"score {str(value)!r} is not finite")
     return x
 
 
@@ -166,12 +168,15 @@ def read_xlsx(path: str, sheet: str | None = None) -> list[list]:
                 raise DataError(f"{path} has no sheet {sheet!r}; its sheets are {[n for n, _ in sheets]}")
             target = rels[chosen[0]]
             member = target.lstrip("/") if target.startswith("/") else "xl/" + target
-            data = ET.fromstring(z.read(member))
-    except (zipfile.BadZipFile, KeyError, ET.ParseError, OSError) as e:
-        raise DataError(f"cannot read {path} as an .xlsx workbook ({e}); re-save it from a "
-                        "spreadsheet program as .xlsx") from None
+            return _xlsx_rows(ET.fromstring(z.read(member)), shared)
+    except (zipfile.BadZipFile, KeyError, IndexError, ValueError, ET.ParseError, OSError) as e:
+        raise DataError(f"cannot read {path} as an .xlsx workbook ({type(e).__name__}: {e}); re-save "
+                        "it from a spreadsheet program as .xlsx") from None
+
+
+def _xlsx_rows(worksheet, shared: list[str]) -> list[list]:
     rows: list[list] = []
-    for row in data.iter(f"{_XLSX}row"):
+    for row in worksheet.iter(f"{_XLSX}row"):
         cells: list = []
         for c in row.iter(f"{_XLSX}c"):
             col = _xlsx_col(c.get("r")) if c.get("r") else len(cells)
@@ -182,7 +187,7 @@ def read_xlsx(path: str, sheet: str | None = None) -> list[list]:
                 value = None
             elif kind == "s":
                 value = shared[int(v.text)]
-            elif kind == "str":
+            elif kind in ("str", "d"):  # formula text, ISO date
                 value = v.text
             else:
                 value = float(v.text)
@@ -265,15 +270,16 @@ def read_labels(path: str) -> list[LabelRow]:
         raise DataError(f"cannot read label file {path}: {e}") from None
     if text.lstrip()[:1] in ("{", "["):
         return _read_json_labels(path, text)
-    rows = []
+    rows, first = [], True
     for line, raw in enumerate(text.splitlines(), start=1):
         s = raw.strip()
         if not s or s.startswith("#"):
             continue
         fields = [x.strip() for x in s.split(",")] if "," in s else s.split()
         num = [_is_number(x) for x in fields]
-        if not any(num) and not rows and line == _first_content_line(text):
-            continue  # header
+        header, first = first and not any(num), False
+        if header:
+            continue
         if len(fields) == 2 and num[1]:
             name, score, ref = fields[0], fields[1], None
         elif len(fields) == 2 and num[0]:
@@ -287,13 +293,6 @@ def read_labels(path: str) -> list[LabelRow]:
                                           "or 'path, mos'")
         rows.append(LabelRow(name, _number(score, path, line, s), path, ref))
     return rows
-
-
-def _first_content_line(text: str) -> int:
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if raw.strip() and not raw.strip().startswith("#"):
-            return line
-    return 0
 
 
 def _read_json_labels(path: str, text: str) -> list[LabelRow]:
@@ -329,66 +328,79 @@ def _read_json_labels(path: str, text: str) -> list[LabelRow]:
 # --------------------------------------------------------------------------- native readers
 
 def _find(root: str, *names: str, required: bool = True) -> str | None:
-    """First of `names` found in root, its subfolders, or theirs (archives unpack one level deep)."""
+    """The first of `names` (paths relative to root) that exists. When none does but one sits a
+    level or two deeper (an archive unpacked into its own folder), the error says which root to use."""
     for name in names:
-        for pattern in (name, os.path.join("*", name), os.path.join("*", "*", name)):
+        hits = sorted(glob.glob(os.path.join(glob.escape(root), name)))
+        if hits:
+            return hits[0]
+    if not required:
+        return None
+    for name in names:
+        for pattern in (os.path.join("*", name), os.path.join("*", "*", name)):
             hits = sorted(glob.glob(os.path.join(glob.escape(root), pattern)))
             if hits:
-                return hits[0]
-    if required:
-        raise DataError(f"none of {list(names)} found in {root} or its subfolders; point "
-                        "--data-root at the folder the dataset unpacks to")
-    return None
+                deeper = hits[0]
+                for _ in name.split("/"):
+                    deeper = os.path.dirname(deeper)
+                raise DataError(f"{name} is not in {root} but in {deeper}: use --data-root {deeper}")
+    raise DataError(f"none of {list(names)} found in {root}; point --data-root at the folder "
+                    "the dataset unpacks to")
 
 
 def _tabular(path: str, rows: list[list], name: str | tuple, score: str | tuple,
-             to_name: Callable = str, **more: tuple) -> Iterator[tuple[dict, LabelRow]]:
+             to_name: Callable = str, **more: tuple) -> Iterator[tuple[int, dict, LabelRow]]:
+    """(line, {key: cell}, LabelRow) for a header table: `name` and `score` name the columns
+    (accepted header spellings); `more` adds optional columns to the cells."""
     cols = {"name": name if isinstance(name, tuple) else (name,),
             "score": score if isinstance(score, tuple) else (score,), **more}
     for line, cells, raw in _table(path, rows, cols, optional=tuple(more)):
         if cells["name"] is None or str(cells["name"]).strip() == "":
             raise _bad_row(path, line, raw, "empty file name")
-        yield cells, LabelRow(to_name(cells["name"]), _number(cells["score"], path, line, raw), path)
+        yield line, cells, LabelRow(to_name(cells["name"]).strip(), _number(cells["score"], path, line, raw), path)
 
 
 def _read_koniq(root: str) -> list[LabelRow]:
     path = _find(root, "koniq10k_distributions_sets.csv", "koniq10k_scores_and_distributions.csv")
     official = {"training": "train", "validation": "val", "test": "test"}
     out = []
-    for cells, row in _tabular(path, read_csv(path), "image_name", ("MOS_zscore", "MOS"), set=("set",)):
-        row.split = official.get(str(cells.get("set", "")).strip())
+    for line, cells, row in _tabular(path, read_csv(path), "image_name", ("MOS_zscore", "MOS"), set=("set",)):
+        if "set" in cells:
+            if str(cells["set"]).strip() not in official:
+                raise _bad_row(path, line, cells, f"set must be one of {list(official)}")
+            row.split = official[str(cells["set"]).strip()]
         out.append(row)
     return out
 
 
 def _read_spaq(root: str) -> list[LabelRow]:
-    path = _find(root, "MOS and Image attribute scores.xlsx")
-    return [r for _, r in _tabular(path, read_xlsx(path), "Image name", "MOS")]
+    path = _find(root, "Annotations/MOS and Image attribute scores.xlsx", "MOS and Image attribute scores.xlsx")
+    return [r for _, _, r in _tabular(path, read_xlsx(path), "Image name", "MOS")]
 
 
 def _read_kadid(root: str) -> list[LabelRow]:
     path = _find(root, "dmos.csv")
     out = []
-    for cells, row in _tabular(path, read_csv(path), "dist_img", "dmos", ref=("ref_img",)):
+    for _, cells, row in _tabular(path, read_csv(path), "dist_img", "dmos", ref=("ref_img",)):
         row.ref = str(cells.get("ref") or row.name.split("_")[0] + ".png").strip()
         out.append(row)
     return out
 
 
 def _read_livec(root: str) -> list[LabelRow]:
-    names_file = _find(root, "AllImages_release.mat")
-    mos_file = _find(root, "AllMOS_release.mat")
+    names_file = _find(root, "Data/AllImages_release.mat", "AllImages_release.mat")
+    mos_file = _find(root, "Data/AllMOS_release.mat", "AllMOS_release.mat")
     names, = read_mat(names_file, "AllImages_release")
     mos, = read_mat(mos_file, "AllMOS_release")
     if len(names) != len(mos):
         raise DataError(f"{names_file} lists {len(names)} images but {mos_file} has {len(mos)} scores")
-    return [LabelRow(_mat_str(n), _number(m, mos_file, i + 1, _mat_str(n)), mos_file)
+    return [LabelRow(_mat_str(n), _number(m, mos_file, f"entry {i + 1}", _mat_str(n)), mos_file)
             for i, (n, m) in enumerate(zip(names, mos))]
 
 
 def _read_agiqa(root: str) -> list[LabelRow]:
     path = _find(root, "data.csv")
-    return [r for _, r in _tabular(path, read_csv(path), "name", "mos_quality")]
+    return [r for _, _, r in _tabular(path, read_csv(path), "name", "mos_quality")]
 
 
 def _read_pipal(root: str) -> list[LabelRow]:
@@ -413,7 +425,7 @@ _CSIQ_TYPES = {"noise": "AWGN", "jpeg": "JPEG", "jpeg 2000": "jpeg2000", "fnoise
 
 
 def _read_csiq(root: str) -> list[LabelRow]:
-    path = _find(root, "csiq.DMOS.xlsx", "csiq_label.txt", "csiq.txt")
+    path = _find(root, "csiq.DMOS.xlsx", "csiq_label.txt")
     if not path.endswith(".xlsx"):
         rows = read_labels(path)
         for row in rows:
@@ -422,7 +434,7 @@ def _read_csiq(root: str) -> list[LabelRow]:
     out = []
     table = _tabular(path, read_xlsx(path, "all_by_image"), "image", "dmos",
                      type=("dst_type",), level=("dst_lev",))
-    for cells, row in table:
+    for _, cells, row in table:
         kind = str(cells.get("type", "")).strip().lower()
         if kind not in _CSIQ_TYPES or cells.get("level") is None:
             raise DataError(f"{path}: row for image {row.name!r} has dst_type {kind!r} / dst_lev "
@@ -434,7 +446,7 @@ def _read_csiq(root: str) -> list[LabelRow]:
 
 
 def _read_bid(root: str) -> list[LabelRow]:
-    # DatabaseGrades.xlsx: first sheet, header row, then image number | MOS (pyiqa reads it the same way).
+    # DatabaseGrades.xlsx: first sheet, a header row, then image number | MOS in columns A and B.
     path = _find(root, "DatabaseGrades.xlsx")
     out = []
     for line, row in enumerate(read_xlsx(path)[1:], start=2):
@@ -457,7 +469,7 @@ def _read_live(root: str) -> list[LabelRow]:
         raise DataError(f"{dmos_file}: expected {len(names)} entries (LIVE release 2: jp2k 227, jpeg 233, "
                         f"wn/gblur/fastfading 174 each), found dmos {len(dmos)}, orgs {len(orgs)}, "
                         f"refnames_all {len(refs)}")
-    return [LabelRow(n, _number(d, dmos_file, i + 1, n), dmos_file, _mat_str(r))
+    return [LabelRow(n, _number(d, dmos_file, f"entry {i + 1}", n), dmos_file, _mat_str(r))
             for i, (n, d, o, r) in enumerate(zip(names, dmos, orgs, refs)) if not o]
 
 
@@ -467,29 +479,33 @@ def _read_lsvq(root: str) -> list[LabelRow]:
         path = _find(root, file, required=file == "labels_train_test.csv")
         if path is None:
             continue
-        for cells, row in _tabular(path, read_csv(path), "name", "mos", lambda n: str(n).strip() + ".mp4",
-                                   is_test=("is_test",)):
-            is_test = str(cells.get("is_test", "")).strip().lower() in ("true", "1", "1.0", "yes")
-            row.split = default or ("test" if is_test else "train")
+        for line, cells, row in _tabular(path, read_csv(path), "name", "mos", lambda n: str(n).strip() + ".mp4",
+                                         is_test=("is_test",)):
+            if default is None:
+                flag = str(cells.get("is_test")).strip().lower()
+                if flag not in ("true", "false", "1", "0"):
+                    raise _bad_row(path, line, cells, "is_test must be True or False")
+                default_split = "test" if flag in ("true", "1") else "train"
+            row.split = default or default_split
             out.append(row)
     return out
 
 
 def _read_konvid(root: str) -> list[LabelRow]:
     path = _find(root, "KoNViD_1k_mos.csv")
-    return [r for _, r in _tabular(path, read_csv(path), "flickr_id", "mos", lambda n: _int_name(n) + ".mp4")]
+    return [r for _, _, r in _tabular(path, read_csv(path), "flickr_id", "mos", lambda n: _int_name(n) + ".mp4")]
 
 
 def _read_livevqc(root: str) -> list[LabelRow]:
     path = _find(root, "data.mat")
     names, mos = read_mat(path, "video_list", "mos")
-    return [LabelRow(_mat_str(n), _number(m, path, i + 1, _mat_str(n)), path)
+    return [LabelRow(_mat_str(n), _number(m, path, f"entry {i + 1}", _mat_str(n)), path)
             for i, (n, m) in enumerate(zip(names, mos))]
 
 
 def _read_youtube(root: str) -> list[LabelRow]:
     path = _find(root, "original_videos_MOS_for_YouTube_UGC_dataset.xlsx")
-    return [r for _, r in _tabular(path, read_xlsx(path, "MOS"), "vid", "MOS full")]
+    return [r for _, _, r in _tabular(path, read_xlsx(path, "MOS"), "vid", "MOS full")]
 
 
 def _read_split_files(root: str) -> list[LabelRow]:
@@ -515,7 +531,6 @@ class DatasetInfo:
     exts: tuple[str, ...] = ()       # extensions tried when the labels name files without one
     lower_is_better: bool = False
     split: str = "random"            # "official" (the label file says), "kadid", or "random"
-    needs_root: bool = True
 
     def splits(self, rows: list[LabelRow] | None = None) -> tuple[str, ...]:
         """The split names load_dataset accepts (official ones come from the label rows)."""
@@ -550,12 +565,12 @@ DATASETS: dict[str, DatasetInfo] = {
         "https://live.ece.utexas.edu/research/ChallengeDB/index.html (ChallengeDB_release.zip)",
         "Images/*.bmp, Images/trainingImages/t1.bmp..., Data/AllImages_release.mat, "
         "Data/AllMOS_release.mat",
-        _read_livec, ("Images", "Images/trainingImages", ".")),
+        _read_livec, ("Images", "Images/trainingImages")),
     "agiqa": DatasetInfo(
         "AGIQA-3K: 2,982 AI-generated images",
         "https://github.com/lcysyzxdxc/AGIQA-3k-Database",
         "<name>.jpg (e.g. midjourney_normal_001.jpg) next to data.csv",
-        _read_agiqa, (".", "images")),
+        _read_agiqa),
     "pipal": DatasetInfo(
         "PIPAL training part: 200 refs x 116 distortions = 23,200 BMP (288x288), Elo scores",
         "https://www.jasongt.com/projectpages/pipal.html (NTIRE IQA challenge training set)",
@@ -571,7 +586,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "https://s2.smu.edu/~eclarson/csiq.html (Larson & Chandler)",
         "dst_imgs/<type>/1600.AWGN.1.png..., csiq.DMOS.xlsx (or a 'name dmos' csiq_label.txt)",
         _read_csiq, ("dst_imgs/awgn", "dst_imgs/jpeg", "dst_imgs/jpeg2000", "dst_imgs/fnoise",
-                     "dst_imgs/blur", "dst_imgs/contrast", "dst_imgs_all", "dst_imgs", "."),
+                     "dst_imgs/blur", "dst_imgs/contrast", "dst_imgs", "."),
         lower_is_better=True),
     "bid": DatasetInfo(
         "BID: 586 blurred photos (large JPEG)",
@@ -602,7 +617,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "YouTube-UGC: ~1,380 labelled 20 s videos, 360p-4K",
         "https://media.withyoutube.com/ (YouTube UGC dataset)",
         "<Category>_<res>-<hash>.mp4 or .mkv, original_videos_MOS_for_YouTube_UGC_dataset.xlsx",
-        _read_youtube, (".", "original_videos"), exts=(".mp4", ".mkv", ".webm")),
+        _read_youtube, exts=(".mp4", ".mkv", ".webm")),
     "labels": DatasetInfo(
         "any folder + a GT label file (--labels FILE): 'name mos [std]', 'ref dist mos', "
         "'path, mos', or a PreResQ/VisualQuality-R1 training jsonl",
@@ -612,12 +627,12 @@ DATASETS: dict[str, DatasetInfo] = {
         "procedural images, 8 distortion types x 5 levels + pristine, MOS from the level",
         "nothing: generated on first use and cached (PRERESQ_CACHE, default ~/.cache/preresq)",
         "generated: s000.png, s000_blur1.png..., train.txt, test.txt",
-        _read_split_files, split="official", needs_root=False),
+        _read_split_files, split="official"),
     "synthetic-video": DatasetInfo(
         "procedural panning clips (libx264), compression/stutter/blur x 5 levels + pristine",
         "nothing: generated on first use and cached (PRERESQ_CACHE, default ~/.cache/preresq)",
         "generated: s000.mp4, s000_compression1.mp4..., train.txt, test.txt",
-        _read_split_files, split="official", needs_root=False),
+        _read_split_files, split="official"),
 }
 
 
@@ -808,12 +823,10 @@ def load_datasets(names: str, roots: str | None = None, split: str = "train", *,
     """
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     root_list = [r.strip() for r in roots.split(",")] if roots else [""] * len(wanted)
-    if len(root_list) == 1 and len(wanted) > 1 and any(DATASETS.get(n, DATASETS["labels"]).needs_root for n in wanted):
-        raise DataError(f"--data lists {len(wanted)} sets but --data-root gives one folder; give one "
-                        f"per set, comma-separated in the same order (empty for synthetic sets)")
     if len(root_list) != len(wanted):
         raise DataError(f"--data lists {len(wanted)} sets ({','.join(wanted)}) but --data-root gives "
-                        f"{len(root_list)} folders; give one per set, in the same order")
+                        f"{len(root_list)} folder(s); give one per set, comma-separated in the same "
+                        "order (an empty entry for synthetic sets)")
     label_list = [x.strip() for x in labels.split(",")] if labels else []
     if len(label_list) != wanted.count("labels"):
         raise DataError(f"--data names 'labels' {wanted.count('labels')} time(s) but --labels gives "
@@ -866,7 +879,7 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
-            if max_pixels and im.format == "JPEG" and im.width * im.height > max_pixels:
+            if max_pixels and im.format in ("JPEG", "MPO") and im.width * im.height > max_pixels:
                 s = math.sqrt(max_pixels / (im.width * im.height))
                 im.draft("RGB", (math.ceil(im.width * s), math.ceil(im.height * s)))
             im.load()
@@ -886,7 +899,7 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
 
 # --------------------------------------------------------------------------- synthetic images
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 1  # bump whenever the synthetic recipes change
 # Levels 1 -> 5 per distortion type (datasets.md §4, tuned for PSNR to fall strictly).
 DISTORTIONS: dict[str, tuple[float, ...]] = {
     "blur": (0.5, 1, 2, 3.5, 5),                   # Gaussian sigma, px
@@ -987,10 +1000,10 @@ def distort(img: Image.Image, kind: str, level: int, rng: np.random.Generator) -
 
 
 def _cache_root(kind: str, params: dict) -> str:
+    """$PRERESQ_CACHE (default ~/.cache/preresq)/<kind>-<every parameter>: a changed recipe
+    (bump SYNTHETIC_VERSION) or parameter gets a new folder, never a stale one."""
     parent = os.environ.get("PRERESQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "preresq")
-    tag = "-".join(str(params[k]) for k in ("version", "seed", "size", "n_sources") if k in params)
-    extra = "".join(f"-{params[k]}f" for k in ("frames",) if k in params)
-    return os.path.join(parent, f"{kind}-{tag}{extra}")
+    return os.path.join(parent, "-".join([kind, *map(str, params.values())]))
 
 
 def _cached(root: str, params: dict, build: Callable[[str], None]) -> str:
@@ -1172,7 +1185,7 @@ def _check_file(path: str) -> str | None:
             with av.open(path) as container:
                 next(container.decode(video=0))
             return None
-        except (av.error.FFmpegError, OSError, StopIteration) as e:
+        except (av.error.FFmpegError, OSError, StopIteration, IndexError) as e:
             return f"{type(e).__name__}: {e}"
     try:
         load_image(path, max_pixels=256 * 256)
@@ -1192,7 +1205,7 @@ def summary(name: str, root: str | None, split: str | None, labels: str | None, 
         return 1
     print(f"{name}: {info.what}\nroot: {root}")
     print(f"{'split':<11} {'items':>7}  {'raw min':>10} {'raw max':>10}  {'mos min':>7} {'mos max':>7}")
-    problems, checked = 0, []
+    problems = 0
     for s in [split] if split else info.splits(rows):
         try:
             items = _items(name, info, root, rows, s, seed, dataset)
@@ -1202,8 +1215,8 @@ def summary(name: str, root: str | None, split: str | None, labels: str | None, 
             continue
         raw, mos = [i.raw for i in items], [i.mos for i in items]
         print(f"{s:<11} {len(items):>7}  {min(raw):>10.4g} {max(raw):>10.4g}  {min(mos):>7.3f} {max(mos):>7.3f}")
-        checked = items if s == "all" or split else checked or items
-    if check_images:
+    if check_images and not problems:
+        checked = _items(name, info, root, rows, split or "all", seed, dataset)
         bad = [(i.path, why) for i in checked if (why := _check_file(i.path))]
         print(f"decoded {len(checked) - len(bad)} of {len(checked)} files")
         for path, why in bad[:10]:

@@ -5,7 +5,6 @@ import csv
 import io
 import os
 import re
-import sys
 import zipfile
 from xml.sax.saxutils import escape
 
@@ -15,9 +14,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-from data import DataError  # noqa: E402
+import data
+from data import DataError
 
 
 # --------------------------------------------------------------------------- fixture helpers
@@ -502,6 +500,28 @@ def test_malformed_native_row_fails_at_open_with_file_line_row(tmp_path):
     assert str(path) in str(e.value) and "line 3" in str(e.value) and "abc" in str(e.value)
 
 
+def test_bad_values_in_native_files_fail_at_open(tmp_path):
+    make_koniq(str(tmp_path / "koniq"))
+    path = tmp_path / "koniq" / "koniq10k_distributions_sets.csv"
+    path.write_text(path.read_text().replace("validation", "valid", 1))
+    with pytest.raises(DataError, match=r"koniq10k_distributions_sets.csv, line 8: set must be one of"):
+        data.load_dataset("koniq", str(tmp_path / "koniq"), "all")
+    make_lsvq(str(tmp_path / "lsvq"))
+    path = tmp_path / "lsvq" / "labels_train_test.csv"
+    path.write_text(path.read_text().replace("True", "maybe", 1))
+    with pytest.raises(DataError, match=r"labels_train_test.csv, line 5: is_test must be True or False"):
+        data.load_dataset("lsvq", str(tmp_path / "lsvq"), "train")
+    make_livec(str(tmp_path / "livec"))
+    scipy.io.savemat(tmp_path / "livec" / "Data" / "AllMOS_release.mat", {"AllMOS_release": np.array([[1.0, np.nan, 3, 4, 5]])})
+    with pytest.raises(DataError, match=r"AllMOS_release.mat, entry 2: score 'nan' is not finite in row 't2.bmp'"):
+        data.load_dataset("livec", str(tmp_path / "livec"), "all")
+    make_csiq(str(tmp_path / "csiq"))
+    write_xlsx(str(tmp_path / "csiq" / "csiq.DMOS.xlsx"), {"all_by_image": [["image", "dst_type", "dst_lev", "dmos"],
+                                                                            [1600, "gamma", 1, 0.2]]})
+    with pytest.raises(DataError, match="dst_type 'gamma'"):
+        data.load_dataset("csiq", str(tmp_path / "csiq"), "all")
+
+
 def test_missing_files_one_error_with_count_first_paths_and_layout(tmp_path):
     make_kadid(str(tmp_path), refs=3)
     for name in ("I01_01_01.png", "I02_01_05.png", "I03_01_01.png"):
@@ -524,6 +544,9 @@ def test_unknown_name_and_missing_root_list_known_sets(tmp_path):
         data.load_dataset("koniq", str(tmp_path / "nope"))
     with pytest.raises(DataError, match="none of .*dmos.csv"):
         data.load_dataset("kadid", str(tmp_path))
+    make_kadid(str(tmp_path / "kadid10k"), refs=2)  # the archive unpacked into its own folder
+    with pytest.raises(DataError, match=f"use --data-root {tmp_path / 'kadid10k'}$"):
+        data.load_dataset("kadid", str(tmp_path))
     with pytest.raises(DataError, match="needs --labels"):
         data.load_dataset("labels", str(tmp_path))
     with pytest.raises(DataError, match="only read with --data labels"):
@@ -538,9 +561,9 @@ def test_load_datasets_pairs_names_and_roots(tmp_path):
                               labels=str(tmp_path / "GT.txt"))
     assert {k: len(v) for k, v in sets.items()} == {"koniq": 10, "spaq": 10, "GT": 3}
     assert all(i.dataset == k for k, v in sets.items() for i in v)
-    with pytest.raises(DataError, match="2 sets .* one folder"):
+    with pytest.raises(DataError, match=r"2 sets .* 1 folder\(s\); give one per set"):
         data.load_datasets("koniq,spaq", f"{tmp_path}/koniq")
-    with pytest.raises(DataError, match="3 sets .* 2 folders"):
+    with pytest.raises(DataError, match=r"3 sets .* 2 folder\(s\)"):
         data.load_datasets("koniq,spaq,kadid", f"{tmp_path}/koniq,{tmp_path}/spaq")
     with pytest.raises(DataError, match="'labels' 1 time.*2 file"):
         data.load_datasets("labels", str(tmp_path), labels="a.txt,b.txt")
@@ -652,10 +675,11 @@ MARGIN_DB = 0.5  # neighbouring levels must differ by at least this much PSNR
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
+    """A private PRERESQ_CACHE, so that the cache is built (and checked) by these tests."""
     root = str(tmp_path_factory.mktemp("cache"))
-    os.environ["PRERESQ_CACHE"] = root
-    yield root
-    del os.environ["PRERESQ_CACHE"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRERESQ_CACHE", root)
+        yield root
 
 
 def test_synthetic_default_set_splits_mos_and_cache(synthetic_root):
@@ -663,7 +687,7 @@ def test_synthetic_default_set_splits_mos_and_cache(synthetic_root):
     test = data.load_dataset("synthetic", split="test")
     assert (len(train), len(test)) == (297, 99)
     folder = os.path.dirname(train[0].path)
-    assert folder.startswith(synthetic_root) and os.path.basename(folder) == "synthetic-1-42-112x112-36"
+    assert folder.startswith(synthetic_root) and os.path.basename(folder) == "synthetic-1-42-112x112-36-2"
     assert not {i.ref for i in train} & {i.ref for i in test}  # no source shared
     assert Image.open(train[0].path).size == (112, 112)
     levels = collections.Counter()
