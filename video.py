@@ -24,12 +24,13 @@ YouTube-UGC at the default) are decoded sequentially and the wanted frames are p
 decoded index, so indices are exact whatever the container says. When the container has
 no frame count (mkv, webm, raw H.264) the packets are counted first (demuxing only, ~1% of
 the decoding time); if decoding then yields a different number of frames (a truncated
-file, an edit list, a corrupt packet), the indices are recomputed for the frames that
-really decode and the clip is decoded again. Longer clips are read by seeking: for each
-wanted index k the decoder seeks to the key frame before the middle of frame k's time slot
-and decodes forward to the frame on screen at that moment; the index reported is that
-frame's timestamp times the frame rate. Seeking falls back to sequential decoding on any
-error or missing timestamp.
+file, an edit list, a corrupt packet, which is skipped), the indices are recomputed for
+the frames that really decode and the clip is decoded again: indices always count
+decodable frames. Longer clips are read by seeking: the first and last timestamps are read
+from the frames themselves, and for each wanted index k the decoder seeks to the key frame
+before the middle of frame k's time slot and decodes forward to the frame on screen at
+that moment. Seeking falls back to sequential decoding on any error or missing timestamp.
+Errors are VideoError, a data.DataError, with the path in the message.
 
 Deliberate choices (the paper does not specify them):
 - Variable frame rate: sequential decoding picks by decoded index, seeking picks by
@@ -43,8 +44,9 @@ Deliberate choices (the paper does not specify them):
 - Sizes: mosaic tiles have their longer side `tile_size` (128 px: a 16:9 clip gives a
   512×288 mosaic); local frames are capped at `local_max_pixels` (448² ≈ 256 Qwen2.5-VL
   visual tokens) rather than the paper's full resolution, which a 4K clip makes
-  unaffordable. Nothing is ever upscaled, and all resizing happens inside FFmpeg (area
-  filter), so a 4K clip never becomes full-size arrays, except with `fragments=True`,
+  unaffordable. Frames are never enlarged (except to make non-square pixels square, and
+  for fragments of frames under 224 px), and all resizing happens inside FFmpeg (area
+  filter), so a 4K clip never becomes full-size RGB arrays, except with `fragments=True`,
   whose patches are native pixels by design.
 - `fragments=True` replaces each local frame with its FAST-VQA fragment picture
   (Wu et al., ECCV 2022: a 7×7 grid of 32×32 native-resolution patches, one drawn from each
@@ -72,7 +74,13 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-SEEK_THRESHOLD = 3000  # frames; above this, seeking beats decoding every frame (see decode_benchmark)
+from data import DataError
+
+# Frames. A seek decodes from the key frame before the target, half a GOP on average (x264's
+# default GOP is 250 frames), and the default views need 20 seeks: measured on 360p clips
+# with that GOP, decoding every frame wins up to ~1,500 frames and seeking wins from
+# ~2,500; above the threshold exact indices are traded for speed.
+SEEK_THRESHOLD = 3000
 LOCAL_MAX_PIXELS = 448 * 448
 TILE_SIZE = 128
 
@@ -81,7 +89,7 @@ _TRANSPOSE = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
               3: Image.Transpose.ROTATE_270}
 
 
-class VideoError(Exception):
+class VideoError(DataError):
     """A clip that cannot be opened, has no video stream, or has too few decodable frames."""
 
 
@@ -455,6 +463,7 @@ def write_clip(path: str, frames: Iterable[np.ndarray], *, fps: int = 25, codec:
             if stream is None:
                 stream = container.add_stream(codec, rate=fps)
                 stream.height, stream.width = array.shape[:2]
+                # ffv1 keeps RGB exactly (bgr0), so decoded frames equal the ones written
                 stream.pix_fmt = "yuv420p" if codec != "ffv1" else "bgr0"
                 stream.options = dict(_CODEC_OPTIONS.get(codec, {}) if options is None else options)
                 if rotation:

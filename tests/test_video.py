@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import video
 from video import (VideoError, fragment_picture, global_mosaic, sample_frames, sample_views,
                    segment_centres, video_views, write_clip)
@@ -243,6 +244,7 @@ def test_counted_packets_spare_a_second_pass(clips, monkeypatch):
 
 
 def test_bad_files_name_the_path(tmp_path):
+    assert issubclass(VideoError, data.DataError)  # training skips and counts every DataError
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(os.urandom(5000))
     with pytest.raises(VideoError, match=r"garbage\.mp4: cannot open"):
