@@ -2,7 +2,7 @@
 errors, image decoding, and the synthetic sets' quality order (checked with PSNR)."""
 import collections
 import csv
-import io
+import json
 import os
 import re
 import zipfile
@@ -189,12 +189,12 @@ def test_read_labels_training_jsonl_shapes(tmp_path):
         {"path": "b.png", "gt_score": 1.25},
     ]
     p = tmp_path / "train.jsonl"
-    p.write_text("\n".join(__import__("json").dumps(x) for x in lines) + "\n")
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     rows = data.read_labels(str(p))
     assert [(r.name, r.raw) for r in rows] == [("I01_01_01.png", 4.633587786259543),
                                                ("yfcc-batch16/13078.mp4", 3.418571), ("a.mp4", 2.5), ("b.png", 1.25)]
     q = tmp_path / "list.json"
-    q.write_text(__import__("json").dumps(lines[:2]))
+    q.write_text(json.dumps(lines[:2]))
     assert [r.raw for r in data.read_labels(str(q))] == [4.633587786259543, 3.418571]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "mos": 1}\n{"image": ["a.png", "b.png"], "mos": 2}\n')
@@ -603,8 +603,8 @@ def test_load_image_exif_orientation(tmp_path):
     exif = im.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     im.save(tmp_path / "o.jpg", exif=exif, quality=95)
-    out = load = data.load_image(str(tmp_path / "o.jpg"))
-    assert load.size == (10, 20) and out.mode == "RGB"
+    out = data.load_image(str(tmp_path / "o.jpg"))
+    assert out.size == (10, 20) and out.mode == "RGB"
     px = np.asarray(out, dtype=int)
     assert px[2, 5, 0] > 200 and px[17, 5, 0] < 60  # the red half is now on top
 
