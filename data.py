@@ -10,7 +10,8 @@ Paper map (arXiv 2511.05393, §6 "Data and evaluation protocol"; issue 4):
 
 Public API: `load_dataset`, `load_datasets` (the `--data a,b --data-root A,B` flags),
 `load_image`, `DATASETS` (what each name is, where to get it, the folder layout),
-`synthetic_dataset` / `synthetic_video_dataset` (the embedded default data), `read_labels`,
+`synthetic_dataset` / `synthetic_video_dataset` and `make_synthetic` / `make_synthetic_video`
+(the embedded default data), `rescale`, `kadid_split`, `random_split`, `read_labels`,
 `read_xlsx`, `read_mat`. `python data.py NAME --data-root DIR` prints a summary.
 
 Deliberate choices and deviations (each is documented where it lives):
