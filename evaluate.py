@@ -414,3 +414,123 @@ def format_table(summary):
     text.insert(1, "-" * len(text[0]))
     return "\n".join(text + ["PLCC raw: Pearson on the scores as predicted; PLCC logistic: "
                              "after the 4-parameter logistic fit (VQEG)."])
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def default_split(name):
+    """"test" for sets with a prescribed test split (official, or KADID's by reference), else "all".
+
+    The paper tests on whole datasets except where a test split is defined; sets without one
+    only have data.py's seeded 80/20 split, which no published number uses.
+    """
+    return "test" if data.DATASETS[name].split in ("official", "kadid") else "all"
+
+
+def _pair_flags(names, roots, labels):
+    """--data/--data-root/--labels -> [(name, root or None, label file or None)], as data.py pairs
+    them: one root per set in order (empty for synthetic sets), one label file per "labels" set."""
+    root_list = [r.strip() for r in roots.split(",")] if roots else [""] * len(names)
+    if len(root_list) != len(names):
+        raise ValueError(f"--data lists {len(names)} sets but --data-root gives {len(root_list)} "
+                         "folders; give one per set, comma-separated in the same order "
+                         "(an empty entry for synthetic sets)")
+    label_list = [f.strip() for f in labels.split(",")] if labels else []
+    if len(label_list) != names.count("labels"):
+        raise ValueError(f"--data names 'labels' {names.count('labels')} time(s) but --labels "
+                         f"gives {len(label_list)} file(s); give one per 'labels' entry, in order")
+    files = iter(label_list)
+    return [(n, r or None, next(files) if n == "labels" else None)
+            for n, r in zip(names, root_list)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Score labelled image/video sets with a PreResQ "
+                                "model and report SRCC, PLCC and KRCC.")
+    # what to score
+    p.add_argument("--model", required=True, help="checkpoint folder or preset name (e.g. tiny)")
+    p.add_argument("--data", required=True, help="comma-separated dataset names, from: "
+                   + ", ".join(data.DATASETS))
+    p.add_argument("--data-root", help="one folder per set, comma-separated in the order of "
+                   "--data (empty for synthetic sets)")
+    p.add_argument("--labels", help="label file(s) for the 'labels' set(s): 'name mos [std]', "
+                   "'ref dist mos', 'path, mos' or a training jsonl")
+    p.add_argument("--split", help="default: 'test' for sets that have a test split, else 'all'")
+    p.add_argument("--out", default="eval", help="folder for summary.json, CSVs and scatter plots")
+    # decoding
+    p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 256)")
+    p.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
+    # hardware
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on GPU)")
+    args = p.parse_args(argv)
+    args.names = [n.strip() for n in args.data.split(",") if n.strip()]
+    unknown = [n for n in args.names if n not in data.DATASETS]
+    if not args.names or unknown:
+        p.error(f"--data: unknown dataset(s) {', '.join(unknown) or '(none given)'}; "
+                f"known: {', '.join(data.DATASETS)}")
+    if args.samples is not None and args.samples < 1:
+        p.error(f"--samples must be at least 1, got {args.samples}")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be positive, got {args.temperature}")
+    for flag in ("batch_size", "max_new_tokens", "max_pixels"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        args.sets = _pair_flags(args.names, args.data_root, args.labels)
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Read every label file before loading the model, so that a wrong path fails in seconds.
+    sets = {}
+    try:
+        for name, root, labels in args.sets:
+            split = args.split or default_split(name)
+            items = data.load_dataset(name, root, split, labels=labels)
+            if not items:
+                raise data.DataError(f"{name} ({split} split) has no items; check --data-root, "
+                                     "--labels and --split")
+            key = f"{items[0].dataset}" if split == "all" else f"{items[0].dataset}-{split}"
+            if key in sets:
+                raise data.DataError(f"{key} appears twice in --data")
+            sets[key] = items
+    except data.DataError as err:
+        sys.exit(f"evaluate.py: {err}")
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        model, tokenizer, image_processor = preresq.load_model(args.model, args.device, args.dtype)
+    except preresq.ModelLoadError as err:
+        sys.exit(f"evaluate.py: {err}")
+    decoding = ("greedy" if args.samples is None
+                else f"{args.samples} samples at temperature {args.temperature}, averaged")
+    print(f"model {args.model}; decoding: {decoding}; seed {args.seed}", file=sys.stderr)
+    summary = {}
+    for name, items in sets.items():
+        metrics, rows = evaluate(model, tokenizer, image_processor, items, samples=args.samples,
+                                 temperature=args.temperature, seed=args.seed,
+                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                 max_pixels=args.max_pixels)
+        summary[name] = metrics
+        write_dataset_files(args.out, name, metrics, rows)
+        write_summary(os.path.join(args.out, "summary.json"), summary)  # kept current per set
+        if metrics["logistic_note"]:
+            print(f"{name}: {metrics['logistic_note']}", file=sys.stderr)
+    print(format_table(summary))
+    print(f"files in {args.out}/: summary.json, predictions-<dataset>.csv, scatter-<dataset>.png",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -347,3 +347,90 @@ def test_format_table_hand_built():
     assert lines[2].split() == ["koniq", "2015", "0.9123", "0.9000", "0.7500", "0.9234", "3", "0"]
     assert lines[3].split() == ["spaq", "10", "nan", "nan", "nan", "nan", "0", "1"]
     assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
+
+
+# ---------------------------------------------------------------------------------------
+# command line: bad arguments fail before any model is loaded
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded when the arguments are wrong")
+
+    monkeypatch.setattr(preresq, "load_model", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "koniq,nosuchset"], "unknown dataset(s) nosuchset"),
+    (["--data", "koniq,spaq", "--data-root", "/a"], "give one per set"),
+    (["--data", "labels"], "'labels' 1 time(s) but --labels gives 0"),
+    (["--data", "koniq", "--samples", "0"], "--samples must be at least 1"),
+    (["--data", "koniq", "--temperature", "0"], "--temperature must be positive"),
+    (["--data", "koniq", "--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_arguments_are_refused_with_a_message(argv, message, no_model, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_folder_fails_before_loading_the_model(tmp_path, no_model):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "tiny", "--data", "koniq", "--data-root", str(tmp_path / "nope"),
+                       "--out", str(tmp_path / "out")])
+    assert "koniq" in str(exit_info.value.code) and "nope" in str(exit_info.value.code)
+
+
+def test_default_split_is_test_only_where_a_set_prescribes_one():
+    assert [evaluate.default_split(n) for n in ("koniq", "kadid", "lsvq", "synthetic")] == ["test"] * 4
+    assert [evaluate.default_split(n) for n in ("spaq", "livec", "konvid", "labels")] == ["all"] * 4
+
+
+# ---------------------------------------------------------------------------------------
+# end to end: the tiny preset on the synthetic test split, through the command line
+# ---------------------------------------------------------------------------------------
+
+
+def _run_cli(out, tiny, monkeypatch, *extra):
+    def load_model(name, device=None, dtype=None):
+        assert name == "tiny"
+        return tiny
+
+    monkeypatch.setattr(preresq, "load_model", load_model)
+    evaluate.main(["--model", "tiny", "--data", "synthetic", "--out", str(out), "--device", "cpu",
+                   "--batch-size", "16", *extra])
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_end_to_end_files_agree_and_the_seed_fixes_the_numbers(tiny, tmp_path, monkeypatch, capsys):
+    items = data.load_dataset("synthetic", None, "test")
+    summary = _run_cli(tmp_path / "a", tiny, monkeypatch, "--samples", "3", "--seed", "7")
+    table = capsys.readouterr().out
+    assert list(summary) == ["synthetic-test"]
+    s = summary["synthetic-test"]
+    with open(tmp_path / "a" / "predictions-synthetic-test.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(items) == s["n"] + s["parse_failures"] + s["unreadable"]
+    assert s["unreadable"] == 0
+    assert sorted(line["path"] for line in lines) == sorted(it.path for it in items)
+    parsed = [line for line in lines if line["parsed"] == "yes"]
+    assert len(parsed) == s["n"]
+    again = evaluate.correlations([float(line["score"]) for line in parsed],
+                                  [float(line["mos"]) for line in parsed])
+    for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
+        assert (s[key] is None and math.isnan(again[key])) or s[key] == pytest.approx(again[key])
+    shown = "nan" if s["srcc"] is None else f"{s['srcc']:.4f}"
+    assert any(row.split()[:3] == ["synthetic-test", str(s["n"]), shown]
+               for row in table.splitlines())
+    scatter = Image.open(tmp_path / "a" / "scatter-synthetic-test.png")
+    assert scatter.format == "PNG" and scatter.size == (640, 480)
+    dots = np.all(np.asarray(scatter.convert("RGB")) == evaluate.PALETTE[0], axis=-1)
+    assert dots.any() == (s["n"] > 0)
+    # the same seed gives the same numbers, and the same answers
+    assert _run_cli(tmp_path / "b", tiny, monkeypatch, "--samples", "3", "--seed", "7") == summary
+    assert ((tmp_path / "a" / "predictions-synthetic-test.csv").read_text()
+            == (tmp_path / "b" / "predictions-synthetic-test.csv").read_text())
