@@ -1,19 +1,54 @@
-"""Speed measurements, one subcommand per thing measured.
+"""Speed and memory measurements, one subcommand per thing measured (issue 8, "Memory and speed").
 
-    python bench.py rewards                     # every reward in rewards.REWARDS, B=32, G=12, A=5
-    python bench.py rewards --device cuda       # the same on the GPU
-    python bench.py rewards --B 8 --G 6 --A 2   # the authors' per-device video batch
+    python bench.py step                                  # GRPO steps of the tiny preset on the CPU
+    python bench.py step --model small --B 2 --G 8 --visual-tokens 529    # shared vs naive vision
+    python bench.py step --model qwen2.5-vl-3b --device cuda --B 8 --G 8  # the real 3B shapes
+    python bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
+    python bench.py video                                 # decode a 10 s 1080p clip into its views
+    python bench.py rewards                               # every reward in rewards.REWARDS, B=32, G=12, A=5
 
-Each subcommand prints one line per measurement: what, the shape, milliseconds per call
-(median of --repeats timed calls after warm-up calls).
+`step` times one GRPO step with the training code itself: preresq.encode_prompts and
+preresq.sample_completions (generation), grpo.reference_logprobs (reference pass),
+grpo.policy_update (policy forward + backward), clip_grad_norm_ + AdamW (optimizer). It prints each
+phase's seconds per step, completion tokens per second, peak memory (resident set size on the CPU,
+torch.cuda.max_memory_allocated on CUDA) and how much faster the shared-vision reference and
+policy passes are than the naive ones (the vision tower run once per completion).
+
+What the step bench does differently from a training step, and why:
+- The log-prob passes score random completions of exactly --completion-tokens tokens with no end
+  token, so every step has the same shapes; generation still runs the real sampler with
+  max_new_tokens = --completion-tokens. Advantages are random; no reward is computed (see
+  `bench.py rewards` for that cost).
+- Presets (tiny, small) are built without their format warm-up: speed depends on the shapes, not
+  on the weights, and an untrained model answers to full length.
+- The pictures are random, of --image-size; the image processor's max_pixels is raised, for the
+  bench only, when the requested size is above it, so the visual-token count is the one asked for.
+- qwen2.5-vl-3b / qwen2.5-vl-7b are the published Qwen2.5-VL-3B/7B-Instruct architectures with
+  random weights (no download). Their tokenizer is not available offline, so WordTokenizer stands
+  in: Qwen's real special-token ids, one id per pre-tokenizer piece (about one BPE token per English
+  word), so prompts have realistic lengths and exactly one placeholder per visual token.
+- Both reference and policy passes run twice per step, shared and naive, in alternating order
+  (against drift on a shared machine); only the shared-path gradients reach the optimizer.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import math
+import os
+import re
+import resource
 import statistics
+import sys
+import tempfile
 import time
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 
 def _time_ms(fn, repeats: int, device: torch.device) -> float:
@@ -55,9 +90,429 @@ def bench_rewards(args: argparse.Namespace) -> None:
     print(f"parse_completions  {shape}: {ms:8.2f} ms/call ({B * G} texts)")
 
 
-def main(argv: list[str] | None = None) -> None:
+# --------------------------------------------------------------------------- the real model shapes
+
+# Qwen2.5-VL-3B/7B-Instruct as published (config.json of each checkpoint). Note the 7B's
+# vocabulary: 152064 rows (151936 for the 3B); both tokenizers use the same 151665 ids.
+QWEN_SHAPES = {
+    "qwen2.5-vl-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                          num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+QWEN_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
+                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                   fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+                    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655,
+                    "<|video_pad|>": 151656}
+# Qwen2.5-VL's preprocessor_config.json bounds.
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
+
+
+def qwen_config(name: str):
+    """The Qwen2_5_VLConfig of a published size (`qwen2.5-vl-3b` or `qwen2.5-vl-7b`)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = QWEN_SHAPES[name]
+    ids = QWEN_SPECIAL_IDS
+    return Qwen2_5_VLConfig(
+        text_config=dict(**text, hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(**QWEN_VISION, out_hidden_size=text["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def qwen_model(name: str, device: str | torch.device, dtype: torch.dtype | None = None):
+    """A Qwen2.5-VL of a published size with random weights, built directly on `device`.
+
+    device="meta" allocates nothing (for counting parameters); on CUDA the weights are
+    initialised on the GPU, which takes seconds even for the 7B.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(name), dtype=dtype)
+    return model.eval()
+
+
+class WordTokenizer:
+    """The part of Qwen's tokenizer that encode_prompts and sample_completions use, without its files.
+
+    Special tokens get the given ids; every other piece of text, split like Qwen's pre-tokenizer
+    (a word with its leading space, one digit, a run of punctuation), gets one id below
+    `text_vocab`. English prompts come out about as long as with the real BPE.
+    """
+
+    PIECES = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\r\n\w]?[^\W\d_]+|\d| ?[^\s\w]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+    def __init__(self, special_ids: dict[str, int], text_vocab: int, pad_token: str = "<|endoftext|>"):
+        self.special_ids = dict(special_ids)
+        self.text_vocab = text_vocab
+        self.pad_token_id = special_ids[pad_token]
+        self._split = re.compile("(" + "|".join(map(re.escape, special_ids)) + ")")
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.special_ids)
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.special_ids[token]
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for part in self._split.split(text):
+            if part in self.special_ids:
+                ids.append(self.special_ids[part])
+            else:
+                ids += [zlib.crc32(p.encode()) % self.text_vocab for p in self.PIECES.findall(part)]
+        return ids
+
+    def __call__(self, texts: list[str], return_tensors: str = "pt", padding: bool = True,
+                 padding_side: str = "left", add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
+        rows = [self.encode(t) for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_token_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def load_bench_model(name: str, device: str, dtype: torch.dtype):
+    """--model -> (model, tokenizer, image_processor, description) for the step bench.
+
+    tiny / small: the preset architecture without its warm-up, saved and loaded with
+    from_pretrained. qwen2.5-vl-3b / -7b: the published shapes, CUDA only. Anything else:
+    preresq.load_model (a checkpoint folder or hub id).
+    """
+    import preresq
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if name in QWEN_SHAPES:
+        if not str(device).startswith("cuda"):
+            raise SystemExit(f"error: --model {name} has {'3.75' if '3b' in name else '8.29'} B parameters and "
+                             f"runs with --device cuda only (a CPU step would take hours). On the CPU use "
+                             f"--model tiny or --model small.")
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --model {name} needs a CUDA GPU, and torch sees none here.")
+        torch.manual_seed(0)
+        model = qwen_model(name, device, dtype)
+        tokenizer = WordTokenizer(QWEN_SPECIAL_IDS, text_vocab=min(QWEN_SPECIAL_IDS.values()))
+        processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
+        return model, tokenizer, processor, f"{name} architecture, random weights"
+    if name in preresq.PRESETS:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+            torch.manual_seed(0)
+            preresq.build_preset(name, Path(tmp) / "model", warmup_steps=0)
+            model, tokenizer, processor = preresq.load_model(str(Path(tmp) / "model"), device, dtype)
+        return model, tokenizer, processor, f"{name} preset architecture, no warm-up"
+    try:
+        model, tokenizer, processor = preresq.load_model(name, device, dtype)
+    except preresq.ModelLoadError as e:
+        raise SystemExit(f"error: {e}") from None
+    return model, tokenizer, processor, name
+
+
+# --------------------------------------------------------------------------- one GRPO step, timed
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak below is the lifetime peak
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes since the last reset: max allocated on CUDA, peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _measure(fn, device: torch.device):
+    """fn() -> (its result, seconds, peak bytes during the call)."""
+    _sync(device)
+    _reset_peak_memory(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return result, time.perf_counter() - start, _peak_memory(device)
+
+
+@dataclass
+class StepTimes:
+    """One measured step: seconds per phase; *_naive: the same pass with the vision tower run per completion.
+
+    peak: bytes during generation and the shared-vision passes and optimizer (a training step);
+    peak_naive: bytes during the naive passes. reference and reference_naive are 0 when beta = 0.
+    """
+    generation: float
+    reference: float
+    reference_naive: float
+    policy: float
+    policy_naive: float
+    optimizer: float
+    generated_tokens: int
+    peak: int
+    peak_naive: int
+
+    @property
+    def step(self) -> float:
+        return self.generation + self.reference + self.policy + self.optimizer
+
+
+def random_pictures(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def size_for_visual_tokens(n: int) -> tuple[int, int]:
+    """(width, height) of a near-square picture with at least n visual tokens (one per 28x28 pixels)."""
+    rows = max(1, round(math.sqrt(n)))
+    return 28 * math.ceil(n / rows), 28 * rows
+
+
+def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int = 8, num_generations: int = 8,
+                    completion_tokens: int = 64, image_size: tuple[int, int] = (448, 448), steps: int = 3,
+                    warmup_steps: int = 1, beta: float = 0.04, micro_batch_size: int | None = None,
+                    gradient_checkpointing: bool = False, seed: int = 0, report=print) -> dict:
+    """Time `steps` GRPO steps (after `warmup_steps` untimed ones) -> summary dict (seconds are means).
+
+    Keys: visual_tokens, prompt_tokens (per prompt), generation, reference, policy, optimizer, step
+    (seconds), reference_naive, policy_naive, reference_speedup, policy_speedup (naive / shared; the
+    reference ones are None when beta = 0), generation_tokens_per_s, step_tokens_per_s
+    (B*G*completion_tokens / step), peak_bytes, peak_bytes_naive, steps (list of StepTimes).
+    Mutates image_processor's max_pixels when image_size is above it (reported).
+    """
+    import grpo
+    import preresq
+
+    device = model.device
+    B, G, C = images_per_step, num_generations, completion_tokens
+    width, height = image_size
+    if width * height > image_processor.size["longest_edge"]:
+        report(f"note: image processor max_pixels raised from {image_processor.size['longest_edge']} to "
+               f"{width * height} for this bench, so {width}x{height} pictures keep their size")
+        image_processor.size["longest_edge"] = width * height
+    cfg = grpo.Config(model="bench", images_per_step=B, num_generations=G, beta=beta, max_new_tokens=C,
+                      micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
+                      lr=1e-6).resolve()
+    torch.manual_seed(seed)
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if beta else None
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    prompts = preresq.encode_prompts(tokenizer, image_processor, [[p] for p in random_pictures(B, width, height, seed)],
+                                     [preresq.IMAGE_PROMPT] * B)
+    visual_tokens = int(prompts.image_grid_thw[0].prod()) // image_processor.merge_size ** 2
+    suppressed = preresq.suppressed_ids(tokenizer)
+    end_id = tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN)
+    first_special = min(suppressed + [end_id])  # ids below it are ordinary text in Qwen-style vocabularies
+    report(f"B={B} G={G}: {visual_tokens} visual tokens per picture ({width}x{height}), "
+           f"{prompts.input_ids.shape[1]} prompt tokens, {C} completion tokens; beta={beta}, "
+           f"micro-batch {micro_batch_size or B * G}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}")
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    run = {True: cfg, False: replace(cfg, shared_vision=False)}
+    gen = torch.Generator().manual_seed(seed)
+    measured = []
+    for k in range(warmup_steps + steps):
+        model.eval()
+        sampled, t_gen, peak_gen = _measure(
+            lambda: preresq.sample_completions(model, tokenizer, prompts, G, max_new_tokens=C), device)
+        generated = int(preresq.completion_mask(sampled, end_id).sum())
+        comp = torch.randint(0, first_special, (B * G, C), generator=gen).to(device)
+        attn = torch.ones_like(comp)
+        advantages = torch.randn(B * G, generator=gen).to(device)
+        order = (True, False) if k % 2 == 0 else (False, True)
+        ref_logp, t_ref, peak_ref, t_pol, peak_pol = {}, {True: 0.0, False: 0.0}, {True: 0, False: 0}, {}, {}
+        if reference is not None:
+            for shared in order:
+                ref_logp[shared], t_ref[shared], peak_ref[shared] = _measure(
+                    lambda: grpo.reference_logprobs(reference, prompts, comp, attn, run[shared], G, suppressed), device)
+        for shared in order:
+            optimizer.zero_grad(set_to_none=True)  # only the shared path's gradients are stepped
+            _, t_pol[shared], peak_pol[shared] = _measure(
+                lambda: grpo.policy_update(model, prompts, comp, attn, advantages, None, ref_logp.get(True),
+                                           run[shared], G, suppressed), device)
+            if shared:
+                _, t_opt, peak_opt = _measure(optimizer_step, device)
+        optimizer.zero_grad(set_to_none=True)
+        st = StepTimes(generation=t_gen, reference=t_ref[True], reference_naive=t_ref[False], policy=t_pol[True],
+                       policy_naive=t_pol[False], optimizer=t_opt, generated_tokens=generated,
+                       peak=max(peak_gen, peak_ref[True], peak_pol[True], peak_opt),
+                       peak_naive=max(peak_ref[False], peak_pol[False]))
+        label = "warm-up" if k < warmup_steps else f"step {k - warmup_steps + 1}"
+        report(f"{label:>8}: generation {st.generation:7.3f} s | reference {st.reference:7.3f} s "
+               f"(naive {st.reference_naive:7.3f}) | policy fwd+bwd {st.policy:7.3f} s (naive {st.policy_naive:7.3f})"
+               f" | optimizer {st.optimizer:6.3f} s | step {st.step:7.3f} s | peak {st.peak / 2**30:.2f} GiB")
+        if k >= warmup_steps:
+            measured.append(st)
+
+    mean = {f: statistics.fmean(getattr(s, f) for s in measured)
+            for f in ("generation", "reference", "reference_naive", "policy", "policy_naive", "optimizer", "step")}
+    summary = dict(
+        visual_tokens=visual_tokens, prompt_tokens=prompts.input_ids.shape[1], **mean,
+        reference_speedup=mean["reference_naive"] / mean["reference"] if reference is not None else None,
+        policy_speedup=mean["policy_naive"] / mean["policy"],
+        generation_tokens_per_s=sum(s.generated_tokens for s in measured) / sum(s.generation for s in measured),
+        step_tokens_per_s=B * G * C / mean["step"],
+        peak_bytes=max(s.peak for s in measured), peak_bytes_naive=max(s.peak_naive for s in measured),
+        steps=measured)
+    ref_line = (f"{summary['reference']:.3f} s   naive {summary['reference_naive']:.3f} s   "
+                f"shared vision {summary['reference_speedup']:.2f}x faster" if reference is not None
+                else "skipped (beta = 0)")
+    per_step = ", ".join(f"{s.policy_naive / s.policy:.2f}" for s in measured)
+    report(f"mean of {len(measured)} steps:\n"
+           f"  generation        {summary['generation']:.3f} s   "
+           f"{summary['generation_tokens_per_s']:.0f} completion tokens/s\n"
+           f"  reference pass    {ref_line}\n"
+           f"  policy fwd+bwd    {summary['policy']:.3f} s   naive {summary['policy_naive']:.3f} s   "
+           f"shared vision {summary['policy_speedup']:.2f}x faster (per step: {per_step})\n"
+           f"  optimizer         {summary['optimizer']:.3f} s\n"
+           f"  step              {summary['step']:.3f} s   {summary['step_tokens_per_s']:.0f} completion tokens/s\n"
+           f"  peak memory       {summary['peak_bytes'] / 2**30:.2f} GiB "
+           f"({'max allocated' if device.type == 'cuda' else 'resident set'}); "
+           f"naive passes {summary['peak_bytes_naive'] / 2**30:.2f} GiB")
+    return summary
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not m or int(m.group(1)) < 28 or int(m.group(2)) < 28:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a picture size: write WIDTHxHEIGHT, each at least 28 "
+                                         f"(e.g. 448x448)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def bench_step(args: argparse.Namespace) -> dict:
+    import preresq
+
+    device = args.device or preresq.default_device()
+    dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}[args.dtype] if args.dtype else preresq.default_dtype(device)
+    size = size_for_visual_tokens(args.visual_tokens) if args.visual_tokens else args.image_size
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    model, tokenizer, processor, what = load_bench_model(args.model, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"{what}: {params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {where}; "
+          f"load average {load[0]:.2f} before")
+    try:
+        summary = bench_grpo_step(model, tokenizer, processor, images_per_step=args.B, num_generations=args.G,
+                                  completion_tokens=args.completion_tokens, image_size=size, steps=args.steps,
+                                  warmup_steps=args.warmup_steps, beta=args.beta,
+                                  micro_batch_size=args.micro_batch_size,
+                                  gradient_checkpointing=args.gradient_checkpointing)
+    except torch.OutOfMemoryError:
+        total = torch.cuda.get_device_properties(device).total_memory
+        raise SystemExit(f"out of memory on {where} ({total / 2**30:.0f} GiB): try --gradient-checkpointing, "
+                         f"a smaller --micro-batch-size, --beta 0 (no reference model), smaller --B/--G, or "
+                         f"several GPUs with FSDP (grpo.py --fsdp).") from None
+    print(f"load average {os.getloadavg()[0]:.2f} after")
+    return summary
+
+
+# --------------------------------------------------------------------------- video decoding
+
+def synthetic_clip(path: str, seconds: float = 10.0, width: int = 1920, height: int = 1080, fps: int = 25) -> None:
+    """A clip of moving coloured gradients with mild noise, written with video.write_clip (libx264)."""
+    import video
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    noise = rng.normal(0, 6, (height, width, 1)).astype(np.float32)
+
+    def frames():
+        for t in range(round(seconds * fps)):
+            shift = 8.0 * t
+            rgb = np.stack([(x + shift) % 256, (y + shift / 2) % 256, (x + y - shift) % 256], -1) + noise
+            yield np.clip(rgb, 0, 255).astype(np.uint8)
+
+    video.write_clip(path, frames(), fps=fps)
+
+
+def bench_video(args: argparse.Namespace) -> dict:
+    import video
+
+    with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
+        clip = args.clip
+        if clip is None:
+            width, height = args.size
+            clip = os.path.join(tmp, f"synthetic-{width}x{height}-{args.seconds:g}s.mp4")
+            start = time.perf_counter()
+            synthetic_clip(clip, args.seconds, width, height)
+            print(f"wrote {args.seconds:g} s {width}x{height} H.264 clip in {time.perf_counter() - start:.1f} s")
+        elif not os.path.isfile(clip):
+            raise SystemExit(f"error: --clip {clip} is not a file; give a video file or leave --clip out.")
+        try:
+            result = video.decode_benchmark(clip, repeats=args.repeats)
+        except video.VideoError as e:
+            raise SystemExit(f"error: {e}") from None
+    print(f"{Path(clip).name}: views (1 global 4x4 mosaic + 3 local frames) in {result['seconds_per_clip']:.3f} s "
+          f"per clip (median of {args.repeats}, best {result['min_seconds']:.3f} s); {result['num_frames']} frames, "
+          f"{result['mode']} decoding")
+    return result
+
+
+def main(argv: list[str] | None = None):
+    """Run one subcommand; returns what it measured (a summary dict for step and video)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("step", help="time one GRPO step, phase by phase, shared vs naive vision")
+    p.add_argument("--model", default="tiny",
+                   help="tiny, small, qwen2.5-vl-3b, qwen2.5-vl-7b (CUDA only), or a checkpoint folder")
+    p.add_argument("--B", type=int, default=8, help="images per step")
+    p.add_argument("--G", type=int, default=8, help="completions per image")
+    p.add_argument("--completion-tokens", type=int, default=64, help="completion length (max_new_tokens)")
+    pictures = p.add_mutually_exclusive_group()
+    pictures.add_argument("--image-size", type=parse_size, default=(448, 448), help="WIDTHxHEIGHT of each picture")
+    pictures.add_argument("--visual-tokens", type=int, default=None, help="picture size giving at least N tokens")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16"],
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="completions per forward/backward")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference pass")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); 1 on a machine other jobs load")
+    p.set_defaults(run=bench_step)
+
+    p = sub.add_parser("video", help="time decoding one clip into its training views")
+    p.add_argument("--clip", default=None, help="a video file (default: write a synthetic clip)")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the synthetic clip")
+    p.add_argument("--size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT of the synthetic clip")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(run=bench_video)
 
     p = sub.add_parser("rewards", help="time every reward function on one step's batch")
     p.add_argument("--B", type=int, default=32, help="images per step")
@@ -69,7 +524,11 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(run=bench_rewards)
 
     args = parser.parse_args(argv)
-    args.run(args)
+    for name in ("B", "G", "completion_tokens", "steps", "visual_tokens", "micro_batch_size", "repeats", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args.run(args)
 
 
 if __name__ == "__main__":
