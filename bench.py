@@ -27,6 +27,9 @@ What the step bench does differently from a training step, and why:
   random weights (no download). Their tokenizer is not available offline, so WordTokenizer stands
   in: Qwen's real special-token ids, one id per pre-tokenizer piece (about one BPE token per English
   word), so prompts have realistic lengths and exactly one placeholder per visual token.
+
+On a CPU that other jobs share, pass --threads 1: with torch's default of one thread per core,
+threads that wait for each other under load made steps up to 100x slower on a 2-core machine.
 - Both reference and policy passes run twice per step, shared and naive, in alternating order
   (against drift on a shared machine); only the shared-path gradients reach the optimizer.
 """
@@ -146,7 +149,8 @@ class WordTokenizer:
 
     Special tokens get the given ids; every other piece of text, split like Qwen's pre-tokenizer
     (a word with its leading space, one digit, a run of punctuation), gets one id below
-    `text_vocab`. English prompts come out about as long as with the real BPE.
+    `text_vocab`. BPE never merges across these pieces, so this is a lower bound on the real
+    token count, and close to it for English, whose common words Qwen's vocabulary holds whole.
     """
 
     PIECES = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\r\n\w]?[^\W\d_]+|\d| ?[^\s\w]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -418,23 +422,24 @@ def bench_step(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    model, tokenizer, processor, what = load_bench_model(args.model, device, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else \
-        f"CPU, {torch.get_num_threads()} threads"
-    print(f"{what}: {params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {where}; "
-          f"load average {load[0]:.2f} before")
     try:
+        model, tokenizer, processor, what = load_bench_model(args.model, device, dtype)
+        params = sum(p.numel() for p in model.parameters())
+        where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else \
+            f"CPU, {torch.get_num_threads()} threads"
+        print(f"{what}: {params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {where}; "
+              f"load average {load[0]:.2f} before")
         summary = bench_grpo_step(model, tokenizer, processor, images_per_step=args.B, num_generations=args.G,
                                   completion_tokens=args.completion_tokens, image_size=size, steps=args.steps,
                                   warmup_steps=args.warmup_steps, beta=args.beta,
                                   micro_batch_size=args.micro_batch_size,
                                   gradient_checkpointing=args.gradient_checkpointing)
     except torch.OutOfMemoryError:
-        total = torch.cuda.get_device_properties(device).total_memory
-        raise SystemExit(f"out of memory on {where} ({total / 2**30:.0f} GiB): try --gradient-checkpointing, "
-                         f"a smaller --micro-batch-size, --beta 0 (no reference model), smaller --B/--G, or "
-                         f"several GPUs with FSDP (grpo.py --fsdp).") from None
+        gpu = torch.cuda.get_device_properties(device)
+        raise SystemExit(f"out of memory on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) with --model "
+                         f"{args.model} --B {args.B} --G {args.G}: try --gradient-checkpointing, a smaller "
+                         f"--micro-batch-size, --beta 0 (no reference model), a smaller --B or --G, or several "
+                         f"GPUs (README, Scaling).") from None
     print(f"load average {os.getloadavg()[0]:.2f} after")
     return summary
 

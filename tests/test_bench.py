@@ -125,3 +125,25 @@ def test_bad_picture_size_is_refused_before_any_work():
         bench.main(["step", "--image-size", "448"])
     with pytest.raises(SystemExit):
         bench.main(["step", "--B", "0"])
+
+
+def test_real_shape_path_runs_end_to_end_at_reduced_width(monkeypatch):
+    """The CUDA-only path (Qwen's ids and vocabulary, WordTokenizer, Qwen's processor) on a narrow CPU copy."""
+    narrow = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=1,
+                  num_key_value_heads=1)  # head_dim stays 128, as mrope_section [16, 24, 24] needs
+    monkeypatch.setitem(bench.QWEN_SHAPES, "qwen2.5-vl-3b", {**bench.QWEN_SHAPES["qwen2.5-vl-3b"], **narrow})
+    monkeypatch.setattr(bench, "QWEN_VISION", {**bench.QWEN_VISION, "hidden_size": 32, "intermediate_size": 64,
+                                               "num_heads": 2})
+    torch.manual_seed(0)
+    model = bench.qwen_model("qwen2.5-vl-3b", "cpu", torch.float32)
+    assert model.config.text_config.vocab_size == 151936
+    ids = bench.QWEN_SPECIAL_IDS
+    words = bench.WordTokenizer(ids, text_vocab=min(ids.values()))
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    processor = Qwen2VLImageProcessorPil(min_pixels=bench.QWEN_MIN_PIXELS, max_pixels=bench.QWEN_MAX_PIXELS)
+    s = bench.bench_grpo_step(model, words, processor, images_per_step=1, num_generations=2, completion_tokens=8,
+                              image_size=(112, 56), steps=1, warmup_steps=0, beta=0.04, report=lambda line: None)
+    assert s["visual_tokens"] == 8 and s["policy"] > 0 and s["reference"] > 0
+    prompt = words.encode(preresq.render_prompt([8], preresq.IMAGE_PROMPT))
+    assert prompt[0] == ids["<|im_start|>"] and prompt.count(ids["<|image_pad|>"]) == 8
+    assert s["prompt_tokens"] == len(prompt)
