@@ -4,7 +4,7 @@ Paper map (PreResQ-R1, arXiv 2511.05393; protocol in docs: method.md §6, datase
 - `correlations`: SRCC (scipy.stats.spearmanr), PLCC (pearsonr), KRCC (kendalltau) between
   predicted scores and MOS, plus PLCC after the VQEG 4-parameter logistic (`logistic4`,
   `fit_logistic`). The paper's public code reports raw PLCC; DeQA-Score fits the logistic.
-  Both are reported and always named: "PLCC" is raw, "PLCC(logistic)" is after the fit.
+  Both are reported and always named: "PLCC raw" and "PLCC logistic" (after the fit).
 - `evaluate`: every item is scored with the training prompt and parser (`preresq.judge`),
   greedy by default, or K sampled answers averaged (`samples=K`).
 - `draw_scatter`, `draw_curves`: PNG figures drawn with Pillow only (no matplotlib).
@@ -17,11 +17,13 @@ Deliberate deviations from the authors' evaluation code:
 - Constant predictions, or fewer than 3 scored items, give NaN correlations (two points
   always correlate perfectly), reported as NaN in the table and as null in summary.json,
   never as 0.
-- If the logistic fit fails, PLCC(logistic) falls back to raw PLCC and `logistic_note`
+- If the logistic fit fails, PLCC logistic falls back to raw PLCC and `logistic_note`
   says why.
 
-Run (one table per run, files in --out):
-    python evaluate.py --model runs/kadid/final --data koniq,spaq --data-root /data/koniq,/data/spaq
+Run (one table per run; summary.json, predictions-<set>.csv, scatter-<set>.png in --out):
+    python evaluate.py --model tiny --data synthetic                  # synthetic test split
+    python evaluate.py --model runs/kadid/final --data koniq,spaq \
+        --data-root ~/iqa/koniq10k,~/iqa/SPAQ --split all --samples 8
 """
 
 import argparse
@@ -207,14 +209,16 @@ class _Frame:
         label = Image.new("RGB", (w + 2, h + 4), BACKGROUND)
         ImageDraw.Draw(label).text((1, 1), ylabel, fill=INK, font=_font(13))
         label = label.rotate(90, expand=True)
-        img.paste(label, (max(2, left - 52 - label.width // 2), int((top + bottom - label.height) / 2)))
+        img.paste(label, (max(2, left - 52 - label.width // 2),
+                          int((top + bottom - label.height) / 2)))
 
 
 def draw_scatter(path, pred, mos, params=None, title="", size=(640, 480)):
     """Scatter of predicted score (x) against MOS (y) as a PNG, with the fitted logistic.
 
     pred, mos: (N,) floats. params: logistic4's (b1..b4) to draw as a curve, or None.
-    The title carries SRCC and raw PLCC computed here from the same vectors.
+    The title carries SRCC, raw PLCC and (with params) PLCC after the logistic, computed
+    here from the same vectors.
     """
     pred, mos = _check_pair(pred, mos)
     srcc, plcc, _ = _raw_correlations(pred, mos)
@@ -223,8 +227,10 @@ def draw_scatter(path, pred, mos, params=None, title="", size=(640, 480)):
     width, height = size
     frame = _Frame((70, 40, width - 20, height - 55),
                    _padded_range(list(pred)), _padded_range(list(mos)))
-    heading = f"{title}   SRCC {srcc:.3f}   PLCC {plcc:.3f}   n={len(pred)}".strip()
-    draw.text((width / 2, 12), heading, fill=INK, font=_font(15), anchor="mt")
+    heading = f"{title}   n={len(pred)}   SRCC {srcc:.3f}   PLCC raw {plcc:.3f}"
+    if params is not None:
+        heading += f"   PLCC logistic {_raw_correlations(logistic4(pred, *params), mos)[1]:.3f}"
+    draw.text((width / 2, 12), heading.strip(), fill=INK, font=_font(15), anchor="mt")
     frame.draw_axes(img, draw, "predicted score", "MOS")
     radius = 3 if len(pred) <= 1000 else 2  # thousands of points: smaller dots, less overdraw
     for x, y in zip(pred, mos):
@@ -458,7 +464,8 @@ def parse_args(argv=None):
                    "--data (empty for synthetic sets)")
     p.add_argument("--labels", help="label file(s) for the 'labels' set(s): 'name mos [std]', "
                    "'ref dist mos', 'path, mos' or a training jsonl")
-    p.add_argument("--split", help="default: 'test' for sets that have a test split, else 'all'")
+    p.add_argument("--split", help="one split for every set, or one per set, comma-separated "
+                   "(default: 'test' for sets with a prescribed test split, else 'all')")
     p.add_argument("--out", default="eval", help="folder for summary.json, CSVs and scatter plots")
     # decoding
     p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
@@ -488,6 +495,13 @@ def parse_args(argv=None):
         args.sets = _pair_flags(args.names, args.data_root, args.labels)
     except ValueError as err:
         p.error(str(err))
+    splits = [x.strip() for x in args.split.split(",")] if args.split else [None]
+    if len(splits) not in (1, len(args.names)):
+        p.error(f"--split gives {len(splits)} splits for {len(args.names)} sets; give one for "
+                "all of them or one per set, in the order of --data")
+    if len(splits) == 1:
+        splits *= len(args.names)
+    args.splits = [split or default_split(name) for name, split in zip(args.names, splits)]
     return args
 
 
@@ -496,13 +510,12 @@ def main(argv=None):
     # Read every label file before loading the model, so that a wrong path fails in seconds.
     sets = {}
     try:
-        for name, root, labels in args.sets:
-            split = args.split or default_split(name)
+        for (name, root, labels), split in zip(args.sets, args.splits):
             items = data.load_dataset(name, root, split, labels=labels)
             if not items:
                 raise data.DataError(f"{name} ({split} split) has no items; check --data-root, "
                                      "--labels and --split")
-            key = f"{items[0].dataset}" if split == "all" else f"{items[0].dataset}-{split}"
+            key = items[0].dataset if split == "all" else f"{items[0].dataset}-{split}"
             if key in sets:
                 raise data.DataError(f"{key} appears twice in --data")
             sets[key] = items

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import warnings
 
 import numpy as np
@@ -325,7 +326,8 @@ def test_constant_predictions_stay_nan_through_json_and_table(tmp_path, monkeypa
     for k in range(5):
         paths.append(tmp_path / f"{k}.png")
         Image.new("RGB", (8, 8)).save(paths[-1])
-    items = [data.Item(path=str(p), mos=1.0 + k, raw=0.0, dataset="flat") for k, p in enumerate(paths)]
+    items = [data.Item(path=str(p), mos=1.0 + k, raw=0.0, dataset="flat")
+             for k, p in enumerate(paths)]
     metrics, _ = evaluate.evaluate(None, None, None, items, progress=False)
     assert math.isnan(metrics["srcc"]) and metrics["n"] == 5
     evaluate.write_summary(tmp_path / "summary.json", {"flat": metrics})
@@ -369,6 +371,7 @@ def no_model(monkeypatch):
     (["--data", "koniq", "--samples", "0"], "--samples must be at least 1"),
     (["--data", "koniq", "--temperature", "0"], "--temperature must be positive"),
     (["--data", "koniq", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--data", "koniq,spaq,kadid", "--split", "test,all"], "--split gives 2 splits for 3 sets"),
 ])
 def test_bad_arguments_are_refused_with_a_message(argv, message, no_model, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -384,8 +387,25 @@ def test_missing_dataset_folder_fails_before_loading_the_model(tmp_path, no_mode
     assert "koniq" in str(exit_info.value.code) and "nope" in str(exit_info.value.code)
 
 
+def test_splits_pair_with_sets_in_order(no_model):
+    args = evaluate.parse_args(["--model", "tiny", "--data", "kadid,koniq,spaq"])
+    assert args.splits == ["test", "test", "all"]
+    args = evaluate.parse_args(["--model", "tiny", "--data", "kadid,koniq", "--split", "test,all"])
+    assert args.splits == ["test", "all"]
+    args = evaluate.parse_args(["--model", "tiny", "--data", "kadid,koniq", "--split", "all"])
+    assert args.splits == ["all", "all"]
+
+
+def test_unknown_split_fails_before_loading_the_model(tmp_path, no_model):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--model", "tiny", "--data", "synthetic", "--split", "holdout",
+                       "--out", str(tmp_path / "out")])
+    assert "holdout" in str(exit_info.value.code)
+
+
 def test_default_split_is_test_only_where_a_set_prescribes_one():
-    assert [evaluate.default_split(n) for n in ("koniq", "kadid", "lsvq", "synthetic")] == ["test"] * 4
+    with_test = ("koniq", "kadid", "lsvq", "synthetic", "synthetic-video")
+    assert [evaluate.default_split(n) for n in with_test] == ["test"] * 5
     assert [evaluate.default_split(n) for n in ("spaq", "livec", "konvid", "labels")] == ["all"] * 4
 
 
@@ -394,29 +414,44 @@ def test_default_split_is_test_only_where_a_set_prescribes_one():
 # ---------------------------------------------------------------------------------------
 
 
-def _run_cli(out, tiny, monkeypatch, *extra):
+HANDFUL = 8  # synthetic test items scored end to end: enough for a fit, quick on a busy CPU
+
+
+@pytest.fixture(scope="module")
+def synthetic_handful(tmp_path_factory):
+    """A 'labels' set of the first HANDFUL synthetic test images, in the 'name mos' format."""
+    items = data.load_dataset("synthetic", None, "test")[:HANDFUL]
+    labels = tmp_path_factory.mktemp("labels") / "handful.txt"
+    labels.write_text("".join(f"{os.path.basename(it.path)} {it.mos}\n" for it in items))
+    return items, labels, os.path.dirname(items[0].path)
+
+
+def _run_cli(out, tiny, handful, monkeypatch, *extra):
     def load_model(name, device=None, dtype=None):
         assert name == "tiny"
         return tiny
 
     monkeypatch.setattr(preresq, "load_model", load_model)
-    evaluate.main(["--model", "tiny", "--data", "synthetic", "--out", str(out), "--device", "cpu",
-                   "--batch-size", "16", *extra])
+    _, labels, root = handful
+    evaluate.main(["--model", "tiny", "--data", "labels", "--data-root", root,
+                   "--labels", str(labels), "--out", str(out), "--device", "cpu", *extra])
     return json.loads((out / "summary.json").read_text())
 
 
 @pytest.mark.slow
-def test_end_to_end_files_agree_and_the_seed_fixes_the_numbers(tiny, tmp_path, monkeypatch, capsys):
-    items = data.load_dataset("synthetic", None, "test")
-    summary = _run_cli(tmp_path / "a", tiny, monkeypatch, "--samples", "3", "--seed", "7")
+def test_end_to_end_files_agree_and_the_seed_fixes_the_numbers(tiny, synthetic_handful, tmp_path,
+                                                               monkeypatch, capsys):
+    items = synthetic_handful[0]
+    decoding = ("--samples", "2", "--seed", "7")
+    summary = _run_cli(tmp_path / "a", tiny, synthetic_handful, monkeypatch, *decoding)
     table = capsys.readouterr().out
-    assert list(summary) == ["synthetic-test"]
-    s = summary["synthetic-test"]
-    with open(tmp_path / "a" / "predictions-synthetic-test.csv", newline="") as f:
+    assert list(summary) == ["handful"]
+    s = summary["handful"]
+    with open(tmp_path / "a" / "predictions-handful.csv", newline="") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == len(items) == s["n"] + s["parse_failures"] + s["unreadable"]
     assert s["unreadable"] == 0
-    assert sorted(line["path"] for line in lines) == sorted(it.path for it in items)
+    assert [line["path"] for line in lines] == [it.path for it in items]
     parsed = [line for line in lines if line["parsed"] == "yes"]
     assert len(parsed) == s["n"]
     again = evaluate.correlations([float(line["score"]) for line in parsed],
@@ -424,13 +459,12 @@ def test_end_to_end_files_agree_and_the_seed_fixes_the_numbers(tiny, tmp_path, m
     for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
         assert (s[key] is None and math.isnan(again[key])) or s[key] == pytest.approx(again[key])
     shown = "nan" if s["srcc"] is None else f"{s['srcc']:.4f}"
-    assert any(row.split()[:3] == ["synthetic-test", str(s["n"]), shown]
-               for row in table.splitlines())
-    scatter = Image.open(tmp_path / "a" / "scatter-synthetic-test.png")
+    assert any(row.split()[:3] == ["handful", str(s["n"]), shown] for row in table.splitlines())
+    scatter = Image.open(tmp_path / "a" / "scatter-handful.png")
     assert scatter.format == "PNG" and scatter.size == (640, 480)
     dots = np.all(np.asarray(scatter.convert("RGB")) == evaluate.PALETTE[0], axis=-1)
     assert dots.any() == (s["n"] > 0)
     # the same seed gives the same numbers, and the same answers
-    assert _run_cli(tmp_path / "b", tiny, monkeypatch, "--samples", "3", "--seed", "7") == summary
-    assert ((tmp_path / "a" / "predictions-synthetic-test.csv").read_text()
-            == (tmp_path / "b" / "predictions-synthetic-test.csv").read_text())
+    assert _run_cli(tmp_path / "b", tiny, synthetic_handful, monkeypatch, *decoding) == summary
+    assert ((tmp_path / "a" / "predictions-handful.csv").read_text()
+            == (tmp_path / "b" / "predictions-handful.csv").read_text())
