@@ -27,6 +27,7 @@ the Exploration-to-Stability schedule of the paper (not in the public code) is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,9 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,8 +315,16 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     a("--force", action="store_true", help="with --resume: accept a configuration that differs from the checkpoint's")
     args = vars(p.parse_args(argv))
     resume, force = args.pop("resume"), args.pop("force")
-    if resume and not args["out"]:
-        p.error("--resume needs --out DIR (the folder of the run to continue)")
+    if resume:
+        if not args["out"]:
+            p.error("--resume needs --out DIR (the folder of the run to continue)")
+        saved = saved_config(Path(args["out"]))
+        if saved is None:
+            p.error(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
+        # Flags not given on this command line come from the checkpoint, not from the defaults.
+        unset = object()
+        given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(args, unset))))
+        args = {k: saved.get(k, v) if given[k] is unset else given[k] for k, v in args.items()}
     return Config(**args).resolve(), resume, force
 
 
@@ -445,9 +456,15 @@ def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cf
 # --------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_STATE = "trainer_state.pt"
+# A run stops when this many steps in a row give non-finite rewards, losses or gradients.
+MAX_NONFINITE_STEPS = 5
 # Flags that may change between a run and its resumption; all others must match (or --force).
 RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
                      "device", "micro_batch_size", "gradient_checkpointing"}
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says what happened, what is intact and how to continue."""
 
 
 def rng_states() -> dict:
@@ -467,31 +484,41 @@ def set_rng_states(states: dict) -> None:
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, optimizer, scheduler, cfg: Config,
                     extra: dict) -> Path:
-    """Write OUT/checkpoint-<step>/ atomically: a temporary folder renamed into place when complete.
+    """Write OUT/checkpoint-<step>/ atomically (save_folder), then prune to the newest --keep-last.
 
     The folder is an ordinary Hugging Face checkpoint (from_pretrained loads it) plus
     trainer_state.pt: optimizer, scheduler, RNG states, step, stage, data position, config.
     """
     final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
+    save_folder(final, model, tokenizer, image_processor,
+                {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_states(), "config": asdict(cfg), **extra})
+    if cfg.keep_last:  # only now: the new checkpoint is complete
+        for old in checkpoints(out)[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_folder(final: Path, model, tokenizer, image_processor, state: dict | None = None) -> None:
+    """Save a model folder (and trainer_state.pt) into a temporary sibling, renamed into place only
+    when every file is written: a crash, a kill or a full disk never leaves a damaged folder."""
+    tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_states(), "config": asdict(cfg), **extra}, tmp / CHECKPOINT_STATE)
-    except OSError as e:
+        if state is not None:
+            torch.save(state, tmp / CHECKPOINT_STATE)
+    except Exception as e:  # a full disk: OSError, RuntimeError (torch.save) or SafetensorError, vaguely worded
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoints "
-                               f"are intact. Free space or choose another --out, then --resume.") from e
+        free = shutil.disk_usage(final.parent).free / 2**30
+        raise RunError(f"could not write {final}: {e} ({free:.2f} GiB free on that disk). The earlier "
+                       f"checkpoints in {final.parent} are intact. Free some space, then continue with "
+                       "--resume.") from e
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    if cfg.keep_last:
-        for old in checkpoints(out)[:-cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -506,11 +533,34 @@ def config_differences(saved: dict, cfg: Config) -> list[str]:
             for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
 
 
+def saved_config(out: Path) -> dict | None:
+    """The configuration in OUT's newest complete checkpoint (None when there is none)."""
+    found = checkpoints(out)
+    # mmap: only the small config is read, not the optimizer state.
+    return torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False, mmap=True)["config"] if found else None
+
+
+def data_fingerprint(sets: dict) -> str:
+    """A digest of the training items (set, file name, MOS, in order): a resumed run must see the same data."""
+    h = hashlib.sha1()
+    for name, items in sets.items():
+        for it in items:
+            h.update(f"{name}\t{os.path.basename(it.path)}\t{it.mos!r}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after `step` (written after the checkpoint we resume from)."""
+    """Keep the log lines of steps up to `step`: later ones were written after the checkpoint we
+    resume from, and a line torn by a kill is dropped too."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        path.write_text("".join(l + "\n" for l in kept))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -545,7 +595,7 @@ def held_out(cfg: Config, model, tokenizer, image_processor, items: list) -> dic
 def draw_run_curves(out: Path) -> None:
     steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
     evals = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()] if (out / "eval.jsonl").exists() else []
-    series = {"mean reward": [(m["step"], m["reward"]) for m in steps],
+    series = {"mean reward": [(m["step"], m["reward"]) for m in steps if "reward" in m],  # not skipped batches
               "held-out SRCC": [(e["step"], e["srcc"]) for e in evals],
               "held-out PLCC": [(e["step"], e["plcc"]) for e in evals]}
     evaluate.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
@@ -580,6 +630,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from tqdm import tqdm
 
     out = Path(cfg.out or f"runs/{cfg.data.replace(',', '+')}-{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.out = str(out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out.")
     start, state = 0, None
@@ -590,8 +641,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         state = torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False)
         diffs = config_differences(state["config"], cfg)
         if diffs and not force:
-            raise SystemExit("error: --resume with a different configuration:\n  " + "\n  ".join(diffs)
-                             + "\nRerun with the checkpoint's flags, or add --force to resume anyway.")
+            raise SystemExit(f"error: --resume from {found[-1]} with a different configuration:\n  "
+                             + "\n  ".join(diffs) + "\nDrop those flags (--resume takes every flag not given "
+                             "from the checkpoint), or add --force to resume with them anyway.")
         start = state["step"]
     elif out.exists() and checkpoints(out):
         raise SystemExit(f"error: {out} already holds checkpoints; add --resume to continue that run, "
@@ -602,11 +654,17 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         (out / ".write-test").unlink()
     except OSError as e:
         raise SystemExit(f"error: cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
+    if not resume:  # logs of an earlier attempt that never reached a checkpoint
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            (out / name).unlink(missing_ok=True)
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     sets, held = load_training_data(cfg)
+    fingerprint = data_fingerprint(sets)
+    if state and not force and state["data"].get("fingerprint") != fingerprint:
+        raise SystemExit(f"error: --resume: the training data differ from the checkpoint's "
+                         f"({state['data'].get('items')} items then, {sum(map(len, sets.values()))} now): the "
+                         "label files or images under --data-root changed. Restore them, or add --force to "
+                         "resume on the new data.")
     sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed)
     total_images = sum(len(v) for v in sets.values())
     steps = cfg.steps or math.ceil(cfg.epochs * total_images / cfg.images_per_step)
@@ -621,6 +679,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
+    # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
+    # global generators, and whether that happens must not change the run.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -634,7 +697,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     end_id = tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN)
     device = model.device
     stop = Stop()
-    previous = [signal.signal(signal.SIGINT, stop), signal.signal(signal.SIGTERM, stop)]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     counters = dict(state.get("counters", {}) if state else {})
     counters.setdefault("skipped_items", 0)
     counters.setdefault("nonfinite_steps", 0)
@@ -656,7 +721,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             if step + 1 < steps:
                 pending = pool.submit(load_visuals, sampler.batch(step + 1)[1], cfg.max_pixels)
             for p in problems:
-                tqdm.write(f"warning: skipped an unreadable item: {p}")
+                tqdm.write(f"warning: skipped an unreadable item: {p}", file=sys.stderr)
             counters["skipped_items"] += len(problems)
             record = {"step": step + 1, "stage": stage, "epoch": round(sampler.epoch(step + 1), 4)}
             if items:
@@ -664,21 +729,28 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
                                         visuals, step, stage, g, suppressed, end_id, device))
             else:
                 record["skipped"] = "no readable images in this batch"
-            scheduler.step()
+            with warnings.catch_warnings():
+                # A skipped step still advances the schedule, which is keyed to the step number;
+                # PyTorch warns when that happens before the first optimizer step.
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+                scheduler.step()
             if record.get("nonfinite"):
                 counters["nonfinite_steps"] += 1
                 consecutive_nonfinite += 1
-                tqdm.write(f"warning: step {step + 1}: non-finite {record['nonfinite']}; step skipped")
-                if consecutive_nonfinite >= 5:
-                    raise RuntimeError("5 steps in a row produced non-finite rewards or losses; stopping. Try a "
-                                       "lower --lr, --dtype float32, or check the data; resume from the last "
-                                       "checkpoint with --resume.")
+                tqdm.write(f"warning: step {step + 1}: non-finite {record['nonfinite']}; step skipped",
+                           file=sys.stderr)
             else:
                 consecutive_nonfinite = 0
             record.update(counters, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
             if "completion_tokens" in record:
                 record["tokens_per_second"] = round(record["completion_tokens"] / max(record["seconds"], 1e-9), 1)
             log_json(out / "metrics.jsonl", record)
+            if consecutive_nonfinite >= MAX_NONFINITE_STEPS:
+                found = checkpoints(out)
+                raise RunError(f"steps {step + 2 - consecutive_nonfinite}-{step + 1} all gave a non-finite "
+                               f"{record['nonfinite']} (see {out / 'metrics.jsonl'}); stopping. The newest "
+                               f"checkpoint is {found[-1] if found else 'none (none saved yet)'}. Try a lower "
+                               "--lr or --dtype float32, or check the data, then continue with --resume --force.")
             shown = {"reward": f"{record.get('reward', float('nan')):.3f}"}
             if held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 last_eval = held_out(cfg, model, tokenizer, image_processor, held)
@@ -688,25 +760,22 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
                 shown["srcc"] = f"{last_eval['srcc']:.3f}"
             bar.set_postfix(shown)
             done = step + 1
-            if (cfg.save_every and done % cfg.save_every == 0 and done < steps) or stop.requested:
-                save_checkpoint(out, done, model, tokenizer, image_processor, optimizer, scheduler, cfg,
-                                {"stage": cfg.stage(done), "counters": counters,
-                                 "data": {"seed": cfg.seed, "next_step": done,
-                                          "epoch": sampler.epoch(done)}})
-            if stop.requested:
-                print(f"stopped after step {done}; checkpoint saved. Continue with:\n"
-                      f"  python grpo.py --out {out} --resume  (plus the same flags as this run)")
-                return out
+            if done < steps and ((cfg.save_every and done % cfg.save_every == 0) or stop.requested):
+                saved = save_checkpoint(out, done, model, tokenizer, image_processor, optimizer, scheduler, cfg,
+                                        {"stage": cfg.stage(done), "counters": counters,
+                                         "data": {"seed": cfg.seed, "next_step": done, "epoch": sampler.epoch(done),
+                                                  "items": total_images, "fingerprint": fingerprint}})
+                if stop.requested:
+                    print(f"stopped after step {done} of {steps}; checkpoint {saved}. Continue with:\n"
+                          f"  python grpo.py --out {out} --resume", file=sys.stderr, flush=True)
+                    return out
     finally:
         bar.close()
         pool.shutdown(wait=False, cancel_futures=True)
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     final = out / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
-    image_processor.save_pretrained(final)
+    save_folder(final, model, tokenizer, image_processor)
     if held and (not cfg.eval_every or steps % cfg.eval_every):
         last_eval = held_out(cfg, model, tokenizer, image_processor, held)
         log_json(out / "eval.jsonl", {"step": steps, **last_eval})
@@ -770,6 +839,15 @@ def main(argv=None) -> int:
     except (data.DataError, preresq.ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the second Ctrl-C (Stop), or one before training began
+        found = checkpoints(Path(cfg.out)) if cfg.out else []
+        print("\ninterrupted. " + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
+                                    f"  python grpo.py --out {cfg.out} --resume" if found else
+                                    "No checkpoint was saved yet."), file=sys.stderr)
+        return 130
     return 0
 
 
