@@ -1,0 +1,278 @@
+"""grpo.py checkpoints and resume (issue 9): nothing is lost to a crash, a kill or Ctrl-C.
+
+The reference for every resumed run is the same run done straight through: final weights must be
+bitwise equal (torch.equal) and every metrics.jsonl field equal except wall-clock timings.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import grpo
+import preresq
+
+# The `tiny` preset, small batches, short answers, no held-out evaluation: about a second a step.
+FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
+         "--max-new-tokens", "64", "--eval-split", "none", "--workers", "1"]
+STRAIGHT = FLAGS + ["--steps", "4", "--save-every", "2"]
+
+
+def weights(folder: Path) -> dict:
+    found = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        found.update(load_file(f))
+    assert found, f"no weights in {folder}"
+    return found
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def metrics(out: Path) -> list[str]:
+    """metrics.jsonl without wall-clock fields, one canonical JSON text per step (NaN == NaN)."""
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [json.dumps({k: v for k, v in json.loads(l).items() if not k.endswith(("seconds", "per_second"))},
+                       sort_keys=True) for l in lines]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """4 steps in one go (checkpoint at step 2): the run every interrupted one must reproduce."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert grpo.main(STRAIGHT + ["--out", str(out)]) == 0
+    return out
+
+
+def test_straight_run_learns_and_writes_a_complete_checkpoint(straight, tiny):
+    # the weights moved (so equal weights below mean something) and the steps differ from each other
+    initial = weights(preresq.preset_path("tiny"))
+    final = weights(straight / "final")
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    assert len(set(metrics(straight))) == 4
+    # checkpoint-2: a Hugging Face folder + the trainer state; no checkpoint at the last step (final/ is it)
+    assert [p.name for p in grpo.checkpoints(straight)] == ["checkpoint-2"]
+    ckpt = straight / "checkpoint-2"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+            grpo.CHECKPOINT_STATE} <= {p.name for p in ckpt.iterdir()}
+    assert not list(straight.glob(".*.tmp"))
+    state = torch.load(ckpt / grpo.CHECKPOINT_STATE, weights_only=False)
+    assert state["step"] == 2 and state["stage"] == 2
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 2
+    assert state["data"]["next_step"] == 2 and state["data"]["items"] == len(data.synthetic_dataset())
+    assert state["counters"] == {"skipped_items": 0, "nonfinite_steps": 0}
+    cfg = grpo.parse_args(STRAIGHT + ["--out", str(straight)])[0]
+    assert state["config"] == {**asdict(cfg), "out": str(straight)}
+    # the folder loads as an ordinary model
+    model = preresq.load_model(str(ckpt), "cpu")[0]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny[0].parameters())
+
+
+def test_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypatch):
+    """Killed after step 3 was logged (checkpoint-2 is the newest); `--out DIR --resume` alone finishes it."""
+    out = tmp_path / "run"
+    log_json = grpo.log_json
+
+    class Killed(Exception):
+        pass
+
+    def log_then_die(path, record):
+        log_json(path, record)
+        if path.name == "metrics.jsonl" and record["step"] == 3:
+            with open(path, "a") as f:
+                f.write('{"step": 4, "rew')  # a line torn by the kill
+            raise Killed
+
+    monkeypatch.setattr(grpo, "log_json", log_then_die)
+    with pytest.raises(Killed):
+        grpo.main(STRAIGHT + ["--out", str(out)])
+    monkeypatch.undo()
+    assert [p.name for p in grpo.checkpoints(out)] == ["checkpoint-2"] and not (out / "final").exists()
+
+    assert grpo.main(["--out", str(out), "--resume"]) == 0  # every other flag from the checkpoint
+    assert_same_weights(out / "final", straight / "final")
+    assert metrics(out) == metrics(straight)
+
+
+def test_same_seed_and_flags_give_the_same_metrics(straight, tmp_path):
+    again = tmp_path / "again"
+    assert grpo.main(STRAIGHT + ["--out", str(again)]) == 0
+    assert metrics(again) == metrics(straight)
+    assert_same_weights(again / "final", straight / "final")
+    # ... and the comparison can fail: another seed draws other images and samples other answers
+    other = tmp_path / "other"
+    assert grpo.main(FLAGS + ["--seed", "43", "--steps", "1", "--out", str(other)]) == 0
+    a, b = json.loads(metrics(other)[0]), json.loads(metrics(straight)[0])
+    assert {k: a[k] for k in ("reward", "completion_length", "loss")} != {k: b[k] for k in ("reward", "completion_length", "loss")}
+
+
+def copy_run(straight: Path, dest: Path) -> Path:
+    shutil.copytree(straight, dest)
+    return dest
+
+
+@pytest.mark.parametrize("flag, value", [("model", "small"), ("data", "synthetic-video"), ("lr", 0.5),
+                                         ("num_generations", 4), ("reward", "fidelity")])
+def test_resume_with_a_different_model_dataset_or_flag_names_the_difference(straight, tmp_path, flag, value):
+    out = copy_run(straight, tmp_path / "run")
+    before = (out / "metrics.jsonl").read_text()
+    saved = json.loads((out / "config.json").read_text())[flag]
+    name = "--" + flag.replace("_", "-")
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--out", str(out), "--resume", name, str(value)])
+    assert f"{name}: checkpoint {saved!r}, now {value!r}" in str(e.value.code)
+    assert "--force" in str(e.value.code)
+    assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+
+
+def test_force_resumes_with_a_changed_flag(straight, tmp_path):
+    out = copy_run(straight, tmp_path / "run")
+    shutil.rmtree(out / "final")
+    assert grpo.main(["--out", str(out), "--resume", "--force", "--lr", "0.002", "--steps", "3"]) == 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.002
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
+    assert lines[:2] == (straight / "metrics.jsonl").read_text().splitlines()[:2]  # kept as they were
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_resume_on_changed_data_is_refused(tmp_path):
+    root = tmp_path / "synthetic"
+    run = FLAGS + ["--data-root", str(root), "--steps", "2", "--save-every", "1", "--out", str(tmp_path / "run")]
+    assert grpo.main(run) == 0
+    labels = root / "train.txt"
+    lines = labels.read_text().splitlines()
+    ref, dist, mos = lines[0].split()
+    labels.write_text("\n".join([f"{ref} {dist} {float(mos) - 0.5}"] + lines[1:]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--out", str(tmp_path / "run"), "--resume"])
+    assert "training data differ" in str(e.value.code) and "--force" in str(e.value.code)
+    assert grpo.main(["--out", str(tmp_path / "run"), "--resume", "--force"]) == 0
+
+
+def test_data_fingerprint_sees_scores_files_and_order():
+    a = data.Item("/x/a.png", 3.0, 3.0, "s")
+    b = data.Item("/x/b.png", 4.0, 4.0, "s")
+    base = grpo.data_fingerprint({"s": [a, b]})
+    assert grpo.data_fingerprint({"s": [a, b]}) == base
+    assert grpo.data_fingerprint({"s": [a, data.Item("/x/b.png", 4.5, 4.5, "s")]}) != base
+    assert grpo.data_fingerprint({"s": [a, data.Item("/x/c.png", 4.0, 4.0, "s")]}) != base
+    assert grpo.data_fingerprint({"s": [b, a]}) != base
+    assert grpo.data_fingerprint({"s": [a, data.Item("/elsewhere/b.png", 4.0, 4.0, "s")]}) == base  # moved folder
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        grpo.main(["--out", str(tmp_path), "--resume"])
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(straight):
+    with pytest.raises(SystemExit) as e:
+        grpo.main(STRAIGHT + ["--out", str(straight)])
+    assert "--resume" in str(e.value.code)
+
+
+def test_half_written_checkpoint_is_ignored(straight, tmp_path):
+    out = copy_run(straight, tmp_path / "run")
+    partial = out / "checkpoint-3"  # e.g. copied by hand without its trainer state
+    shutil.copytree(out / "checkpoint-2", partial)
+    (partial / grpo.CHECKPOINT_STATE).unlink()
+    (out / ".checkpoint-4.tmp").mkdir()
+    assert [p.name for p in grpo.checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
+    grpo.truncate_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# --------------------------------------------------------------------------- signals (real processes)
+
+def start(args: list[str], tmp_path: Path, driver: str | None = None) -> tuple[subprocess.Popen, Path]:
+    """grpo.py (or a driver script around it) in a child process; stderr goes to a file."""
+    err = tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, grpo.__file__, *args]
+    proc = subprocess.Popen(cmd, cwd=Path(grpo.__file__).parent, stdout=subprocess.DEVNULL,
+                            stderr=open(err, "w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return proc, err
+
+
+def wait_for(condition, proc, timeout=180.0):
+    t = time.time()
+    while not condition():
+        assert proc.poll() is None, "the run ended early"
+        assert time.time() - t < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(straight, tmp_path):
+    out = tmp_path / "run"
+    proc, err = start(STRAIGHT + ["--out", str(out)], tmp_path)
+    wait_for(lambda: logged_steps(out) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    message = err.read_text()
+    done = logged_steps(out)
+    assert 1 <= done < 4
+    assert "SIGTERM: finishing this step" in message
+    assert f"stopped after step {done} of 4" in message and f"python grpo.py --out {out} --resume" in message
+    assert grpo.checkpoints(out)[-1].name == f"checkpoint-{done}" and not (out / "final").exists()
+
+    assert grpo.main(["--out", str(out), "--resume"]) == 0
+    assert_same_weights(out / "final", straight / "final")
+    assert metrics(out) == metrics(straight)
+
+
+# Steps after the first sleep a minute, so that the second Ctrl-C surely lands inside a step.
+SLOW_STEPS = """
+import sys, time
+import grpo
+step, calls = grpo.grpo_step, []
+def slow_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 1:
+        time.sleep(60)
+    return step(*args, **kwargs)
+grpo.grpo_step = slow_step
+sys.exit(grpo.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    out = tmp_path / "run"
+    proc, err = start(FLAGS + ["--steps", "4", "--save-every", "100", "--out", str(out)], tmp_path, SLOW_STEPS)
+    wait_for(lambda: logged_steps(out) >= 1, proc)
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "finishing this step" in err.read_text(), proc, timeout=30)
+    t = time.time()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert time.time() - t < 20  # not the minute the step still had to go
+    message = err.read_text()
+    assert "interrupted" in message and "No checkpoint was saved yet" in message and "Traceback" not in message
+    assert not grpo.checkpoints(out) and not list(out.glob(".*.tmp"))
+    assert logged_steps(out) == 1
