@@ -3,6 +3,7 @@
     python grpo.py                                   # laptop demo: synthetic images, preset model, CPU
     python grpo.py --data koniq --data-root ~/data/koniq10k --model Qwen/Qwen2.5-VL-7B-Instruct
     torchrun --nproc_per_node 8 grpo.py --data kadid --data-root ~/data/kadid10k --model ...   (see README)
+    python grpo.py --out runs/koniq --resume         # after a crash, Ctrl-C or full disk (flags: the checkpoint's)
 
 One step (paper §3, method.md §3; each line names its function):
   1. take B images of one dataset                              BatchSampler.next_batch
@@ -512,8 +513,8 @@ def save_folder(final: Path, model, tokenizer, image_processor, state: dict | No
             torch.save(state, tmp / CHECKPOINT_STATE)
     except Exception as e:  # a full disk: OSError, RuntimeError (torch.save) or SafetensorError, vaguely worded
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(final.parent).free / 2**30
-        raise RunError(f"could not write {final}: {e} ({free:.2f} GiB free on that disk). The earlier "
+        free = shutil.disk_usage(final.parent).free / 2**20
+        raise RunError(f"could not write {final}: {e} ({free:,.0f} MiB free on that disk). The earlier "
                        f"checkpoints in {final.parent} are intact. Free some space, then continue with "
                        "--resume.") from e
     if final.exists():
