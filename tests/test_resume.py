@@ -209,8 +209,10 @@ def start(args: list[str], tmp_path: Path, driver: str | None = None) -> tuple[s
     """grpo.py (or a driver script around it) in a child process; stderr goes to a file."""
     err = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, grpo.__file__, *args]
-    proc = subprocess.Popen(cmd, cwd=Path(grpo.__file__).parent, stdout=subprocess.DEVNULL,
-                            stderr=open(err, "w"), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # the child computes with as many threads as this process, so that its sums match bit for bit
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, cwd=Path(grpo.__file__).parent, stdout=subprocess.DEVNULL, stderr=open(err, "w"),
+                            env=env)
     return proc, err
 
 
