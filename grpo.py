@@ -393,7 +393,7 @@ def step_prompts(cfg: Config, stage: int, step: int, n: int, video: bool) -> lis
 
 
 def score_completions(cfg: Config, texts: list[str], mos: torch.Tensor, g: int, video: bool, stage: int):
-    """Texts (B*G) -> reward dict of (B, G) tensors, and the parse mask."""
+    """Texts (B*G) -> (reward dict of (B, G) tensors, aspect scores (B, G, A), parse mask (B, G))."""
     num_aspects = len(preresq.VIDEO_ASPECTS if video else preresq.IMAGE_ASPECTS)
     scores, valid, fmt = rewards.parse_completions(texts, num_aspects, g)
     kwargs = dict(format_rewards=fmt)
@@ -401,7 +401,23 @@ def score_completions(cfg: Config, texts: list[str], mos: torch.Tensor, g: int, 
         kwargs.update(video=video, response_branch=cfg.response_branch, preference_branch=cfg.preference_branch)
         if cfg.schedule == "explore-stable" and stage == 2:
             kwargs["w_std"] = 0.0
-    return rewards.REWARDS[cfg.reward](scores, mos, valid, **kwargs), valid
+    return rewards.REWARDS[cfg.reward](scores, mos, valid, **kwargs), scores, valid
+
+
+def batch_srcc(scores: torch.Tensor, valid: torch.Tensor, mos: torch.Tensor) -> float:
+    """SRCC between each image's mean parsed prediction and its MOS, within one training batch.
+
+    scores: (B, G, A); valid: (B, G); mos: (B,). A cheap, noisy learning signal (B is small);
+    NaN when fewer than three images have a parsed answer or the predictions are constant.
+    """
+    from scipy.stats import spearmanr
+
+    n = valid.sum(1)
+    keep = n > 0
+    p = (scores.mean(-1) * valid).sum(1)[keep] / n[keep]
+    if keep.sum() < 3 or p.unique().numel() < 2 or mos[keep].unique().numel() < 2:
+        return float("nan")
+    return float(spearmanr(p.numpy(), mos[keep].numpy()).statistic)
 
 
 def micro_batches(n: int, size: int | None) -> list[slice]:
@@ -604,21 +620,17 @@ def draw_run_curves(out: Path) -> None:
 
 def load_training_data(cfg: Config) -> tuple[dict, list]:
     """Training sets by name, and the held-out items (a fixed seeded subset of --eval-split)."""
-    names = [n.strip() for n in cfg.data.split(",") if n.strip()]
-    roots = cfg.data_root.split(",") if cfg.data_root else [None] * len(names)
-    if len(roots) != len(names):
-        raise data.DataError(f"--data names {len(names)} sets but --data-root gives {len(roots)} folders; "
-                             "give one folder per set, comma-separated, in the same order.")
-    sets, held = {}, []
-    for name, root in zip(names, roots):
-        sets[name] = data.load_dataset(name, root, cfg.split, labels=cfg.labels, seed=cfg.seed)
-        if not sets[name]:
-            raise data.DataError(f"dataset {name!r} split {cfg.split!r} is empty (folder {root}).")
-        if cfg.eval_split != "none":
-            try:
-                held += data.load_dataset(name, root, cfg.eval_split, labels=cfg.labels, seed=cfg.seed)
-            except data.DataError as e:
-                print(f"warning: no held-out evaluation on {name}: {e}", file=sys.stderr)
+    sets = data.load_datasets(cfg.data, cfg.data_root, cfg.split, labels=cfg.labels, seed=cfg.seed)
+    for name, items in sets.items():
+        if not items:
+            raise data.DataError(f"dataset {name!r} has no items in split {cfg.split!r}; choose another --split.")
+    held = []
+    if cfg.eval_split != "none":
+        try:
+            held = [it for items in data.load_datasets(cfg.data, cfg.data_root, cfg.eval_split, labels=cfg.labels,
+                                                       seed=cfg.seed).values() for it in items]
+        except data.DataError as e:
+            print(f"warning: no held-out evaluation: {e}", file=sys.stderr)
     if held and cfg.eval_size:
         held = [held[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(held))[:cfg.eval_size])]
     return sets, held
@@ -802,7 +814,7 @@ def grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, item
     t_gen = time.time() - t0
     texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     mos = torch.tensor([it.mos for it in items], dtype=torch.float32)
-    terms, valid = score_completions(cfg, texts, mos, g, video, stage)
+    terms, scores, valid = score_completions(cfg, texts, mos, g, video, stage)
     reward = terms["total"]
     record = {"reward": reward.mean().item(), "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
               **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
@@ -810,6 +822,7 @@ def grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, item
               "parse_failure_rate": 1 - valid.float().mean().item(),
               "completion_length": attn.sum(1).float().mean().item(),
               "completion_tokens": int(attn.sum().item()), "generation_seconds": round(t_gen, 3)}
+    record["batch_srcc"] = batch_srcc(scores, valid, mos)
     if not torch.isfinite(reward).all():
         return {**record, "nonfinite": "reward"}
     advantages = group_advantages(reward, cfg.scale_rewards).reshape(-1).to(device)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -111,12 +112,11 @@ END_OF_TURN = "<|im_end|>"
 PRESETS = {
     "tiny": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
                  vision_hidden=64, vision_depth=2, vision_heads=4,
-                 min_pixels=56 * 56, max_pixels=224 * 224, warmup_steps=300, warmup_lr=2e-3),
+                 min_pixels=56 * 56, max_pixels=224 * 224, vision_steps=400, warmup_steps=300, warmup_lr=2e-3),
     "small": dict(hidden=256, layers=6, heads=4, kv_heads=2, intermediate=768,
                   vision_hidden=128, vision_depth=4, vision_heads=4,
-                  min_pixels=56 * 56, max_pixels=448 * 448, warmup_steps=300, warmup_lr=1e-3),
+                  min_pixels=56 * 56, max_pixels=448 * 448, vision_steps=400, warmup_steps=300, warmup_lr=1e-3),
 }
-PRESET_VERSION = 1
 
 
 # --------------------------------------------------------------------------- loading
@@ -134,8 +134,11 @@ def cache_root() -> Path:
 
 
 def preset_path(name: str) -> Path:
-    digest = hashlib.sha1(json.dumps([PRESET_VERSION, PRESETS[name], IMAGE_PROMPT_POOL, VIDEO_PROMPT],
-                                     sort_keys=True).encode()).hexdigest()[:10]
+    """Cache folder of a preset; its name changes whenever the recipe (settings, prompts, code) does."""
+    recipe = [PRESETS[name], IMAGE_PROMPT_POOL, VIDEO_PROMPT, WARMUP_THOUGHTS]
+    recipe += [inspect.getsource(f) for f in (build_preset, build_tokenizer, _vision_pretraining, low_level_statistics,
+                                               _degraded_picture, _format_warmup, _random_picture, _random_answer)]
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return cache_root() / f"preset-{name}-{digest}"
 
 
@@ -290,10 +293,11 @@ def _random_answer(rng: np.random.Generator, num_aspects: int, video: bool) -> s
     return f"<think>{thought}</think>\n<answer>" + "\n".join(f"{s:.2f}" for s in scores) + "</answer>"
 
 
-def build_preset(name: str, path: Path, seed: int = 0) -> None:
+def build_preset(name: str, path: Path, seed: int = 0, warmup_steps: int | None = None) -> None:
     """Build preset `name` (config, tokenizer, processor, format warm-up) and save it at `path`.
 
     Written to a temporary folder and renamed into place, so a half-built preset is never loaded.
+    warmup_steps=0 skips the format warm-up (a model that knows nothing, for tests).
     """
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -323,7 +327,10 @@ def build_preset(name: str, path: Path, seed: int = 0) -> None:
         tie_word_embeddings=True)
     model = Qwen2_5_VLForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=p["min_pixels"], max_pixels=p["max_pixels"])
-    _format_warmup(model, tokenizer, image_processor, rng, steps=p["warmup_steps"], lr=p["warmup_lr"])
+    steps = p["warmup_steps"] if warmup_steps is None else warmup_steps
+    if steps:
+        _vision_pretraining(model, image_processor, rng, steps=p["vision_steps"])
+        _format_warmup(model, tokenizer, image_processor, rng, steps=steps, lr=p["warmup_lr"])
     model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
@@ -336,6 +343,94 @@ def build_preset(name: str, path: Path, seed: int = 0) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def low_level_statistics(img: Image.Image) -> np.ndarray:
+    """Eight generic low-level statistics of a picture (what early layers of pretrained vision
+    encoders are known to represent): gradient and Laplacian energy, high- and mid-frequency
+    share of the spectrum, colourfulness, contrast, number of grey levels, 8x8 blockiness."""
+    a = np.asarray(img.convert("RGB"), np.float32) / 255
+    g = a.mean(-1)
+    gx = np.diff(g, axis=1)
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    spectrum = np.abs(np.fft.fft2(g - g.mean()))
+    fy, fx = np.meshgrid(np.fft.fftfreq(g.shape[0]), np.fft.fftfreq(g.shape[1]), indexing="ij")
+    f = np.hypot(fy, fx)
+    total = spectrum.sum() + 1e-9
+    rg, yb = a[..., 0] - a[..., 1], 0.5 * (a[..., 0] + a[..., 1]) - a[..., 2]
+    return np.array([np.abs(gx).mean(), np.abs(lap).mean(), spectrum[f > 0.25].sum() / total,
+                     spectrum[(f > 0.1) & (f <= 0.25)].sum() / total, np.hypot(rg.std(), yb.std()), g.std(),
+                     len(np.unique((g * 255).astype(np.uint8))) / 256,
+                     np.abs(gx[:, 7::8]).mean() / (np.abs(gx).mean() + 1e-6)], np.float32)
+
+
+def _degraded_picture(rng: np.random.Generator) -> Image.Image:
+    """A random picture with a random generic degradation of random strength (no label kept)."""
+    from PIL import ImageEnhance, ImageFilter
+    import io
+
+    img = _random_picture(rng)
+    yy, xx = np.mgrid[:img.size[1], :img.size[0]]
+    a = np.asarray(img, np.float32)
+    for _ in range(int(rng.integers(2, 7))):  # crisp shapes: edges for degradations to act on
+        cy, cx, r = rng.uniform(0, img.size[1]), rng.uniform(0, img.size[0]), rng.uniform(5, 30)
+        a[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    a += rng.normal(0, rng.uniform(2, 20), (a.shape[0], a.shape[1], 1))  # texture
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    kind, t = int(rng.integers(0, 8)), rng.random()
+    if kind == 0:
+        img = img.filter(ImageFilter.GaussianBlur(0.3 + 5 * t))
+    elif kind == 1:
+        noisy = np.asarray(img, np.float32) + rng.normal(0, 50 * t, (img.size[1], img.size[0], 3))
+        img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    elif kind == 2:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(3 + 90 * t))
+        img = Image.open(buf).convert("RGB")
+    elif kind == 3:
+        k = max(1, int(1 + 24 * t))
+        img = img.resize((max(1, img.size[0] // k), max(1, img.size[1] // k)), Image.BOX).resize(img.size, Image.NEAREST)
+    elif kind == 4:
+        img = ImageEnhance.Contrast(img).enhance(0.1 + 1.4 * t)
+    elif kind == 5:
+        img = ImageEnhance.Color(img).enhance(1.6 * t)
+    elif kind == 6:
+        levels = int(2 + 30 * t)
+        img = Image.fromarray((np.round(np.asarray(img) / 255 * (levels - 1)) / (levels - 1) * 255).astype(np.uint8))
+    return img
+
+
+def _vision_pretraining(model, image_processor, rng, steps: int, batch: int = 16, lr: float = 2e-3) -> None:
+    """Give the preset's vision tower generic low-level features, as a pretrained encoder has.
+
+    A real Qwen2.5-VL's vision tower comes pretrained; a random one maps every picture to almost
+    the same features, so there would be nothing for GRPO to learn from. Here the vision tower
+    (with a temporary linear head on its mean-pooled output) regresses the standardised
+    low_level_statistics of random degraded pictures. No quality label or score is ever shown:
+    the language model, which writes the scores, is not trained here.
+    """
+    from tqdm import tqdm
+
+    vision = model.model.visual
+    stats_of = lambda n: [_degraded_picture(rng) for _ in range(n)]
+    calibration = np.stack([low_level_statistics(p) for p in stats_of(128)])
+    mean, std = calibration.mean(0), calibration.std(0) + 1e-6
+    head = torch.nn.Linear(2 * vision.merger.mlp[-1].out_features, len(mean))
+    opt = torch.optim.AdamW(list(vision.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    vision.train()
+    for _ in tqdm(range(steps), desc="vision pretraining", leave=False):
+        pictures = stats_of(batch)
+        target = torch.tensor((np.stack([low_level_statistics(p) for p in pictures]) - mean) / std)
+        enc = image_processor(images=pictures, return_tensors="pt")
+        feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True).pooler_output
+        pooled = torch.stack([torch.cat([f.mean(0), f.std(0)]) for f in feats])
+        loss = torch.nn.functional.mse_loss(head(pooled), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    vision.eval()
+
+
 def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float, batch: int = 8) -> None:
     """Supervised warm-up on (random picture, prompt) -> answer with random scores.
 
@@ -343,7 +438,10 @@ def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float
     """
     from tqdm import tqdm
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # The vision tower stays frozen: with picture-independent targets, training it would only
+    # teach it to ignore the picture.
+    language = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+    opt = torch.optim.AdamW(language, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     model.train()
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
@@ -526,7 +624,7 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
     shared_vision: run the vision tower once per distinct picture and reuse its features for
     all G completions (exact); `features` may pass features computed once for all micro-batches.
     suppressed: token ids the sampler suppressed (suppressed_ids(tokenizer)).
-    Returns (rows, C) float32; positions after the end are meaningless (mask them).
+    Returns (rows, C) float32, 0 at positions after the end.
     """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -553,7 +651,12 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
     hidden = model.model(**kwargs).last_hidden_state
     c = completion_ids.shape[1]
     hidden = hidden[:, -c - 1:-1]  # the state before each completion token predicts it
-    return selective_log_softmax(hidden, model.lm_head, completion_ids, temperature, suppressed)
+    # Padding after the end is a suppressed token (log-prob -inf): score a harmless token there
+    # and zero it, so that masked positions can never turn a sum into NaN.
+    keep = completion_attention.bool()
+    targets = completion_ids.masked_fill(~keep, 0)
+    logp = selective_log_softmax(hidden, model.lm_head, targets, temperature, suppressed)
+    return logp.masked_fill(~keep, 0.0)
 
 
 # --------------------------------------------------------------------------- inference
@@ -578,8 +681,8 @@ def read_visual(path: str, max_pixels: int | None = None):
     import data
     import video as video_views
 
-    if data.is_video_path(path):
-        return video_views.video_views(path)
+    if Path(path).suffix.lower() in data.VIDEO_EXTS:
+        return video_views.video_views(path, local_max_pixels=max_pixels or video_views.LOCAL_MAX_PIXELS)
     return data.load_image(path, max_pixels=max_pixels)
 
 

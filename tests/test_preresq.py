@@ -1,0 +1,200 @@
+"""preresq.py: prompts, batching, sampling settings, log-probs against generate, loading."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import preresq
+import rewards
+
+
+def pictures(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def sampled_with_scores(model, tokenizer, batch, g, max_new_tokens=12, seed=0):
+    """Sample through generate and keep the processed scores it sampled from."""
+    torch.manual_seed(seed)
+    cfg = preresq.sampling_config(tokenizer, num_generations=g, temperature=0.7, max_new_tokens=max_new_tokens)
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                         mm_token_type_ids=preresq.mm_token_type_ids(model, batch.input_ids),
+                         generation_config=cfg, output_scores=True, return_dict_in_generate=True)
+    comp = out.sequences[:, batch.input_ids.shape[1]:]
+    scores = torch.stack(out.scores, 1).log_softmax(-1)
+    return comp, scores.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+
+
+def test_completion_mask_keeps_tokens_up_to_and_including_the_first_end():
+    end = 9
+    ids = torch.tensor([[5, 6, 9, 7, 9], [5, 5, 5, 5, 5], [9, 1, 1, 1, 1]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert torch.equal(preresq.completion_mask(ids, end), expected)
+
+
+def test_prompt_has_one_placeholder_per_visual_token_and_left_padding(blank):
+    model, tok, ip = blank
+    batch = preresq.encode_prompts(tok, ip, [[p] for p in pictures([(56, 84), (112, 140)])],
+                                   [preresq.IMAGE_PROMPT] * 2)
+    per_image = (batch.image_grid_thw.prod(-1) // ip.merge_size ** 2).tolist()
+    image_id = model.config.image_token_id
+    assert (batch.input_ids == image_id).sum(1).tolist() == per_image
+    # left padding: the shorter prompt starts with padding and both end with the assistant header
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[1].all()
+    assert tok.decode(batch.input_ids[0, -3:]) == "<|im_start|>assistant\n"
+    text = tok.decode(batch.input_ids[1])
+    assert text.startswith("<|im_start|>system\n") and preresq.IMAGE_PROMPT in text
+
+
+def test_special_tokens_are_single_ids(blank):
+    _, tok, _ = blank
+    for t in preresq.SPECIAL_TOKENS:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+
+
+@pytest.mark.parametrize("shared_vision", [True, False])
+def test_recomputed_logprobs_equal_the_sampled_distribution(blank, shared_vision):
+    model, tok, ip = blank
+    batch = preresq.encode_prompts(tok, ip, [[p] for p in pictures([(56, 84), (112, 140)])],
+                                   [preresq.IMAGE_PROMPT] * 2)
+    g = 3
+    comp, expected = sampled_with_scores(model, tok, batch, g)
+    mask = preresq.completion_mask(comp, tok.convert_tokens_to_ids(preresq.END_OF_TURN))
+    with torch.no_grad():
+        logp = preresq.completion_logprobs(model, batch, comp, mask, temperature=0.7, num_generations=g,
+                                           suppressed=preresq.suppressed_ids(tok), shared_vision=shared_vision)
+    m = mask.bool()
+    assert torch.isfinite(logp).all()
+    assert (logp[m] - expected[m]).abs().max() <= 1e-5
+    assert (logp[~m] == 0).all()
+
+
+def test_every_row_meets_its_own_pictures(blank):
+    model, tok, ip = blank
+    imgs = pictures([(56, 84), (112, 140), (84, 56)], seed=1)
+    batch = preresq.encode_prompts(tok, ip, [[p] for p in imgs], [preresq.IMAGE_PROMPT] * 3)
+    g = 2
+    rep = preresq.repeat_prompts(batch, g)
+    for row in range(3 * g):
+        alone = preresq.encode_prompts(tok, ip, [[imgs[row // g]]], [preresq.IMAGE_PROMPT])
+        patches = rep.image_grid_thw.prod(-1).tolist()
+        assert torch.equal(rep.pixel_values.split(patches)[row], alone.pixel_values)
+        assert torch.equal(rep.input_ids[row][rep.attention_mask[row].bool()], alone.input_ids[0])
+    # the same holds inside the model: each row's log-probs equal those of its prompt alone
+    comp = torch.randint(0, 200, (3 * g, 6))
+    mask = torch.ones_like(comp)
+    sup = preresq.suppressed_ids(tok)
+    with torch.no_grad():
+        together = preresq.completion_logprobs(model, batch, comp, mask, temperature=1.0, num_generations=g,
+                                               suppressed=sup)
+        for row in range(3 * g):
+            alone = preresq.encode_prompts(tok, ip, [[imgs[row // g]]], [preresq.IMAGE_PROMPT])
+            single = preresq.completion_logprobs(model, alone, comp[row:row + 1], mask[row:row + 1],
+                                                 temperature=1.0, num_generations=1, suppressed=sup)
+            assert torch.allclose(together[row], single[0], atol=1e-5)
+
+
+def test_shared_vision_gradients_equal_the_naive_path(blank):
+    model, tok, ip = blank
+    batch = preresq.encode_prompts(tok, ip, [[p] for p in pictures([(56, 84), (112, 140)], seed=2)],
+                                   [preresq.IMAGE_PROMPT] * 2)
+    comp = torch.randint(0, 200, (6, 5))
+    mask = torch.ones_like(comp)
+    sup = preresq.suppressed_ids(tok)
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        preresq.completion_logprobs(model, batch, comp, mask, temperature=1.0, num_generations=3,
+                                    suppressed=sup, shared_vision=shared).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad()
+    assert grads[0].shape == grads[1].shape
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert model.model.visual.patch_embed.proj.weight.requires_grad
+
+
+def test_shipped_generation_config_does_not_change_sampling(blank_dir, tmp_path):
+    """A real checkpoint's generation_config.json (top_k=1, repetition penalty) must not leak in."""
+    shutil = __import__("shutil")
+    shutil.copytree(blank_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    cfg.update(top_k=1, top_p=0.001, repetition_penalty=1.5, temperature=0.1, do_sample=False)
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(cfg))
+    outs = []
+    for path in (blank_dir, tmp_path / "m"):
+        model, tok, ip = preresq.load_model(str(path), "cpu")
+        batch = preresq.encode_prompts(tok, ip, [pictures([(56, 56)])], [preresq.IMAGE_PROMPT])
+        torch.manual_seed(3)
+        outs.append(preresq.sample_completions(model, tok, batch, 4, temperature=1.0, max_new_tokens=16))
+    assert torch.equal(outs[0], outs[1])
+    assert len({tuple(r.tolist()) for r in outs[0]}) > 1  # G samples differ (top_k=1 would make them equal)
+
+
+def test_no_special_or_vision_token_is_ever_sampled(blank):
+    model, tok, ip = blank
+    batch = preresq.encode_prompts(tok, ip, [pictures([(56, 56)])], [preresq.IMAGE_PROMPT])
+    torch.manual_seed(0)
+    comp = preresq.sample_completions(model, tok, batch, 8, temperature=2.0, max_new_tokens=48)
+    mask = preresq.completion_mask(comp, tok.convert_tokens_to_ids(preresq.END_OF_TURN)).bool()
+    assert not torch.isin(comp[mask], torch.tensor(preresq.suppressed_ids(tok))).any()
+
+
+def test_preset_is_an_ordinary_checkpoint_that_knows_the_format(tiny):
+    from transformers import AutoModelForImageTextToText
+
+    model, tok, ip = tiny
+    path = preresq.preset_path("tiny")
+    again = AutoModelForImageTextToText.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    rng = np.random.default_rng(5)
+    imgs = [preresq._random_picture(rng) for _ in range(6)]
+    judged = preresq.judge(model, tok, ip, imgs, samples=4, max_new_tokens=64)
+    parsed = sum(j.parsed for j in judged)
+    assert parsed >= 0.5 * 24, [j.texts[0] for j in judged]
+    assert all(1 <= j.score <= 5 for j in judged if j.score is not None)
+
+
+def test_judge_never_invents_a_score(blank):
+    model, tok, ip = blank  # random weights: answers do not parse
+    judged = preresq.judge(model, tok, ip, pictures([(56, 56), (84, 84)]), samples=2, max_new_tokens=12)
+    for j in judged:
+        assert all(rewards.parse_answer(t, 5) is None for t in j.texts)
+        assert j.score is None and j.aspects is None and j.parsed == 0
+
+
+def test_greedy_judge_is_reproducible(tiny):
+    model, tok, ip = tiny
+    imgs = pictures([(84, 84), (56, 112)], seed=7)
+    a = preresq.judge(model, tok, ip, imgs, max_new_tokens=64)
+    b = preresq.judge(model, tok, ip, imgs, max_new_tokens=64, batch_size=1)
+    assert [x.texts for x in a] == [x.texts for x in b]
+
+
+def test_load_model_errors_are_clear(tmp_path):
+    with pytest.raises(preresq.ModelLoadError, match="no config.json"):
+        preresq.load_model(str(tmp_path))
+    t = time.time()
+    with pytest.raises(preresq.ModelLoadError, match="not in the local hub cache"):
+        preresq.load_model("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert time.time() - t < 10
+
+
+def test_command_line_scores_files_and_reports_unreadable_ones(tiny, tmp_path):
+    good = tmp_path / "photo.png"
+    pictures([(84, 112)])[0].save(good)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    r = subprocess.run([sys.executable, "preresq.py", str(good), str(bad), "--json", "--model", "tiny",
+                        "--max-new-tokens", "64"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 1
+    lines = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [l["file"] for l in lines] == [str(good)]
+    assert "broken.jpg" in r.stderr
