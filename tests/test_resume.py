@@ -108,6 +108,28 @@ def test_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypat
     assert metrics(out) == metrics(straight)
 
 
+def test_resume_reloads_the_reference_model_and_crosses_the_stage_boundary(tmp_path, monkeypatch):
+    """KL against the initial model (reloaded from --model on resume), mu = 2, and explore-stable
+    switching from stage 1 (G = 3, prompt pool) to stage 2 (G = 2) exactly at the resumed step."""
+    run = FLAGS + ["--beta", "0.04", "--num-iterations", "2", "--schedule", "explore-stable", "--stage1-steps", "1",
+                   "--stage1-generations", "3", "--stage2-generations", "2", "--steps", "2", "--save-every", "1"]
+    assert grpo.main(run + ["--out", str(tmp_path / "straight")]) == 0
+    save = grpo.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the checkpoint
+
+    monkeypatch.setattr(grpo, "save_checkpoint", save_then_die)
+    assert grpo.main(run + ["--out", str(tmp_path / "run")]) == 130
+    monkeypatch.undo()
+    assert grpo.main(["--out", str(tmp_path / "run"), "--resume"]) == 0
+    log = [json.loads(l) for l in metrics(tmp_path / "run")]
+    assert [r["stage"] for r in log] == [1, 2] and log[1]["kl"] > 0  # the reference model mattered
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "straight")
+    assert_same_weights(tmp_path / "run" / "final", tmp_path / "straight" / "final")
+
+
 def test_same_seed_and_flags_give_the_same_metrics(straight, tmp_path):
     again = tmp_path / "again"
     assert grpo.main(STRAIGHT + ["--out", str(again)]) == 0
