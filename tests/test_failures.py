@@ -115,7 +115,7 @@ def test_corrupt_images_in_training_are_skipped_counted_and_named(tmp_path, caps
     assert (out / "final" / "model.safetensors").exists()
 
 
-def test_missing_file_and_corrupt_clip_at_load_time_are_reported_not_fatal(tmp_path, tiny):
+def test_missing_file_and_corrupt_clip_at_load_time_are_reported_not_fatal(tmp_path):
     import data
 
     rng = np.random.default_rng(0)
@@ -214,7 +214,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
 
 # --------------------------------------------------------------------------- non-finite values
 
-def test_inf_reward_skips_the_step_and_the_run_goes_on(tmp_path, tiny, monkeypatch):
+def test_inf_reward_skips_the_step_and_the_run_goes_on(tmp_path, monkeypatch):
     reward, calls = rewards.REWARDS["preresq"], []
 
     def inf_first(*args, **kwargs):
@@ -235,7 +235,7 @@ def test_inf_reward_skips_the_step_and_the_run_goes_on(tmp_path, tiny, monkeypat
     assert not same_weights(weights(out / "final"), initial)  # the next one did
 
 
-def test_nan_loss_skips_the_step(tmp_path, tiny, monkeypatch):
+def test_nan_loss_skips_the_step(tmp_path, monkeypatch):
     loss_fn, calls = grpo.grpo_loss, []
 
     def nan_first(*args, **kwargs):
@@ -270,7 +270,7 @@ def test_a_run_that_keeps_producing_nan_stops_with_a_message(tmp_path, capsys, m
     assert [r["nonfinite_steps"] for r in records(out)] == [1, 2]
 
 
-def test_a_group_with_no_parsable_answer_has_zero_advantage(tiny):
+def test_a_group_with_no_parsable_answer_has_zero_advantage():
     """Hand-worked: an answer without the format earns nothing (format 0, no accuracy terms), so a
     group of them has constant reward 0 and advantage exactly 0, never NaN (std 0 + eps)."""
     cfg = grpo.Config(model="tiny").resolve()
@@ -292,7 +292,7 @@ def test_a_group_with_no_parsable_answer_has_zero_advantage(tiny):
 
 # --------------------------------------------------------------------------- batch shapes
 
-def test_one_answer_per_image_trains_without_signal(tmp_path, tiny):
+def test_one_answer_per_image_trains_without_signal(tmp_path):
     """G = 1: no group baseline, so the advantage, the loss and the update are 0; nothing breaks."""
     out = tmp_path / "run"
     assert grpo.main(FLAGS + ["--num-generations", "1", "--steps", "1", "--out", str(out)]) == 0
