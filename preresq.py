@@ -136,7 +136,7 @@ def cache_root() -> Path:
 def preset_path(name: str) -> Path:
     """Cache folder of a preset; its name changes whenever the recipe (settings, prompts, code) does."""
     recipe = [PRESETS[name], IMAGE_PROMPT_POOL, VIDEO_PROMPT, WARMUP_THOUGHTS]
-    recipe += [inspect.getsource(f) for f in (build_preset, build_tokenizer, _vision_pretraining, low_level_statistics,
+    recipe += [inspect.getsource(f) for f in (build_preset, _build_preset, build_tokenizer, _vision_pretraining, low_level_statistics,
                                                _degraded_picture, _format_warmup, _random_picture, _random_answer)]
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return cache_root() / f"preset-{name}-{digest}"
@@ -179,8 +179,9 @@ def load_model(name_or_path: str = "tiny", device: str | None = None, dtype: tor
         # AutoImageProcessor would pick the torchvision backend, which does not import here.
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not load a Qwen2.5-VL model from {source}: {e}") from e
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a damaged file, ...
+        raise ModelLoadError(f"could not load a Qwen2.5-VL model from {source}: {type(e).__name__}: {e}. "
+                             "Check that the folder is complete (re-download or re-save it).") from e
     tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer, image_processor
 
@@ -294,17 +295,23 @@ def _random_answer(rng: np.random.Generator, num_aspects: int, video: bool) -> s
 
 
 def build_preset(name: str, path: Path, seed: int = 0, warmup_steps: int | None = None) -> None:
-    """Build preset `name` (config, tokenizer, processor, format warm-up) and save it at `path`.
+    """Build preset `name` and save it at `path`: config, tokenizer, processor, then the vision
+    pretraining and the format warm-up.
 
     Written to a temporary folder and renamed into place, so a half-built preset is never loaded.
-    warmup_steps=0 skips the format warm-up (a model that knows nothing, for tests).
+    warmup_steps=0 skips both trainings (random weights: a model that knows nothing, for tests).
     """
+    p = PRESETS[name]
+    rng = np.random.default_rng(seed)
+    with torch.random.fork_rng():  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        _build_preset(name, p, path, rng, warmup_steps)
+
+
+def _build_preset(name, p, path, rng, warmup_steps):
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    p = PRESETS[name]
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
     corpus = [render_prompt([1], q) for q in IMAGE_PROMPT_POOL] + [render_prompt([1] * 4, VIDEO_PROMPT, video=True)]
     corpus += [_random_answer(rng, 5, False) for _ in range(200)] + [_random_answer(rng, 2, True) for _ in range(50)]
     tokenizer = build_tokenizer(corpus)

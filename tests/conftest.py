@@ -4,6 +4,9 @@ import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One intra-op thread: on a busy 2-core machine torch's spinning worker threads make these small
+# models hundreds of times slower; with one thread the results are the same and fast.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Presets and synthetic data are cached under the repository's pytest cache (fresh in CI's
 # clean checkout); their folder names change with their recipes, so a stale one is never used.
 os.environ.setdefault("PRERESQ_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "preresq"))

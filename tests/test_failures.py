@@ -138,7 +138,6 @@ def test_a_folder_that_is_not_a_model(tmp_path, capsys):
     assert f"{tmp_path / 'model'} is not a model folder" in message and "save_pretrained" in message
 
 
-@pytest.mark.xfail(strict=True, reason="preresq.load_model lets safetensors' SafetensorError through")
 def test_a_damaged_model_folder(tmp_path, tiny, capsys):
     model, tokenizer, image_processor = tiny
     folder = tmp_path / "model"
