@@ -184,6 +184,7 @@ class Config:
     dtype: str | None = None
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False
+    reference_device: str | None = None
     shared_vision: bool = True
     max_pixels: int | None = None
     eval_every: int | None = None
@@ -277,6 +278,8 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     a("--no-shared-vision", dest="shared_vision", action="store_false",
       help="run the vision tower once per completion (naive path, for comparison)")
     a("--micro-batch-size", type=int, default=None, help="completions per forward/backward (default: all)")
+    a("--reference-device", default=None, help="where the frozen reference model lives (e.g. cpu to save GPU "
+      "memory; default: with the policy)")
     # run
     a("--out", default=None, help="output folder (default: runs/<data>-<model>-<time>)")
     a("--steps", type=int, default=None, help="optimizer steps [tiny: 150 | paper: from --epochs]")
@@ -427,13 +430,19 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
 
 @torch.no_grad()
 def reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed) -> torch.Tensor:
-    """Log-probs under a frozen model (reference or old policy), micro-batched, no graph."""
+    """Log-probs under a frozen model (reference or old policy), micro-batched, no graph.
+
+    The model may live on another device than the policy (--reference-device cpu saves GPU
+    memory): inputs go to it and the log-probs come back.
+    """
     model.eval()
-    feats = preresq.image_features(model, prompts.to(comp.device)) if cfg.shared_vision else None
+    home, device = comp.device, next(model.parameters()).device
+    comp, attn = comp.to(device), attn.to(device)
+    feats = preresq.image_features(model, prompts.to(device)) if cfg.shared_vision else None
     return torch.cat([preresq.completion_logprobs(model, prompts, comp[r], attn[r], temperature=cfg.temperature,
                                                   num_generations=g, suppressed=suppressed,
                                                   shared_vision=cfg.shared_vision, features=feats, rows=r)
-                      for r in micro_batches(comp.shape[0], cfg.micro_batch_size)])
+                      for r in micro_batches(comp.shape[0], cfg.micro_batch_size)]).to(home)
 
 
 def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed) -> dict:
@@ -477,7 +486,7 @@ CHECKPOINT_STATE = "trainer_state.pt"
 MAX_NONFINITE_STEPS = 5
 # Flags that may change between a run and its resumption; all others must match (or --force).
 RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
-                     "device", "micro_batch_size", "gradient_checkpointing"}
+                     "device", "micro_batch_size", "gradient_checkpointing", "reference_device"}
 
 
 class RunError(RuntimeError):
@@ -687,7 +696,7 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     reference = None
     if cfg.beta:
         reference = preresq.load_model(cfg.model, cfg.device, cfg.dtype)[0] if state else copy.deepcopy(model)
-        reference.requires_grad_(False).eval()
+        reference.requires_grad_(False).eval().to(cfg.reference_device or model.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -225,3 +225,10 @@ def test_impossible_flags_fail_before_any_model_loads(capsys):
                   ["--temperature", "0"], ["--no-response-branch", "--no-preference-branch"]):
         with pytest.raises(SystemExit):
             grpo.parse_args(flags)
+
+
+def test_reference_logprobs_come_back_to_the_policy_device(blank):
+    model, tok, prompts, comp, attn, adv = update_inputs(blank)
+    cfg = config(micro_batch_size=4)
+    lp = grpo.reference_logprobs(model, prompts, comp, attn, cfg, 3, preresq.suppressed_ids(tok))
+    assert lp.shape == comp.shape and lp.device == comp.device and torch.isfinite(lp).all()
