@@ -198,3 +198,16 @@ def test_command_line_scores_files_and_reports_unreadable_ones(tiny, tmp_path):
     lines = [json.loads(l) for l in r.stdout.splitlines()]
     assert [l["file"] for l in lines] == [str(good)]
     assert "broken.jpg" in r.stderr
+
+
+def test_score_accepts_a_video_file(tiny):
+    import data
+
+    model, tok, ip = tiny
+    clip = data.load_dataset("synthetic-video", split="test")[0].path
+    views = preresq.read_visual(clip)
+    assert isinstance(views, list) and len(views) == 4  # the global mosaic and three local frames
+    j = preresq.score(model, (tok, ip), clip)
+    assert len(j.texts) == 1
+    if j.score is not None:
+        assert len(j.aspects) == len(preresq.VIDEO_ASPECTS) and 1 <= j.score <= 5
