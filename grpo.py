@@ -41,10 +41,12 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
 import data
 import evaluate
@@ -184,6 +186,7 @@ class Config:
     dtype: str | None = None
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     reference_device: str | None = None
     shared_vision: bool = True
     max_pixels: int | None = None
@@ -241,6 +244,8 @@ class Config:
             errors.append("--micro-batch-size must be at least 1")
         if self.max_new_tokens < 8:
             errors.append("--max-new-tokens must be at least 8 (an answer needs room)")
+        if self.fsdp and self.reference_device:
+            errors.append("--fsdp shards the reference model with the policy; drop --reference-device")
         if errors:
             raise SystemExit("error: " + "; ".join(errors))
 
@@ -278,6 +283,8 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     a("--no-shared-vision", dest="shared_vision", action="store_false",
       help="run the vision tower once per completion (naive path, for comparison)")
     a("--micro-batch-size", type=int, default=None, help="completions per forward/backward (default: all)")
+    a("--fsdp", action="store_true", help="under torchrun: shard the model, gradients and optimizer state over "
+      "the processes (FSDP2), for models whose training state does not fit one GPU")
     a("--reference-device", default=None, help="where the frozen reference model lives (e.g. cpu to save GPU "
       "memory; default: with the policy)")
     # run
@@ -335,14 +342,17 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
 # --------------------------------------------------------------------------- data order
 
 class BatchSampler:
-    """Which images each step trains on: a pure function of (seed, step), so resuming needs only the step.
+    """Which images each step trains on: a pure function of (seed, step, global batch), so resuming
+    needs only the step.
 
-    Each step draws one dataset (in proportion to its size) and takes that set's next B images
-    from a seeded permutation that is redrawn every epoch of that set.
+    Each step draws one dataset (in proportion to its size) and takes that set's next B x world
+    images (the global batch) from a seeded permutation that is redrawn every epoch of that set;
+    rank r keeps images r*B .. r*B+B-1 of them. Every rank computes the same global batch.
     """
 
-    def __init__(self, sets: dict[str, list], batch_size: int, seed: int):
-        self.sets, self.batch_size, self.seed = sets, batch_size, seed
+    def __init__(self, sets: dict[str, list], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.sets, self.batch_size, self.seed = sets, batch_size * world, seed
+        self.per_rank, self.rank = batch_size, rank
         self.names = list(sets)
         sizes = np.array([len(v) for v in sets.values()], dtype=float)
         self.weights = sizes / sizes.sum()
@@ -362,7 +372,12 @@ class BatchSampler:
         seen = sum(1 for s in range(step) if self._choice(s) == k) * self.batch_size
         items, n = self.sets[self.names[k]], len(self.sets[self.names[k]])
         picks = [(seen + i) for i in range(min(self.batch_size, n))]
-        return self.names[k], [items[self._order(k, p // n)[p % n]] for p in picks]
+        mine = picks[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        return self.names[k], [items[self._order(k, p // n)[p % n]] for p in mine]
+
+    def dataset(self, step: int) -> str:
+        """The training set that step `step` draws from (the same on every rank)."""
+        return self.names[self._choice(step)]
 
     def epoch(self, step: int) -> float:
         """Passes over all training images completed before `step`."""
@@ -399,12 +414,18 @@ def score_completions(cfg: Config, texts: list[str], mos: torch.Tensor, g: int, 
     """Texts (B*G) -> (reward dict of (B, G) tensors, aspect scores (B, G, A), parse mask (B, G))."""
     num_aspects = len(preresq.VIDEO_ASPECTS if video else preresq.IMAGE_ASPECTS)
     scores, valid, fmt = rewards.parse_completions(texts, num_aspects, g)
+    return reward_terms(cfg, scores, mos, valid, fmt, video, stage), scores, valid
+
+
+def reward_terms(cfg: Config, scores, mos, valid, fmt, video: bool, stage: int) -> dict[str, torch.Tensor]:
+    """The configured reward of parsed answers: scores (B, G, A), mos (B,), valid and format (B, G)
+    -> dict of (B, G) tensors ("total" and each term)."""
     kwargs = dict(format_rewards=fmt)
     if cfg.reward == "preresq":
         kwargs.update(video=video, response_branch=cfg.response_branch, preference_branch=cfg.preference_branch)
         if cfg.schedule == "explore-stable" and stage == 2:
             kwargs["w_std"] = 0.0
-    return rewards.REWARDS[cfg.reward](scores, mos, valid, **kwargs), scores, valid
+    return rewards.REWARDS[cfg.reward](scores, mos, valid, **kwargs)
 
 
 def batch_srcc(scores: torch.Tensor, valid: torch.Tensor, mos: torch.Tensor) -> float:
@@ -428,48 +449,67 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def lockstep(slices: list[slice], rounds: int | None) -> list[slice]:
+    """Micro-batches padded to `rounds` by repeating the last one: under --fsdp every rank must run
+    the same number of sharded forwards and backwards (the repeats are discarded or weighted 0)."""
+    return slices + [slices[-1]] * ((rounds or len(slices)) - len(slices))
+
+
 @torch.no_grad()
-def reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed) -> torch.Tensor:
+def reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed, rounds: int | None = None) -> torch.Tensor:
     """Log-probs under a frozen model (reference or old policy), micro-batched, no graph.
 
     The model may live on another device than the policy (--reference-device cpu saves GPU
-    memory): inputs go to it and the log-probs come back.
+    memory): inputs go to it and the log-probs come back. rounds: see `lockstep`.
     """
     model.eval()
     home, device = comp.device, next(model.parameters()).device
     comp, attn = comp.to(device), attn.to(device)
-    feats = preresq.image_features(model, prompts.to(device)) if cfg.shared_vision else None
-    return torch.cat([preresq.completion_logprobs(model, prompts, comp[r], attn[r], temperature=cfg.temperature,
-                                                  num_generations=g, suppressed=suppressed,
-                                                  shared_vision=cfg.shared_vision, features=feats, rows=r)
-                      for r in micro_batches(comp.shape[0], cfg.micro_batch_size)]).to(home)
+    feats = call(model, preresq.image_features, prompts.to(device)) if cfg.shared_vision else None
+    slices = micro_batches(comp.shape[0], cfg.micro_batch_size)
+    out = [call(model, preresq.completion_logprobs, prompts, comp[r], attn[r], temperature=cfg.temperature,
+                num_generations=g, suppressed=suppressed, shared_vision=cfg.shared_vision, features=feats, rows=r)
+           for r in lockstep(slices, rounds)]
+    return torch.cat(out[:len(slices)]).to(home)
 
 
-def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed) -> dict:
+def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed, *,
+                  num_sequences: int | None = None, num_tokens: float | None = None, grad_scale: float = 1.0,
+                  rounds: int | None = None) -> dict:
     """Loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
 
     With shared vision the picture features are computed once with their graph; each micro-batch
     back-propagates into detached copies, and the summed feature gradients flow once through the
     vision tower at the end: the same gradients as one full-batch backward, without holding every
     micro-batch's activations at once.
+
+    Under torchrun: num_sequences and num_tokens are the global batch's totals (default: this
+    batch's), so the ranks' losses add up to the global batch's loss, and their summed gradients to
+    its gradient; the statistics are this rank's share of the global ones. grad_scale multiplies
+    what is back-propagated (--fsdp averages gradients over ranks: world x loss gives their sum).
+    rounds: see `lockstep`.
     """
     model.train()
     n = comp.shape[0]
     prompts = prompts.to(comp.device)
-    feats = preresq.image_features(model, prompts) if cfg.shared_vision else None
+    feats = call(model, preresq.image_features, prompts) if cfg.shared_vision else None
     leaves = [f.detach().requires_grad_() for f in feats] if feats is not None else None
-    num_tokens = attn.sum().clamp(min=1).float()
+    num_tokens = torch.as_tensor(num_tokens if num_tokens is not None else attn.sum().clamp(min=1)).float()
+    slices = micro_batches(n, cfg.micro_batch_size)
     total, stats = 0.0, {"kl": 0.0, "clip_fraction": 0.0}
-    for r in micro_batches(n, cfg.micro_batch_size):
-        logp = preresq.completion_logprobs(model, prompts, comp[r], attn[r], temperature=cfg.temperature,
-                                           num_generations=g, suppressed=suppressed,
-                                           shared_vision=cfg.shared_vision, features=leaves, rows=r)
+    for i, r in enumerate(lockstep(slices, rounds)):
+        logp = call(model, preresq.completion_logprobs, prompts, comp[r], attn[r], temperature=cfg.temperature,
+                    num_generations=g, suppressed=suppressed, shared_vision=cfg.shared_vision, features=leaves,
+                    rows=r)
         old = old_logp[r] if old_logp is not None else logp.detach()
         ref = ref_logp[r] if ref_logp is not None else None
         loss, st = grpo_loss(logp, old, ref, advantages[r], attn[r], beta=cfg.beta, epsilon=cfg.epsilon,
-                             loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, num_sequences=n,
+                             loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, num_sequences=num_sequences or n,
                              num_tokens=num_tokens)
-        loss.backward()
+        if i >= len(slices):  # a lockstep repeat: the passes without the contribution
+            (loss * 0.0).backward()
+            continue
+        (loss * grad_scale).backward()
         share = attn[r].sum().item() / num_tokens.item()
         total += loss.item()
         stats = {k: stats[k] + v * share for k, v in st.items()}
@@ -479,6 +519,243 @@ def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cf
     return {"loss": total, **stats}
 
 
+# --------------------------------------------------------------------------- several processes
+#
+# torchrun starts one process ("rank") per GPU. Each rank samples and scores its own B images;
+# what the reward needs from the whole global batch is small and is gathered (parsed scores,
+# MOS), and what the loss needs is summed (token and sequence counts, then the gradients).
+
+# Rank 0's held-out evaluation and checkpoint writing can take long; the other ranks wait for it.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job: rank `rank` of `world`. comm: the device that
+    collective tensors live on (cpu for gloo, this rank's GPU for nccl)."""
+    rank: int = 0
+    world: int = 1
+    comm: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = Dist()  # one process, no process group
+
+
+def init_distributed(device: str | None) -> tuple[Dist, str | None]:
+    """Join the torchrun job described by WORLD_SIZE, RANK and LOCAL_RANK -> (Dist, this rank's device).
+
+    gloo on the CPU, nccl on CUDA with one GPU per process (cuda:LOCAL_RANK). Without torchrun, or
+    with one process, nothing is initialised and the device is --device as given.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return SINGLE, device
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = device or preresq.default_device()
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise SystemExit(f"error: --device {device} under torchrun: give --device cuda; each process "
+                             "takes the GPU of its LOCAL_RANK.")
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"error: LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s): "
+                             "--nproc_per_node must not exceed the GPUs per node.")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
+                                 device_id=torch.device(device) if backend == "nccl" else None)
+    return Dist(rank, world, device if backend == "nccl" else "cpu"), device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of rank `rank`'s sampling generator: --seed itself on rank 0 (so one process runs as it
+    always did), a fixed different one on every other rank (else all ranks draw the same numbers)."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def check_global_batch(sets: dict, images_per_step: int, world: int) -> None:
+    """Every rank needs its own images: each training set must hold the global batch, B x world."""
+    if world == 1:
+        return
+    need = images_per_step * world
+    for name, items in sets.items():
+        if len(items) < need:
+            raise SystemExit(
+                f"error: {world} processes x --images-per-step {images_per_step} = {need} images per step, "
+                f"but training set {name!r} has only {len(items)} images: every process needs its own. Use "
+                f"at most {len(items) // images_per_step} processes, or --images-per-step "
+                f"{len(items) // world} or less, or more training data.")
+
+
+def all_reduce(values: list[float], dist: Dist, op: str = "sum") -> list[float]:
+    """Sum (or "max", "min") a few numbers over ranks; in one process, the numbers themselves."""
+    if dist.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=dist.comm)
+    tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op])
+    return t.tolist()
+
+
+def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
+    """This rank's parsed answers -> the global batch's, the same on every rank.
+
+    mos (n,), scores (n, G, A), valid and fmt (n, G): this rank's n <= batch_size readable images.
+    Each rank pads to batch_size rows (all_gather needs one shape) and the padding is dropped again,
+    so the result is what one process would hold for the global batch's readable images, in rank
+    order. Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), own): `own` is the slice
+    of this rank's rows among the N.
+    """
+    n = len(mos)
+    if dist.world == 1:
+        return mos, scores, valid, fmt, slice(0, n)
+    g, a = scores.shape[1:]
+    packed = torch.zeros(batch_size, 2 + g * (2 + a), dtype=torch.float64)
+    packed[:n] = torch.cat([torch.ones(n, 1), mos[:, None], valid.reshape(n, g).float(), fmt.reshape(n, g),
+                            scores.reshape(n, g * a)], 1).double()
+    parts = [torch.empty_like(packed, device=dist.comm) for _ in range(dist.world)]
+    tdist.all_gather(parts, packed.to(dist.comm))
+    rows = torch.cat(parts).cpu()
+    counts = [int(part[:, 0].sum()) for part in parts]
+    rows = rows[rows[:, 0] > 0]
+    first = sum(counts[:dist.rank])
+    return (rows[:, 1].float(), rows[:, 2 + 2 * g:].reshape(-1, g, a).float(), rows[:, 2:2 + g] > 0.5,
+            rows[:, 2 + g:2 + 2 * g].float(), slice(first, first + n))
+
+
+def all_reduce_gradients(params, dist: Dist, bucket_bytes: int = 25 * 2**20) -> None:
+    """Sum the gradients over ranks in flat buckets of about 25 MB, as DistributedDataParallel does
+    after backward. A gradient missing on some rank counts as zero there; a parameter without one on
+    every rank keeps none (AdamW skips it, as in one process)."""
+    if dist.world == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dist.comm)
+    tdist.all_reduce(present, op=tdist.ReduceOp.MAX)
+    live = [p for p, has in zip(params, present.tolist()) if has]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets, size = [[]], 0
+    for p in live:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        if buckets[-1] and (size + nbytes > bucket_bytes or p.grad.dtype != buckets[-1][0].grad.dtype):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += nbytes
+    for bucket in filter(None, buckets):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        tdist.all_reduce(flat)
+        for p, chunk in zip(bucket, flat.split([p.numel() for p in bucket])):
+            p.grad.copy_(chunk.view_as(p.grad))
+
+
+class FSDPRoot(torch.nn.Module):
+    """The root module of --fsdp sharding; it holds the model.
+
+    FSDP2 gathers parameters in module forward hooks and takes the first module to run forward as
+    its root. The GRPO passes call parts of the model directly (the vision tower once, then the
+    decoder and lm_head per micro-batch; generate), so each pass enters through this module's
+    forward, which gathers the root's own parameters (embeddings, lm_head, norms, patch embedding,
+    merger) and runs fn(model, ...): see `call`.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def shard_model(model, device: str) -> FSDPRoot:
+    """FSDP2 (fully_shard): each decoder layer and vision block is a unit, the root holds the rest.
+
+    The gradients FSDP2 reduce-scatters are averaged over ranks; policy_update's grad_scale turns
+    them into sums.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(device).type, (tdist.get_world_size(),))
+    # preresq.image_features returns each picture's features as a view of one tensor, which FSDP2
+    # warns about in case something writes into it in place; nothing does.
+    warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPFSDPRoot\) returned a view tensor")
+    for block in model.model.visual.blocks:
+        fully_shard(block, mesh=mesh)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+    root = FSDPRoot(model)
+    fully_shard(root, mesh=mesh)
+    # transformers' generate then keeps every rank stepping until all have finished (synced_gpus),
+    # so that the ranks run the same sharded forwards.
+    model._is_fsdp_managed_module = True
+    return root
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPRoot)
+
+
+def call(model, fn, *args, **kwargs):
+    """fn(model, *args, **kwargs), entering through the root when the model is sharded (--fsdp)."""
+    return model(fn, *args, **kwargs) if is_sharded(model) else fn(model, *args, **kwargs)
+
+
+def unwrap(model):
+    """The Hugging Face model (inside the FSDP root under --fsdp)."""
+    return model.model if is_sharded(model) else model
+
+
+def full_weights(model) -> dict | None:
+    """The weights of a sharded model as one process would hold them, for save_pretrained (None when
+    the model is not sharded: save_pretrained reads it itself). A collective under --fsdp: every
+    rank calls it, rank 0 receives the weights (on the CPU), the others an empty dict."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k.removeprefix("model."): v for k, v in get_model_state_dict(model, options=options).items()}
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer state keyed by parameter position, as torch.optim keys it, whether or not the
+    model is sharded: a checkpoint then resumes with or without --fsdp, on any number of ranks.
+    A collective under --fsdp (rank 0 receives the state, the others an empty dict)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    if not by_name:
+        return {}
+    position = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return {"state": {position[k]: v for k, v in by_name["state"].items()},
+            "param_groups": [{**group, "params": [position[k] for k in group["params"]]}
+                             for group in by_name["param_groups"]]}
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """The inverse of `full_optimizer_state` (every rank reads the checkpoint)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, _ in model.named_parameters()]
+    by_name = {"state": {names[i]: v for i, v in state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_STATE = "trainer_state.pt"
@@ -486,7 +763,7 @@ CHECKPOINT_STATE = "trainer_state.pt"
 MAX_NONFINITE_STEPS = 5
 # Flags that may change between a run and its resumption; all others must match (or --force).
 RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
-                     "device", "micro_batch_size", "gradient_checkpointing", "reference_device"}
+                     "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp"}
 
 
 class RunError(RuntimeError):
@@ -495,8 +772,9 @@ class RunError(RuntimeError):
 
 def rng_states() -> dict:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's GPU only: asking for every GPU's would open a context on each, from each rank
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -505,33 +783,46 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     torch.random.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, optimizer, scheduler, cfg: Config,
-                    extra: dict) -> Path:
+                    extra: dict, dist: Dist | None = None) -> Path:
     """Write OUT/checkpoint-<step>/ atomically (save_folder), then prune to the newest --keep-last.
 
     The folder is an ordinary Hugging Face checkpoint (from_pretrained loads it) plus
-    trainer_state.pt: optimizer, scheduler, RNG states, step, stage, data position, config.
+    trainer_state.pt: optimizer, scheduler, RNG states (of every rank), world size, step, stage,
+    data position, config. Under torchrun every rank calls it (to gather the RNG states, and under
+    --fsdp the weights and optimizer state) and rank 0 writes.
     """
+    dist = dist or SINGLE
     final = out / f"checkpoint-{step}"
-    save_folder(final, model, tokenizer, image_processor,
-                {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_states(), "config": asdict(cfg), **extra})
+    weights, optimizer_state = full_weights(model), full_optimizer_state(model, optimizer)
+    ranks = [rng_states()]
+    if dist.world > 1:
+        ranks = [None] * dist.world
+        tdist.all_gather_object(ranks, rng_states())
+    if not dist.main:
+        return final
+    save_folder(final, unwrap(model), tokenizer, image_processor,
+                {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                 "rng": ranks[0], **({"rng_ranks": ranks} if dist.world > 1 else {}), "world_size": dist.world,
+                 "config": asdict(cfg), **extra}, weights=weights)
     if cfg.keep_last:  # only now: the new checkpoint is complete
         for old in checkpoints(out)[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def save_folder(final: Path, model, tokenizer, image_processor, state: dict | None = None) -> None:
+def save_folder(final: Path, model, tokenizer, image_processor, state: dict | None = None,
+                weights: dict | None = None) -> None:
     """Save a model folder (and trainer_state.pt) into a temporary sibling, renamed into place only
-    when every file is written: a crash, a kill or a full disk never leaves a damaged folder."""
+    when every file is written: a crash, a kill or a full disk never leaves a damaged folder.
+    weights: the state dict to write (--fsdp: gathered from the shards); default the model's own."""
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         if state is not None:
@@ -611,11 +902,18 @@ def log_json(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def held_out(cfg: Config, model, tokenizer, image_processor, items: list) -> dict:
-    metrics, _ = evaluate.evaluate(model, tokenizer, image_processor, items, samples=cfg.eval_samples,
-                                   seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
-                                   max_pixels=cfg.max_pixels, progress=False)
-    return {k: metrics[k] for k in ("n", "srcc", "plcc", "krcc", "parse_failures")}
+def held_out(cfg: Config, model, tokenizer, image_processor, items: list, dist: Dist | None = None) -> dict | None:
+    """Held-out metrics, computed on rank 0 while the other ranks wait (None there); under --fsdp
+    every rank runs the same sharded passes."""
+    dist = dist or SINGLE
+    metrics = None
+    if dist.main or is_sharded(model):
+        metrics, _ = call(model, evaluate.evaluate, tokenizer, image_processor, items, samples=cfg.eval_samples,
+                          seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
+                          max_pixels=cfg.max_pixels, progress=False)
+    if dist.world > 1:
+        tdist.barrier()
+    return {k: metrics[k] for k in ("n", "srcc", "plcc", "krcc", "parse_failures")} if dist.main else None
 
 
 def draw_run_curves(out: Path) -> None:
@@ -646,12 +944,29 @@ def load_training_data(cfg: Config) -> tuple[dict, list]:
 
 
 def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
-    """Run GRPO as configured; returns the output folder (metrics, eval, checkpoints, final/)."""
+    """Run GRPO as configured; returns the output folder (metrics, eval, checkpoints, final/).
+
+    Under torchrun every process calls it; each joins the process group first and leaves it at the end.
+    """
+    dist, device = init_distributed(cfg.device)
+    try:
+        return run(cfg, resume, force, dist, device)
+    finally:
+        if dist.world > 1:
+            tdist.destroy_process_group()
+
+
+def run(cfg: Config, resume: bool, force: bool, dist: Dist, device: str | None) -> Path:
+    """train() in one process (rank `dist.rank`, model on `device`); rank 0 alone writes files."""
     import copy
 
     from tqdm import tqdm
 
     out = Path(cfg.out or f"runs/{cfg.data.replace(',', '+')}-{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if dist.world > 1:  # the default name holds the time: take rank 0's
+        shared = [str(out)]
+        tdist.broadcast_object_list(shared, src=0)
+        out = Path(shared[0])
     cfg.out = str(out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out.")
@@ -662,6 +977,14 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             raise SystemExit(f"error: --resume: no complete checkpoint in {out}; start without --resume.")
         state = torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False)
         diffs = config_differences(state["config"], cfg)
+        saved_world = state.get("world_size", 1)
+        if saved_world != dist.world:  # what must match is the global batch (the data order hangs on it)
+            diffs = [d for d in diffs if not d.startswith("--images-per-step:")]
+            then, now = state["config"]["images_per_step"] * saved_world, cfg.images_per_step * dist.world
+            if then != now:
+                diffs.append(f"global batch (--images-per-step x processes): checkpoint {then} with {saved_world} "
+                             f"process(es), now {now} with {dist.world}"
+                             + (f" (--images-per-step {then // dist.world} keeps it)" if then % dist.world == 0 else ""))
         if diffs and not force:
             raise SystemExit(f"error: --resume from {found[-1]} with a different configuration:\n  "
                              + "\n  ".join(diffs) + "\nDrop those flags (--resume takes every flag not given "
@@ -671,12 +994,13 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         raise SystemExit(f"error: {out} already holds checkpoints; add --resume to continue that run, "
                          "or choose another --out.")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").touch()
+            (out / ".write-test").unlink()
     except OSError as e:
         raise SystemExit(f"error: cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
-    if not resume:  # logs of an earlier attempt that never reached a checkpoint
+    if not resume and dist.main:  # logs of an earlier attempt that never reached a checkpoint
         for name in ("metrics.jsonl", "eval.jsonl"):
             (out / name).unlink(missing_ok=True)
 
@@ -687,37 +1011,51 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
                          f"({state['data'].get('items')} items then, {sum(map(len, sets.values()))} now): the "
                          "label files or images under --data-root changed. Restore them, or add --force to "
                          "resume on the new data.")
-    sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed)
+    check_global_batch(sets, cfg.images_per_step, dist.world)
+    sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed, dist.rank, dist.world)
     total_images = sum(len(v) for v in sets.values())
-    steps = cfg.steps or math.ceil(cfg.epochs * total_images / cfg.images_per_step)
+    steps = cfg.steps or math.ceil(cfg.epochs * total_images / (cfg.images_per_step * dist.world))
 
     model, tokenizer, image_processor = preresq.load_model(
-        str(checkpoints(out)[-1]) if state else cfg.model, cfg.device, cfg.dtype)
+        str(checkpoints(out)[-1]) if state else cfg.model, device, cfg.dtype)
     reference = None
     if cfg.beta:
-        reference = preresq.load_model(cfg.model, cfg.device, cfg.dtype)[0] if state else copy.deepcopy(model)
+        reference = preresq.load_model(cfg.model, device, cfg.dtype)[0] if state else copy.deepcopy(model)
         reference.requires_grad_(False).eval().to(cfg.reference_device or model.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.fsdp and dist.world > 1:
+        model = shard_model(model, str(model.device))
+        reference = shard_model(reference, str(model.device)) if reference is not None else None
+    elif cfg.fsdp and dist.main:
+        print("note: --fsdp with one process: nothing to shard, the model stays whole.", file=sys.stderr)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
     # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
-    # global generators, and whether that happens must not change the run.
+    # global generators, and whether that happens must not change the run. Sampling differs per rank.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(rank_seed(cfg.seed, dist.rank))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
-        truncate_log(out / "metrics.jsonl", start)
-        truncate_log(out / "eval.jsonl", start)
-        print(f"resumed from {checkpoints(out)[-1]} at step {start} (stage {cfg.stage(start)})")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        ranks = state.get("rng_ranks", [state["rng"]])
+        if len(ranks) == dist.world:
+            set_rng_states(ranks[dist.rank])
+        else:  # another number of processes: rank 0's generators, a new sampling seed on the others
+            set_rng_states(state["rng"])
+            if dist.rank:
+                torch.manual_seed(rank_seed(cfg.seed + start, dist.rank))
+        if dist.main:
+            truncate_log(out / "metrics.jsonl", start)
+            truncate_log(out / "eval.jsonl", start)
+            print(f"resumed from {checkpoints(out)[-1]} at step {start} (stage {cfg.stage(start)})")
+    if dist.main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     suppressed = preresq.suppressed_ids(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN)
-    device = model.device
+    device = unwrap(model).device
     stop = Stop()
     previous = {}
     if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
@@ -728,11 +1066,12 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     consecutive_nonfinite = 0
     first_eval = last_eval = None
     if held and start == 0:
-        first_eval = held_out(cfg, model, tokenizer, image_processor, held)
-        log_json(out / "eval.jsonl", {"step": 0, **first_eval})
+        first_eval = held_out(cfg, model, tokenizer, image_processor, held, dist)
+        if dist.main:
+            log_json(out / "eval.jsonl", {"step": 0, **first_eval})
     pool = ThreadPoolExecutor(max(1, cfg.workers))
     pending = pool.submit(load_visuals, sampler.batch(start)[1], cfg.max_pixels)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="GRPO", dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="GRPO", dynamic_ncols=True, disable=not dist.main)
     step = start
     try:
         for step in bar:
@@ -744,13 +1083,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
                 pending = pool.submit(load_visuals, sampler.batch(step + 1)[1], cfg.max_pixels)
             for p in problems:
                 tqdm.write(f"warning: skipped an unreadable item: {p}", file=sys.stderr)
-            counters["skipped_items"] += len(problems)
+            counters["skipped_items"] += int(all_reduce([len(problems)], dist)[0])
             record = {"step": step + 1, "stage": stage, "epoch": round(sampler.epoch(step + 1), 4)}
-            if items:
-                record.update(grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, items,
-                                        visuals, step, stage, g, suppressed, end_id, device))
-            else:
-                record["skipped"] = "no readable images in this batch"
+            record.update(grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, items, visuals,
+                                    step, stage, g, suppressed, end_id, device,
+                                    video=sets[sampler.dataset(step)][0].is_video, dist=dist))
             with warnings.catch_warnings():
                 # A skipped step still advances the schedule, which is keyed to the step number;
                 # PyTorch warns when that happens before the first optimizer step.
@@ -759,14 +1096,16 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             if record.get("nonfinite"):
                 counters["nonfinite_steps"] += 1
                 consecutive_nonfinite += 1
-                tqdm.write(f"warning: step {step + 1}: non-finite {record['nonfinite']}; step skipped",
-                           file=sys.stderr)
+                if dist.main:
+                    tqdm.write(f"warning: step {step + 1}: non-finite {record['nonfinite']}; step skipped",
+                               file=sys.stderr)
             else:
                 consecutive_nonfinite = 0
             record.update(counters, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
             if "completion_tokens" in record:
                 record["tokens_per_second"] = round(record["completion_tokens"] / max(record["seconds"], 1e-9), 1)
-            log_json(out / "metrics.jsonl", record)
+            if dist.main:
+                log_json(out / "metrics.jsonl", record)
             if consecutive_nonfinite >= MAX_NONFINITE_STEPS:
                 found = checkpoints(out)
                 raise RunError(f"steps {step + 2 - consecutive_nonfinite}-{step + 1} all gave a non-finite "
@@ -775,21 +1114,25 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
                                "--lr or --dtype float32, or check the data, then continue with --resume --force.")
             shown = {"reward": f"{record.get('reward', float('nan')):.3f}"}
             if held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                last_eval = held_out(cfg, model, tokenizer, image_processor, held)
-                log_json(out / "eval.jsonl", {"step": step + 1, **last_eval})
-                draw_run_curves(out)
+                last_eval = held_out(cfg, model, tokenizer, image_processor, held, dist)
+                if dist.main:
+                    log_json(out / "eval.jsonl", {"step": step + 1, **last_eval})
+                    draw_run_curves(out)
             if last_eval:
                 shown["srcc"] = f"{last_eval['srcc']:.3f}"
             bar.set_postfix(shown)
             done = step + 1
-            if done < steps and ((cfg.save_every and done % cfg.save_every == 0) or stop.requested):
+            # A signal may reach the ranks at different steps: they stop together, at the first that saw one.
+            stopping = bool(all_reduce([stop.requested], dist, "max")[0])
+            if done < steps and ((cfg.save_every and done % cfg.save_every == 0) or stopping):
                 saved = save_checkpoint(out, done, model, tokenizer, image_processor, optimizer, scheduler, cfg,
                                         {"stage": cfg.stage(done), "counters": counters,
                                          "data": {"seed": cfg.seed, "next_step": done, "epoch": sampler.epoch(done),
-                                                  "items": total_images, "fingerprint": fingerprint}})
-                if stop.requested:
-                    print(f"stopped after step {done} of {steps}; checkpoint {saved}. Continue with:\n"
-                          f"  python grpo.py --out {out} --resume", file=sys.stderr, flush=True)
+                                                  "items": total_images, "fingerprint": fingerprint}}, dist)
+                if stopping:
+                    if dist.main:
+                        print(f"stopped after step {done} of {steps}; checkpoint {saved}. Continue with:\n"
+                              f"  python grpo.py --out {out} --resume", file=sys.stderr, flush=True)
                     return out
     finally:
         bar.close()
@@ -797,10 +1140,15 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         for s, handler in previous.items():
             signal.signal(s, handler)
     final = out / "final"
-    save_folder(final, model, tokenizer, image_processor)
+    weights = full_weights(model)
+    if dist.main:
+        save_folder(final, unwrap(model), tokenizer, image_processor, weights=weights)
     if held and (not cfg.eval_every or steps % cfg.eval_every):
-        last_eval = held_out(cfg, model, tokenizer, image_processor, held)
-        log_json(out / "eval.jsonl", {"step": steps, **last_eval})
+        last_eval = held_out(cfg, model, tokenizer, image_processor, held, dist)
+        if dist.main:
+            log_json(out / "eval.jsonl", {"step": steps, **last_eval})
+    if not dist.main:
+        return out
     draw_run_curves(out)
     if first_eval and last_eval:
         print(f"held-out {cfg.eval_split} ({first_eval['n']} items): SRCC {first_eval['srcc']:.3f} -> "
@@ -810,43 +1158,89 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
 
 
 def grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, items, visuals, step, stage, g,
-              suppressed, end_id, device) -> dict:
-    """Sample, score, and update once (or mu times) on one batch; returns the step's metrics."""
-    video = items[0].is_video
+              suppressed, end_id, device, *, video: bool | None = None, dist: Dist | None = None) -> dict:
+    """Sample, score, and update once (or mu times) on one batch; returns the step's metrics.
+
+    Under torchrun `items` are this rank's share of the global batch: fewer than B, or none, when
+    pictures were unreadable (`video` then says what the global batch holds).
+    """
+    dist = dist or SINGLE
+    video = items[0].is_video if video is None else video
+    if is_sharded(model) and all_reduce([len(items)], dist, "min")[0] == 0:
+        return {"skipped": "a rank has no readable image in this batch (--fsdp runs every rank in step)"}
     t0 = time.time()
-    prompts = preresq.encode_prompts(tokenizer, image_processor, visuals,
-                                     step_prompts(cfg, stage, step, len(items), video), video=video)
-    model.eval()
-    comp = preresq.sample_completions(model, tokenizer, prompts, g, temperature=cfg.temperature,
-                                      max_new_tokens=cfg.max_new_tokens)
-    attn = preresq.completion_mask(comp, end_id)
+    prompts = comp = attn = None
+    texts = []
+    if items:
+        first = dist.rank * cfg.images_per_step  # where this rank's images start in the global batch
+        prompts = preresq.encode_prompts(tokenizer, image_processor, visuals,
+                                         step_prompts(cfg, stage, step, first + len(items), video)[first:],
+                                         video=video)
+        model.eval()
+        comp = call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
+                    max_new_tokens=cfg.max_new_tokens)
+        attn = preresq.completion_mask(comp, end_id)
+        texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     t_gen = time.time() - t0
-    texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     mos = torch.tensor([it.mos for it in items], dtype=torch.float32)
-    terms, scores, valid = score_completions(cfg, texts, mos, g, video, stage)
+    record = score_and_update(cfg, model, reference, optimizer, prompts, comp, attn, texts, mos, g, stage, video,
+                              suppressed, device, dist)
+    return {**record, "generation_seconds": round(t_gen, 3)} if "skipped" not in record else record
+
+
+def score_and_update(cfg, model, reference, optimizer, prompts, comp, attn, texts, mos, g, stage, video, suppressed,
+                     device, dist: Dist | None = None) -> dict:
+    """Steps 3-7 on sampled answers: rewards and advantages of the global batch, then the update.
+
+    prompts, comp, attn (n*G, C), texts (n*G), mos (n,): this rank's n images and their answers (n may
+    be 0 under torchrun: the rank then only takes part in the collectives). Returns the step's
+    metrics, over the global batch.
+    """
+    dist = dist or SINGLE
+    num_aspects = len(preresq.VIDEO_ASPECTS if video else preresq.IMAGE_ASPECTS)
+    scores, valid, fmt = rewards.parse_completions(texts, num_aspects, g)
+    mos, scores, valid, fmt, own = gather_scores(dist, cfg.images_per_step, mos, scores, valid, fmt)
+    if not len(mos):
+        return {"skipped": "no readable images in this batch"}
+    terms = reward_terms(cfg, scores, mos, valid, fmt, video, stage)
     reward = terms["total"]
+    tokens, sequences = all_reduce([attn.sum().item() if attn is not None else 0, len(texts)], dist)
     record = {"reward": reward.mean().item(), "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
               **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
               "zero_std_groups": (reward.std(1) < 1e-6).float().mean().item() if g > 1 else 1.0,
               "parse_failure_rate": 1 - valid.float().mean().item(),
-              "completion_length": attn.sum(1).float().mean().item(),
-              "completion_tokens": int(attn.sum().item()), "generation_seconds": round(t_gen, 3)}
+              "completion_length": tokens / sequences, "completion_tokens": int(tokens)}
     record["batch_srcc"] = batch_srcc(scores, valid, mos)
     if not torch.isfinite(reward).all():
         return {**record, "nonfinite": "reward"}
-    advantages = group_advantages(reward, cfg.scale_rewards).reshape(-1).to(device)
+    advantages = group_advantages(reward, cfg.scale_rewards)[own].reshape(-1).to(device)
+    rounds = None
+    if is_sharded(model):  # every rank runs as many micro-batches as the busiest one
+        rounds = int(all_reduce([len(micro_batches(len(texts), cfg.micro_batch_size))], dist, "max")[0])
     t1 = time.time()
-    ref_logp = reference_logprobs(reference, prompts, comp, attn, cfg, g, suppressed) if reference is not None else None
-    old_logp = reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed) if cfg.num_iterations > 1 else None
+    ref_logp = old_logp = None
+    if reference is not None and comp is not None:
+        ref_logp = reference_logprobs(reference, prompts, comp, attn, cfg, g, suppressed, rounds)
+    if cfg.num_iterations > 1 and comp is not None:
+        old_logp = reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed, rounds)
     record["reference_seconds"] = round(time.time() - t1, 3)
     t2 = time.time()
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        stats = policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed)
+        stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        if comp is not None:
+            stats = policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed,
+                                  num_sequences=int(sequences), num_tokens=max(tokens, 1),
+                                  grad_scale=dist.world if is_sharded(model) else 1.0, rounds=rounds)
+        if not is_sharded(model):
+            all_reduce_gradients(model.parameters(), dist)
+        stats = dict(zip(stats, all_reduce(list(stats.values()), dist)))
         if not math.isfinite(stats["loss"]):
             optimizer.zero_grad(set_to_none=True)
             return {**record, **stats, "nonfinite": "loss"}
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # --fsdp: the norm of the sharded gradient
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             return {**record, **stats, "nonfinite": "gradient"}
