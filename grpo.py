@@ -24,6 +24,18 @@ Deviations from the authors' code: parse failures get reward 0 and are left out 
 answers' comparisons (the authors substitute p = 3.0); sampling settings are all explicit;
 the Exploration-to-Stability schedule of the paper (not in the public code) is
 `--schedule explore-stable`; presets (laptop models) use larger learning rates and shorter answers.
+
+Several processes (torchrun; commands in the README's "Scaling" section). --images-per-step B is
+per process, like the paper's "8 per device": a step trains on B x world images of one dataset,
+the same global batch on every rank, each keeping its slice (BatchSampler). Only the parsed
+scores and MOS travel (gather_scores), so rewards, advantages and metrics are those one process
+would compute for the global batch. Each rank's loss is normalised by the global sequence and
+token counts, and the gradients are summed by explicit bucketed all_reduces after the backward
+(all_reduce_gradients), which is what DistributedDataParallel does: DDP's hooks do not fit the
+policy pass, which runs the vision tower once, then calls the decoder and lm_head directly and
+back-propagates micro-batch by micro-batch. --fsdp shards with FSDP2 instead (shard_model).
+Rank 0 alone writes logs, evaluations and checkpoints; sampling seeds differ per rank (rank_seed).
+tests/test_distributed.py checks the gradient against one process's, to 1e-5.
 """
 from __future__ import annotations
 
@@ -585,11 +597,13 @@ def check_global_batch(sets: dict, images_per_step: int, world: int) -> None:
     need = images_per_step * world
     for name, items in sets.items():
         if len(items) < need:
+            fewer, smaller = len(items) // images_per_step, len(items) // world
+            advice = ([f"at most {fewer} process{'es' if fewer > 1 else ''}"] if fewer else []) + \
+                     ([f"--images-per-step {smaller} or less"] if smaller else []) + ["more training data"]
             raise SystemExit(
                 f"error: {world} processes x --images-per-step {images_per_step} = {need} images per step, "
-                f"but training set {name!r} has only {len(items)} images: every process needs its own. Use "
-                f"at most {len(items) // images_per_step} processes, or --images-per-step "
-                f"{len(items) // world} or less, or more training data.")
+                f"but training set {name!r} has only {len(items)} images: every process needs its own. "
+                f"Use {', or '.join(advice)}.")
 
 
 def all_reduce(values: list[float], dist: Dist, op: str = "sum") -> list[float]:
@@ -662,15 +676,16 @@ class FSDPRoot(torch.nn.Module):
     its root. The GRPO passes call parts of the model directly (the vision tower once, then the
     decoder and lm_head per micro-batch; generate), so each pass enters through this module's
     forward, which gathers the root's own parameters (embeddings, lm_head, norms, patch embedding,
-    merger) and runs fn(model, ...): see `call`.
+    merger) and runs fn(model): see `call`. The pass comes as one closure, so that FSDP's
+    pre-forward (which moves tensor arguments to the device) never walks the tokenizer or prompts.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
+    def forward(self, fn):
+        return fn(self.model)
 
 
 def shard_model(model, device: str) -> FSDPRoot:
@@ -704,7 +719,7 @@ def is_sharded(model) -> bool:
 
 def call(model, fn, *args, **kwargs):
     """fn(model, *args, **kwargs), entering through the root when the model is sharded (--fsdp)."""
-    return model(fn, *args, **kwargs) if is_sharded(model) else fn(model, *args, **kwargs)
+    return model(lambda m: fn(m, *args, **kwargs)) if is_sharded(model) else fn(model, *args, **kwargs)
 
 
 def unwrap(model):
@@ -1016,8 +1031,12 @@ def run(cfg: Config, resume: bool, force: bool, dist: Dist, device: str | None) 
     total_images = sum(len(v) for v in sets.values())
     steps = cfg.steps or math.ceil(cfg.epochs * total_images / (cfg.images_per_step * dist.world))
 
+    if not dist.main:  # rank 0 loads first: a preset missing from the cache is built once, not by every rank
+        tdist.barrier()
     model, tokenizer, image_processor = preresq.load_model(
         str(checkpoints(out)[-1]) if state else cfg.model, device, cfg.dtype)
+    if dist.main and dist.world > 1:
+        tdist.barrier()
     reference = None
     if cfg.beta:
         reference = preresq.load_model(cfg.model, device, cfg.dtype)[0] if state else copy.deepcopy(model)
@@ -1025,8 +1044,8 @@ def run(cfg: Config, resume: bool, force: bool, dist: Dist, device: str | None) 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.fsdp and dist.world > 1:
-        model = shard_model(model, str(model.device))
         reference = shard_model(reference, str(model.device)) if reference is not None else None
+        model = shard_model(model, str(model.device))
     elif cfg.fsdp and dist.main:
         print("note: --fsdp with one process: nothing to shard, the model stays whole.", file=sys.stderr)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
