@@ -736,7 +736,12 @@ def full_weights(model) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {k.removeprefix("model."): v for k, v in get_model_state_dict(model, options=options).items()}
+    weights = {k.removeprefix("model."): v for k, v in get_model_state_dict(model, options=options).items()}
+    # A tied weight (lm_head = embed_tokens in the smaller Qwen2.5-VL) is written once, as
+    # save_pretrained writes it from the model itself.
+    tied = ({n for n, _ in unwrap(model).named_parameters(remove_duplicate=False)}
+            - {n for n, _ in unwrap(model).named_parameters()})
+    return {k: v for k, v in weights.items() if k not in tied}
 
 
 def full_optimizer_state(model, optimizer) -> dict:
@@ -1048,6 +1053,11 @@ def run(cfg: Config, resume: bool, force: bool, dist: Dist, device: str | None) 
         model = shard_model(model, str(model.device))
     elif cfg.fsdp and dist.main:
         print("note: --fsdp with one process: nothing to shard, the model stays whole.", file=sys.stderr)
+    if dist.world > 1 and dist.main:
+        print(f"{dist.world} processes ({tdist.get_backend()}): global batch {cfg.images_per_step} x {dist.world} = "
+              f"{cfg.images_per_step * dist.world} images per step; "
+              + ("model, gradients and optimizer state sharded (FSDP2)" if is_sharded(model) else
+                 "gradients summed over processes"), flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
     # Seeded only now: building a preset or initialising a model draws from (and reseeds) the

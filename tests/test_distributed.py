@@ -1,0 +1,257 @@
+"""grpo.py under torch.distributed (issue 8): two gloo processes on 127.0.0.1 against one process.
+
+The reference for every distributed result is one process given the whole global batch: the
+gradient after a step must equal its gradient (to 1e-5), and the rewards, advantages and metrics
+must be its own. Answers and completion ids are fixed, so sampling randomness does not enter.
+"""
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import grpo
+import preresq
+
+G = 3
+MOS = [1.5, 4.2, 3.1, 2.4]  # the global batch: 4 images, 2 per rank
+SIZES = [(56, 84), (84, 56), (56, 56), (84, 84)]  # different prompt lengths: left padding differs per rank
+
+# name -> (settings, the global images each rank could read, --fsdp). "short": rank 1 lost an image.
+CASES = {
+    "ddp": (dict(loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], False),
+    "ddp_short": (dict(loss_type="dapo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], False),
+    "fsdp": (dict(loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], True),
+    "fsdp_short": (dict(loss_type="dr_grpo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], True),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(image: int) -> list[str]:
+    """G fixed answers for a global image: aspect scores drawn per image, one answer per image
+    malformed (no <think>, format reward 0 but parsed) and image 1's last unparsable."""
+    rng = np.random.default_rng(image)
+    texts = []
+    for j in range(G):
+        values = "\n".join(f"{v:.2f}" for v in rng.uniform(1, 5, 5))
+        texts.append(f"<think>looks fine</think>\n<answer>{values}</answer>" if j else f"<answer>{values}</answer>")
+    if image == 1:
+        texts[-1] = "I cannot tell."
+    return texts
+
+
+def inputs(tok, ip, images: list[int]):
+    """Prompts, completion ids (n*G, 7), mask, texts and MOS for the given global images."""
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+    every = torch.randint(0, 300, (len(MOS) * G, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(every)
+    for row in range(len(MOS) * G):
+        mask[row, 3 + row % 5:] = 0  # answers end at different lengths
+    rows = [i * G + j for i in images for j in range(G)]
+    prompts = preresq.encode_prompts(tok, ip, [[pictures[i]] for i in images], [preresq.IMAGE_PROMPT] * len(images))
+    return (prompts, every[rows], mask[rows], [t for i in images for t in answers(i)],
+            torch.tensor([MOS[i] for i in images]))
+
+
+def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
+    """grpo.score_and_update on fixed answers -> {"grad": flat full gradient, "record": metrics}.
+    lr 0 and no clipping: the gradient is left as computed, the weights unchanged."""
+    cfg = grpo.Config(model="tiny", images_per_step=2, max_grad_norm=1e9).resolve()
+    for k, v in settings.items():
+        setattr(cfg, k, v)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    prompts, comp, attn, texts, mos = inputs(tok, ip, images)
+    record = grpo.score_and_update(cfg, model, None, optimizer, prompts, comp, attn, texts, mos, G, 2, False,
+                                   preresq.suppressed_ids(tok), "cpu", dist)
+    grads = []
+    for p in model.parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        grads.append((g.full_tensor() if hasattr(g, "full_tensor") else g).flatten())
+    return {"grad": torch.cat(grads), "record": record}
+
+
+def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist, _ = grpo.init_distributed("cpu")
+    model, tok, ip = preresq.load_model(model_dir, "cpu")
+    results = {}
+    for name, (settings, split, fsdp) in CASES.items():
+        m = copy.deepcopy(model)
+        if fsdp:
+            m = grpo.shard_model(m, "cpu")
+        results[name] = one_step(m, tok, ip, settings, split[rank], dist)
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(blank_dir, tmp_path_factory):
+    """Every case run by two gloo processes; rank 0's results."""
+    out = tmp_path_factory.mktemp("ddp") / "results.pt"
+    mp.spawn(worker, args=(2, free_port(), str(blank_dir), str(out)), nprocs=2)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_give_the_gradient_and_metrics_of_one_process(two_ranks, blank, case):
+    settings, split, _ = CASES[case]
+    model, tok, ip = blank
+    single = one_step(copy.deepcopy(model), tok, ip, settings, [i for part in split for i in part], grpo.SINGLE)
+    got = two_ranks[case]
+    assert single["grad"].abs().max() > 1e-3  # a real gradient, not an empty one
+    assert torch.allclose(got["grad"], single["grad"], atol=1e-5, rtol=0), \
+        (got["grad"] - single["grad"]).abs().max()
+    want = single["record"]
+    assert set(got["record"]) == set(want)
+    for key, value in want.items():
+        if key.endswith("seconds"):
+            continue
+        assert got["record"][key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
+
+
+def test_ranks_split_the_global_batch_of_one_process():
+    sets = {"a": list(range(10)), "b": list(range(100, 125))}
+    one = grpo.BatchSampler(sets, 6, seed=3)
+    ranks = [grpo.BatchSampler(sets, 2, seed=3, rank=r, world=3) for r in range(3)]
+    for step in range(12):  # several epochs of set "a"
+        name, items = one.batch(step)
+        assert [ranks[r].batch(step)[0] for r in range(3)] == [name] * 3
+        assert [i for r in range(3) for i in ranks[r].batch(step)[1]] == items
+        assert ranks[1].dataset(step) == name and ranks[2].epoch(step) == one.epoch(step)
+
+
+def test_rank_seeds_differ_and_rank_0_keeps_the_seed():
+    seeds = [grpo.rank_seed(42, r) for r in range(8)]
+    assert seeds[0] == 42 and len(set(seeds)) == 8
+    assert seeds == [grpo.rank_seed(42, r) for r in range(8)]
+
+
+def test_too_few_images_for_the_processes_is_refused_with_the_numbers():
+    sets = {"koniq": list(range(30)), "spaq": list(range(100))}
+    grpo.check_global_batch(sets, 8, 3)  # 24 <= 30
+    grpo.check_global_batch(sets, 64, 1)  # one process: a short set gives a short batch, as always
+    with pytest.raises(SystemExit) as e:
+        grpo.check_global_batch(sets, 8, 4)
+    message = str(e.value)
+    assert "4 processes x --images-per-step 8 = 32" in message and "'koniq' has only 30" in message
+    assert message.endswith("Use at most 3 processes, or --images-per-step 7 or less, or more training data.")
+    with pytest.raises(SystemExit) as e:  # a set smaller than B: only a smaller B (or more data) helps
+        grpo.check_global_batch({"tid": list(range(5))}, 8, 2)
+    assert str(e.value).endswith("Use --images-per-step 2 or less, or more training data.")
+
+
+# --------------------------------------------------------------------------- torchrun end to end
+
+FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
+         "--max-new-tokens", "64", "--workers", "1", "--steps", "2", "--save-every", "1", "--eval-size", "4",
+         "--eval-every", "100"]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N grpo.py ARGS` on 127.0.0.1, this process's environment passed on."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), grpo.__file__, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, cwd=Path(grpo.__file__).parent, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny, tmp_path_factory):
+    """Two steps on two ranks, a checkpoint after the first, held-out evaluation before and after."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    done = torchrun(FLAGS + ["--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_rank_0_alone_writes(ddp_run):
+    out, done = ddp_run
+    assert done.stdout.count("final model:") == 1  # rank 0 alone reports
+    assert "2 processes (gloo): global batch 2 x 2 = 4 images per step; gradients summed" in done.stdout
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == [1, 2]  # one line per step
+    assert all(m["completion_tokens"] > 0 and m["parse_failure_rate"] < 1 for m in steps)
+    assert steps[1]["epoch"] == pytest.approx(2 * 4 / 297, abs=1e-4)  # the global batch: 2 ranks x 2 images
+    assert [e["step"] for e in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == [0, 2]
+    assert [p.name for p in grpo.checkpoints(out)] == ["checkpoint-1"] and (out / "final" / "config.json").exists()
+    assert not list(out.glob(".*.tmp"))
+    state = torch.load(out / "checkpoint-1" / grpo.CHECKPOINT_STATE, weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # ranks sample apart
+    initial = weights(preresq.preset_path("tiny"))
+    assert any(not torch.equal(v, initial[k]) for k, v in weights(out / "checkpoint-1").items())
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch(ddp_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ddp_run[0], out)
+    # The data order hangs on the global batch (4 images): one process must take all 4 ...
+    with pytest.raises(SystemExit) as refused:
+        grpo.main(["--out", str(out), "--resume", "--steps", "3"])
+    assert "global batch" in str(refused.value) and "--images-per-step 4 keeps it" in str(refused.value)
+    # ... and then it continues from step 1, where the two ranks' checkpoint left off.
+    assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == [1, 2, 3] and steps[2]["epoch"] == pytest.approx(3 * 4 / 297, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_trains_the_same_weights(ddp_run, tmp_path):
+    """FSDP2 over two gloo ranks: same samples (same seeds), same rewards, and weights equal to the
+    unsharded run's to float rounding; its checkpoint (gathered from the shards) resumes on one process."""
+    ddp, _ = ddp_run
+    out = tmp_path / "run"
+    done = torchrun(FLAGS + ["--fsdp", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model, gradients and optimizer state sharded (FSDP2)" in done.stdout
+    for sharded, whole in zip(metrics(out), metrics(ddp)):
+        for key in ("reward", "completion_tokens", "parse_failure_rate", "batch_srcc"):
+            assert sharded[key] == pytest.approx(whole[key], nan_ok=True), key
+        assert sharded["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    for folder in ("checkpoint-1", "final"):
+        a, b = weights(out / folder), weights(ddp / folder)
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), folder
+    assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_more_processes_than_images_is_refused_before_training(tiny, tmp_path):
+    done = torchrun(FLAGS + ["--images-per-step", "150", "--out", str(tmp_path / "run")])
+    assert done.returncode != 0
+    assert "2 processes x --images-per-step 150 = 300 images per step, but training set 'synthetic' has only 297" \
+        in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
