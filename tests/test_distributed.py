@@ -8,9 +8,11 @@ import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,18 +163,23 @@ def test_too_few_images_for_the_processes_is_refused_with_the_numbers():
 
 # --------------------------------------------------------------------------- torchrun end to end
 
-FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
-         "--max-new-tokens", "64", "--workers", "1", "--steps", "2", "--save-every", "1", "--eval-size", "4",
-         "--eval-every", "100"]
+BASE = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
+        "--max-new-tokens", "64", "--workers", "1"]
+FLAGS = BASE + ["--steps", "2", "--save-every", "1", "--eval-size", "4", "--eval-every", "100"]
+
+
+def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node N grpo.py ARGS` on 127.0.0.1."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), grpo.__file__, *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # conftest's cache and settings passed on
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N grpo.py ARGS` on 127.0.0.1, this process's environment passed on."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), grpo.__file__, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(cmd, cwd=Path(grpo.__file__).parent, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(torchrun_command(args, nproc), cwd=Path(grpo.__file__).parent, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -214,7 +221,7 @@ def test_torchrun_two_processes_rank_0_alone_writes(ddp_run):
 
 
 @pytest.mark.slow
-def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch(ddp_run, tmp_path):
+def test_checkpoints_move_between_two_ranks_and_one_with_the_same_global_batch(ddp_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(ddp_run[0], out)
     # The data order hangs on the global batch (4 images): one process must take all 4 ...
@@ -225,6 +232,14 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_global_batch
     assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
     steps = metrics(out)
     assert [m["step"] for m in steps] == [1, 2, 3] and steps[2]["epoch"] == pytest.approx(3 * 4 / 297, abs=1e-4)
+    state = torch.load(out / "checkpoint-2" / grpo.CHECKPOINT_STATE, weights_only=False)
+    assert state["world_size"] == 1 and state["config"]["images_per_step"] == 4
+    # The one-process checkpoint (step 2) goes back to two ranks of 2 images.
+    done = torchrun(["--out", str(out), "--resume", "--steps", "4", "--images-per-step", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "at step 2" in done.stdout
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4] and steps[3]["epoch"] == pytest.approx(4 * 4 / 297, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -246,6 +261,26 @@ def test_torchrun_fsdp_trains_the_same_weights(ddp_run, tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), folder
     assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_step_with_one_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(torchrun_command(BASE + ["--steps", "50", "--save-every", "100", "--eval-split", "none",
+                                                     "--out", str(out)]),
+                            cwd=Path(grpo.__file__).parent, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "stderr", "w"))
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does: torchrun passes it on to each rank
+    proc.wait(timeout=120)
+    done = len(metrics(out))
+    assert 1 <= done < 50
+    assert [p.name for p in grpo.checkpoints(out)] == [f"checkpoint-{done}"] and not (out / "final").exists()
+    assert (tmp_path / "stderr").read_text().count(f"stopped after step {done} of 50") == 1
 
 
 @pytest.mark.slow
