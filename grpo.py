@@ -311,7 +311,8 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     a("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
     a("--workers", type=int, default=2, help="threads that load the next step's pictures")
     # GRPO
-    a("--images-per-step", type=int, default=None, help="B, images per step [8]")
+    a("--images-per-step", type=int, default=None, help="B, images per step and process (under torchrun a "
+      "step trains on B x processes images) [8]")
     a("--num-generations", type=int, default=None, help="G, answers per image [preset 8 | paper 6]")
     a("--lr", type=float, default=None, help="AdamW learning rate, linear decay [preset 1e-3 | paper 1e-6]")
     a("--beta", type=float, default=None, help="KL coefficient; 0 skips the reference model [preset 0 | paper 0.04]")
