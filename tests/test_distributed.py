@@ -28,10 +28,12 @@ G = 3
 MOS = [1.5, 4.2, 3.1, 2.4]  # the global batch: 4 images, 2 per rank
 SIZES = [(56, 84), (84, 56), (56, 56), (84, 84)]  # different prompt lengths: left padding differs per rank
 
-# name -> (settings, the global images each rank could read, --fsdp). "short": rank 1 lost an image.
+# name -> (settings, the global images each rank could read, --fsdp). "short": rank 1 lost an
+# image; "empty": rank 1 lost both and only takes part in the collectives.
 CASES = {
     "ddp": (dict(loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], False),
     "ddp_short": (dict(loss_type="dapo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], False),
+    "ddp_empty": (dict(loss_type="grpo", scale_rewards="batch"), [[0, 1], []], False),
     "fsdp": (dict(loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], True),
     "fsdp_short": (dict(loss_type="dr_grpo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], True),
 }
@@ -77,7 +79,7 @@ def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
     for k, v in settings.items():
         setattr(cfg, k, v)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    prompts, comp, attn, texts, mos = inputs(tok, ip, images)
+    prompts, comp, attn, texts, mos = inputs(tok, ip, images) if images else (None, None, None, [], torch.zeros(0))
     record = grpo.score_and_update(cfg, model, None, optimizer, prompts, comp, attn, texts, mos, G, 2, False,
                                    preresq.suppressed_ids(tok), "cpu", dist)
     grads = []
