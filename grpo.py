@@ -155,8 +155,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
 PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, lr=1e-6, beta=0.04, max_new_tokens=256,
                       epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None)
 PRESET_DEFAULTS = {
-    "tiny": dict(images_per_step=8, num_generations=8, lr=1e-3, beta=0.0, max_new_tokens=64,
-                 steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None),
+    "tiny": dict(images_per_step=8, num_generations=8, lr=3e-4, beta=0.0, max_new_tokens=64,
+                 steps=200, eval_every=50, save_every=100, eval_size=64, eval_samples=4),
     "small": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.0, max_new_tokens=64,
                   steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None),
 }

@@ -12,11 +12,17 @@ What lives here, in the order a GRPO step uses it:
 
 Presets. `tiny` and `small` are Qwen2.5-VL models small enough for a laptop CPU. They are built
 from a config (random weights), given an offline byte-level BPE tokenizer and a torchvision-free
-image processor, and taught the answer format by a short supervised warm-up on random pictures
-with *random* scores (so the model knows the format and nothing about quality: GRPO has to teach
-it quality). The warm-up is ours, not the paper's: the paper starts from Qwen2.5-VL-7B-Instruct,
-which already follows the format. A preset is saved as an ordinary Hugging Face folder in the
-cache and always loaded with `from_pretrained`, the same path a real checkpoint takes.
+image processor. Their vision tower is first pretrained to regress generic low-level statistics
+(gradient energy, spectrum, colourfulness, ...) of random degraded pictures with natural-image
+(1/f) spectra, as a real encoder comes pretrained; no quality label is involved. Then a short
+supervised warm-up on random pictures with *random* scores, vision tower frozen, teaches the
+answer format (so the model knows the format and nothing about quality: GRPO has to teach it
+quality). Measured on the synthetic test split, `tiny`'s sampled answers still correlate with
+quality by chance before training (SRCC about -0.35): the warm-up does not make them fully
+independent of the picture. Both trainings are ours, not the paper's: the paper starts from
+Qwen2.5-VL-7B-Instruct, which already follows the format. A preset is saved as an ordinary
+Hugging Face folder in the cache and always loaded with `from_pretrained`, the same path a real
+checkpoint takes.
 
 Deliberate choices (and traps avoided; see platform.md):
 - Sampling passes a complete GenerationConfig (do_sample, temperature, top_k=0, top_p=1,
@@ -112,7 +118,7 @@ END_OF_TURN = "<|im_end|>"
 PRESETS = {
     "tiny": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
                  vision_hidden=64, vision_depth=2, vision_heads=4,
-                 min_pixels=56 * 56, max_pixels=224 * 224, vision_steps=400, warmup_steps=300, warmup_lr=2e-3),
+                 min_pixels=56 * 56, max_pixels=224 * 224, vision_steps=400, warmup_steps=500, warmup_lr=2e-3),
     "small": dict(hidden=256, layers=6, heads=4, kv_heads=2, intermediate=768,
                   vision_hidden=128, vision_depth=4, vision_heads=4,
                   min_pixels=56 * 56, max_pixels=448 * 448, vision_steps=400, warmup_steps=300, warmup_lr=1e-3),
@@ -271,26 +277,49 @@ def build_tokenizer(corpus: list[str], num_merges: int = 400):
 
 
 def _random_picture(rng: np.random.Generator) -> Image.Image:
-    """A random smooth-coloured picture of random size: warm-up input that carries no quality label."""
-    h, w = int(rng.integers(3, 9)) * 28, int(rng.integers(3, 9)) * 28
-    small = rng.random((int(rng.integers(2, 6)), int(rng.integers(2, 6)), 3))
-    img = Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
-    if rng.random() < 0.5:
-        noise = rng.normal(0, rng.uniform(0, 40), (h, w, 3))
-        img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
-    return img
+    """A random picture with natural-image statistics, of random size (56..224 px a side).
+
+    Natural photographs have amplitude spectra falling as 1/f^a (a about 1 to 2); here a texture
+    with a random exponent, smooth colour, and a few flat shapes with crisp edges (what blur,
+    compression and pixelation act on). It carries no quality label.
+    """
+    h, w = int(rng.integers(2, 9)) * 28, int(rng.integers(2, 9)) * 28
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
+    f[0, 0] = 1.0
+
+    def texture(exponent):
+        amp = f ** -exponent
+        amp[0, 0] = 0.0
+        t = np.real(np.fft.ifft2(amp * np.exp(2j * np.pi * rng.random((h, w)))))
+        return (t - t.mean()) / (t.std() + 1e-12)
+
+    lum = 1.0 + rng.uniform(0.05, 0.35) * texture(rng.uniform(0.8, 2.0))
+    colour = rng.uniform(0.2, 0.8, 3) + 0.1 * np.stack([texture(2.5) for _ in range(3)], -1)
+    a = colour * lum[..., None]
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(int(rng.integers(2, 8))):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.25) * min(h, w)
+        if rng.random() < 0.5:
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        else:
+            inside = (abs(yy - cy) < r * rng.uniform(0.5, 1.5)) & (abs(xx - cx) < r * rng.uniform(0.5, 1.5))
+        a = np.where(inside[..., None], rng.uniform(0.05, 0.95, 3) * (1 + 0.2 * (lum[..., None] - 1)), a)
+    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
 
 
 WARMUP_THOUGHTS = (
-    "I look at the colours, the noise, the sharpness, the subject and the background.",
-    "I check colour, grain, focus, the subject and the background of the picture.",
-    "I compare the frames over time, then the detail of single frames.",
+    "I check colour, noise, focus, subject and background.",
+    "I compare the frames, then the single frames.",
 )
 
 
 def _random_answer(rng: np.random.Generator, num_aspects: int, video: bool) -> str:
-    scores = rng.uniform(1.0, 5.0, num_aspects)
-    thought = WARMUP_THOUGHTS[2] if video else WARMUP_THOUGHTS[int(rng.integers(0, 2))]
+    """A well-formed answer with random scores: one random level for the picture, each aspect
+    near it (aspect ratings of one picture go together, and the answer is then decided mostly
+    by its first digit). Never derived from the picture."""
+    level = rng.uniform(1.0, 5.0)
+    scores = np.clip(level + rng.normal(0, 0.75, num_aspects), 1.0, 5.0)
+    thought = WARMUP_THOUGHTS[1 if video else 0]
     return f"<think>{thought}</think>\n<answer>" + "\n".join(f"{s:.2f}" for s in scores) + "</answer>"
 
 
@@ -351,9 +380,10 @@ def _build_preset(name, p, path, rng, warmup_steps):
 
 
 def low_level_statistics(img: Image.Image) -> np.ndarray:
-    """Eight generic low-level statistics of a picture (what early layers of pretrained vision
-    encoders are known to represent): gradient and Laplacian energy, high- and mid-frequency
-    share of the spectrum, colourfulness, contrast, number of grey levels, 8x8 blockiness."""
+    """Ten generic low-level statistics of a picture (what early layers of pretrained vision
+    encoders are known to represent): gradient and Laplacian energy (and their logarithms),
+    high- and mid-frequency share of the spectrum, colourfulness, contrast, number of grey
+    levels, 8x8 blockiness."""
     a = np.asarray(img.convert("RGB"), np.float32) / 255
     g = a.mean(-1)
     gx = np.diff(g, axis=1)
@@ -366,42 +396,48 @@ def low_level_statistics(img: Image.Image) -> np.ndarray:
     return np.array([np.abs(gx).mean(), np.abs(lap).mean(), spectrum[f > 0.25].sum() / total,
                      spectrum[(f > 0.1) & (f <= 0.25)].sum() / total, np.hypot(rg.std(), yb.std()), g.std(),
                      len(np.unique((g * 255).astype(np.uint8))) / 256,
-                     np.abs(gx[:, 7::8]).mean() / (np.abs(gx).mean() + 1e-6)], np.float32)
+                     np.abs(gx[:, 7::8]).mean() / (np.abs(gx).mean() + 1e-6),
+                     np.log(np.abs(gx).mean() + 1e-4), np.log(np.abs(lap).mean() + 1e-4)], np.float32)
 
 
 def _degraded_picture(rng: np.random.Generator) -> Image.Image:
-    """A random picture with a random generic degradation of random strength (no label kept)."""
+    """A random picture with a random generic degradation of random strength (no label kept):
+    Gaussian or motion blur, noise, JPEG, pixelation, contrast, colour, grey levels, or none."""
     from PIL import ImageEnhance, ImageFilter
     import io
 
+    from scipy import ndimage
+
     img = _random_picture(rng)
-    yy, xx = np.mgrid[:img.size[1], :img.size[0]]
+    kind, t = int(rng.integers(0, 9)), rng.random()
     a = np.asarray(img, np.float32)
-    for _ in range(int(rng.integers(2, 7))):  # crisp shapes: edges for degradations to act on
-        cy, cx, r = rng.uniform(0, img.size[1]), rng.uniform(0, img.size[0]), rng.uniform(5, 30)
-        a[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    a += rng.normal(0, rng.uniform(2, 20), (a.shape[0], a.shape[1], 1))  # texture
-    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    kind, t = int(rng.integers(0, 8)), rng.random()
     if kind == 0:
         img = img.filter(ImageFilter.GaussianBlur(0.3 + 5 * t))
     elif kind == 1:
-        noisy = np.asarray(img, np.float32) + rng.normal(0, 50 * t, (img.size[1], img.size[0], 3))
-        img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+        n = 2 * int(1 + 12 * t) + 1
+        kernel = np.zeros((n, n), np.float32)
+        angle = rng.uniform(0, np.pi)
+        for s in np.linspace(-(n - 1) / 2, (n - 1) / 2, 2 * n):
+            kernel[int(round((n - 1) / 2 + s * np.sin(angle))), int(round((n - 1) / 2 + s * np.cos(angle)))] = 1
+        kernel /= kernel.sum()
+        img = Image.fromarray(np.clip(np.stack([ndimage.convolve(a[..., c], kernel, mode="reflect")
+                                                for c in range(3)], -1), 0, 255).astype(np.uint8))
     elif kind == 2:
+        img = Image.fromarray(np.clip(a + rng.normal(0, 50 * t, a.shape), 0, 255).astype(np.uint8))
+    elif kind == 3:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=int(3 + 90 * t))
         img = Image.open(buf).convert("RGB")
-    elif kind == 3:
+    elif kind == 4:
         k = max(1, int(1 + 24 * t))
         img = img.resize((max(1, img.size[0] // k), max(1, img.size[1] // k)), Image.BOX).resize(img.size, Image.NEAREST)
-    elif kind == 4:
-        img = ImageEnhance.Contrast(img).enhance(0.1 + 1.4 * t)
     elif kind == 5:
-        img = ImageEnhance.Color(img).enhance(1.6 * t)
+        img = ImageEnhance.Contrast(img).enhance(0.1 + 1.4 * t)
     elif kind == 6:
+        img = ImageEnhance.Color(img).enhance(1.6 * t)
+    elif kind == 7:
         levels = int(2 + 30 * t)
-        img = Image.fromarray((np.round(np.asarray(img) / 255 * (levels - 1)) / (levels - 1) * 255).astype(np.uint8))
+        img = Image.fromarray((np.round(a / 255 * (levels - 1)) / (levels - 1) * 255).astype(np.uint8))
     return img
 
 
@@ -439,9 +475,11 @@ def _vision_pretraining(model, image_processor, rng, steps: int, batch: int = 16
 
 
 def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float, batch: int = 8) -> None:
-    """Supervised warm-up on (random picture, prompt) -> answer with random scores.
+    """Supervised warm-up on (random degraded picture, prompt) -> answer with random scores.
 
-    Teaches the answer format only: the scores are drawn independently of the picture.
+    Teaches the answer format only: the scores are drawn independently of the picture. The
+    pictures cover every degradation the vision tower was pretrained on, at every strength, so
+    that no degradation is new to the language model when GRPO starts.
     """
     from tqdm import tqdm
 
@@ -459,7 +497,7 @@ def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float
                 visuals.append([_random_picture(rng) for _ in range(4)])
                 prompts.append(VIDEO_PROMPT)
             else:
-                visuals.append([_random_picture(rng)])
+                visuals.append([_degraded_picture(rng)])
                 prompts.append(IMAGE_PROMPT_POOL[int(rng.integers(len(IMAGE_PROMPT_POOL)))])
             answers.append(_random_answer(rng, 2 if video else 5, video))
         prompt = encode_prompts(tokenizer, image_processor, visuals, prompts, video=video)
