@@ -121,9 +121,10 @@ def test_two_ranks_give_the_gradient_and_metrics_of_one_process(two_ranks, blank
     model, tok, ip = blank
     single = one_step(copy.deepcopy(model), tok, ip, settings, [i for part in split for i in part], grpo.SINGLE)
     got = two_ranks[case]
+    difference = (got["grad"] - single["grad"]).abs().max().item()
+    print(f"{case}: max |grad| {single['grad'].abs().max().item():.3g}, max |difference| {difference:.2g}")
     assert single["grad"].abs().max() > 1e-3  # a real gradient, not an empty one
-    assert torch.allclose(got["grad"], single["grad"], atol=1e-5, rtol=0), \
-        (got["grad"] - single["grad"]).abs().max()
+    assert difference <= 1e-5
     want = single["record"]
     assert set(got["record"]) == set(want)
     for key, value in want.items():
