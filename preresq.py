@@ -141,9 +141,7 @@ def cache_root() -> Path:
 
 def preset_path(name: str) -> Path:
     """Cache folder of a preset; its name changes whenever the recipe (settings, prompts, code) does."""
-    recipe = [PRESETS[name], IMAGE_PROMPT_POOL, VIDEO_PROMPT, WARMUP_THOUGHTS]
-    recipe += [inspect.getsource(f) for f in (build_preset, _build_preset, build_tokenizer, _vision_pretraining, low_level_statistics,
-                                               _degraded_picture, _format_warmup, _random_picture, _random_answer)]
+    recipe = [PRESETS[name], IMAGE_PROMPT_POOL, VIDEO_PROMPT, WARMUP_THOUGHTS, _RECIPE_CODE]
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     return cache_root() / f"preset-{name}-{digest}"
 
@@ -781,6 +779,13 @@ def score(model, processor, image_or_frames) -> Judgement:
     visual = read_visual(str(image_or_frames)) if isinstance(image_or_frames, (str, os.PathLike)) else image_or_frames
     is_video = isinstance(visual, (list, tuple))
     return judge(model, tokenizer, image_processor, [visual], video=is_video)[0]
+
+
+# The source of the preset recipe, read once at import: the code this process runs (a file edited
+# later must not rename the cache of what this process builds).
+_RECIPE_CODE = "".join(inspect.getsource(f) for f in (
+    build_preset, _build_preset, build_tokenizer, _vision_pretraining, low_level_statistics, _degraded_picture,
+    _format_warmup, _random_picture, _random_answer))
 
 
 def main(argv=None) -> int:
