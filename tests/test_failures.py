@@ -311,5 +311,4 @@ def test_micro_batch_that_does_not_divide_the_batch(tmp_path):
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
-def test_more_gpus_than_images():
-    pytest.skip("distributed training (torchrun) is not written yet; the case belongs with it")
+# More processes than images (torchrun) is checked in test_distributed.py.
