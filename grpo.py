@@ -6,7 +6,7 @@
     python grpo.py --out runs/koniq --resume         # after a crash, Ctrl-C or full disk (flags: the checkpoint's)
 
 One step (paper §3, method.md §3; each line names its function):
-  1. take B images of one dataset                              BatchSampler.next_batch
+  1. take B images of one dataset                              BatchSampler.batch
   2. sample G answers per image at temperature T               preresq.sample_completions
   3. parse the aspect scores, score every answer               rewards.parse_answer, rewards.REWARDS[...]
   4. group advantage A = (r - mean_G r) / (std_G r + 1e-4)      group_advantages
