@@ -33,7 +33,8 @@ would compute for the global batch. Each rank's loss is normalised by the global
 token counts, and the gradients are summed by explicit bucketed all_reduces after the backward
 (all_reduce_gradients), which is what DistributedDataParallel does: DDP's hooks do not fit the
 policy pass, which runs the vision tower once, then calls the decoder and lm_head directly and
-back-propagates micro-batch by micro-batch. --fsdp shards with FSDP2 instead (shard_model).
+back-propagates micro-batch by micro-batch. --fsdp shards with FSDP2 instead (shard_model). The
+machinery (process group, gathers, gradient buckets, FSDP2) lives in distributed.py.
 Rank 0 alone writes logs, evaluations and checkpoints; sampling seeds differ per rank (rank_seed).
 tests/test_distributed.py checks the gradient against one process's, to 1e-5.
 """
@@ -52,8 +53,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,9 @@ import torch.distributed as tdist
 
 import data
 import evaluate
+from distributed import (SINGLE, Dist, all_reduce, all_reduce_gradients, call, check_global_batch, full_optimizer_state,
+                         full_weights, gather_scores, init_distributed, is_sharded, load_optimizer_state, rank_seed,
+                         shard_model, unwrap)
 import preresq
 import rewards
 
@@ -530,251 +533,6 @@ def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cf
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         torch.autograd.backward(feats, grads)
     return {"loss": total, **stats}
-
-
-# --------------------------------------------------------------------------- several processes
-#
-# torchrun starts one process ("rank") per GPU. Each rank samples and scores its own B images;
-# what the reward needs from the whole global batch is small and is gathered (parsed scores,
-# MOS), and what the loss needs is summed (token and sequence counts, then the gradients).
-
-# Rank 0's held-out evaluation and checkpoint writing can take long; the other ranks wait for it.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job: rank `rank` of `world`. comm: the device that
-    collective tensors live on (cpu for gloo, this rank's GPU for nccl)."""
-    rank: int = 0
-    world: int = 1
-    comm: str = "cpu"
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE = Dist()  # one process, no process group
-
-
-def init_distributed(device: str | None) -> tuple[Dist, str | None]:
-    """Join the torchrun job described by WORLD_SIZE, RANK and LOCAL_RANK -> (Dist, this rank's device).
-
-    gloo on the CPU, nccl on CUDA with one GPU per process (cuda:LOCAL_RANK). Without torchrun, or
-    with one process, nothing is initialised and the device is --device as given.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return SINGLE, device
-    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    device = device or preresq.default_device()
-    if device.startswith("cuda"):
-        if device != "cuda":
-            raise SystemExit(f"error: --device {device} under torchrun: give --device cuda; each process "
-                             "takes the GPU of its LOCAL_RANK.")
-        if local >= torch.cuda.device_count():
-            raise SystemExit(f"error: LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s): "
-                             "--nproc_per_node must not exceed the GPUs per node.")
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
-                                 device_id=torch.device(device) if backend == "nccl" else None)
-    return Dist(rank, world, device if backend == "nccl" else "cpu"), device
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed of rank `rank`'s sampling generator: --seed itself on rank 0 (so one process runs as it
-    always did), a fixed different one on every other rank (else all ranks draw the same numbers)."""
-    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def check_global_batch(sets: dict, images_per_step: int, world: int) -> None:
-    """Every rank needs its own images: each training set must hold the global batch, B x world."""
-    if world == 1:
-        return
-    need = images_per_step * world
-    for name, items in sets.items():
-        if len(items) < need:
-            fewer, smaller = len(items) // images_per_step, len(items) // world
-            advice = ([f"at most {fewer} process{'es' if fewer > 1 else ''}"] if fewer else []) + \
-                     ([f"--images-per-step {smaller} or less"] if smaller else []) + ["more training data"]
-            raise SystemExit(
-                f"error: {world} processes x --images-per-step {images_per_step} = {need} images per step, "
-                f"but training set {name!r} has only {len(items)} images: every process needs its own. "
-                f"Use {', or '.join(advice)}.")
-
-
-def all_reduce(values: list[float], dist: Dist, op: str = "sum") -> list[float]:
-    """Sum (or "max", "min") a few numbers over ranks; in one process, the numbers themselves."""
-    if dist.world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=dist.comm)
-    tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op])
-    return t.tolist()
-
-
-def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
-    """This rank's parsed answers -> the global batch's, the same on every rank.
-
-    mos (n,), scores (n, G, A), valid and fmt (n, G): this rank's n <= batch_size readable images.
-    Each rank pads to batch_size rows (all_gather needs one shape) and the padding is dropped again,
-    so the result is what one process would hold for the global batch's readable images, in rank
-    order. Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), own): `own` is the slice
-    of this rank's rows among the N.
-    """
-    n = len(mos)
-    if dist.world == 1:
-        return mos, scores, valid, fmt, slice(0, n)
-    g, a = scores.shape[1:]
-    packed = torch.zeros(batch_size, 2 + g * (2 + a), dtype=torch.float64)
-    packed[:n] = torch.cat([torch.ones(n, 1), mos[:, None], valid.reshape(n, g).float(), fmt.reshape(n, g),
-                            scores.reshape(n, g * a)], 1).double()
-    parts = [torch.empty_like(packed, device=dist.comm) for _ in range(dist.world)]
-    tdist.all_gather(parts, packed.to(dist.comm))
-    rows = torch.cat(parts).cpu()
-    counts = [int(part[:, 0].sum()) for part in parts]
-    rows = rows[rows[:, 0] > 0]
-    first = sum(counts[:dist.rank])
-    return (rows[:, 1].float(), rows[:, 2 + 2 * g:].reshape(-1, g, a).float(), rows[:, 2:2 + g] > 0.5,
-            rows[:, 2 + g:2 + 2 * g].float(), slice(first, first + n))
-
-
-def all_reduce_gradients(params, dist: Dist, bucket_bytes: int = 25 * 2**20) -> None:
-    """Sum the gradients over ranks in flat buckets of about 25 MB, as DistributedDataParallel does
-    after backward. A gradient missing on some rank counts as zero there; a parameter without one on
-    every rank keeps none (AdamW skips it, as in one process)."""
-    if dist.world == 1:
-        return
-    params = [p for p in params if p.requires_grad]
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dist.comm)
-    tdist.all_reduce(present, op=tdist.ReduceOp.MAX)
-    live = [p for p, has in zip(params, present.tolist()) if has]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets, size = [[]], 0
-    for p in live:
-        nbytes = p.grad.numel() * p.grad.element_size()
-        if buckets[-1] and (size + nbytes > bucket_bytes or p.grad.dtype != buckets[-1][0].grad.dtype):
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p)
-        size += nbytes
-    for bucket in filter(None, buckets):
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        tdist.all_reduce(flat)
-        for p, chunk in zip(bucket, flat.split([p.numel() for p in bucket])):
-            p.grad.copy_(chunk.view_as(p.grad))
-
-
-class FSDPRoot(torch.nn.Module):
-    """The root module of --fsdp sharding; it holds the model.
-
-    FSDP2 gathers parameters in module forward hooks and takes the first module to run forward as
-    its root. The GRPO passes call parts of the model directly (the vision tower once, then the
-    decoder and lm_head per micro-batch; generate), so each pass enters through this module's
-    forward, which gathers the root's own parameters (embeddings, lm_head, norms, patch embedding,
-    merger) and runs fn(model): see `call`. The pass comes as one closure, so that FSDP's
-    pre-forward (which moves tensor arguments to the device) never walks the tokenizer or prompts.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn):
-        return fn(self.model)
-
-
-def shard_model(model, device: str) -> FSDPRoot:
-    """FSDP2 (fully_shard): each decoder layer and vision block is a unit, the root holds the rest.
-
-    The gradients FSDP2 reduce-scatters are averaged over ranks; policy_update's grad_scale turns
-    them into sums.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(torch.device(device).type, (tdist.get_world_size(),))
-    # preresq.image_features returns each picture's features as a view of one tensor, which FSDP2
-    # warns about in case something writes into it in place; nothing does.
-    warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPFSDPRoot\) returned a view tensor")
-    for block in model.model.visual.blocks:
-        fully_shard(block, mesh=mesh)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, mesh=mesh)
-    root = FSDPRoot(model)
-    fully_shard(root, mesh=mesh)
-    # transformers' generate then keeps every rank stepping until all have finished (synced_gpus),
-    # so that the ranks run the same sharded forwards.
-    model._is_fsdp_managed_module = True
-    return root
-
-
-def is_sharded(model) -> bool:
-    return isinstance(model, FSDPRoot)
-
-
-def call(model, fn, *args, **kwargs):
-    """fn(model, *args, **kwargs), entering through the root when the model is sharded (--fsdp)."""
-    return model(lambda m: fn(m, *args, **kwargs)) if is_sharded(model) else fn(model, *args, **kwargs)
-
-
-def unwrap(model):
-    """The Hugging Face model (inside the FSDP root under --fsdp)."""
-    return model.model if is_sharded(model) else model
-
-
-def full_weights(model) -> dict | None:
-    """The weights of a sharded model as one process would hold them, for save_pretrained (None when
-    the model is not sharded: save_pretrained reads it itself). A collective under --fsdp: every
-    rank calls it, rank 0 receives the weights (on the CPU), the others an empty dict."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = {k.removeprefix("model."): v for k, v in get_model_state_dict(model, options=options).items()}
-    # A tied weight (lm_head = embed_tokens in the smaller Qwen2.5-VL) is written once, as
-    # save_pretrained writes it from the model itself.
-    tied = ({n for n, _ in unwrap(model).named_parameters(remove_duplicate=False)}
-            - {n for n, _ in unwrap(model).named_parameters()})
-    return {k: v for k, v in weights.items() if k not in tied}
-
-
-def full_optimizer_state(model, optimizer) -> dict:
-    """The optimizer state keyed by parameter position, as torch.optim keys it, whether or not the
-    model is sharded: a checkpoint then resumes with or without --fsdp, on any number of ranks.
-    A collective under --fsdp (rank 0 receives the state, the others an empty dict)."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-    if not by_name:
-        return {}
-    position = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    return {"state": {position[k]: v for k, v in by_name["state"].items()},
-            "param_groups": [{**group, "params": [position[k] for k in group["params"]]}
-                             for group in by_name["param_groups"]]}
-
-
-def load_optimizer_state(model, optimizer, state: dict) -> None:
-    """The inverse of `full_optimizer_state` (every rank reads the checkpoint)."""
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = [name for name, _ in model.named_parameters()]
-    by_name = {"state": {names[i]: v for i, v in state["state"].items()},
-               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                                for group in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 # --------------------------------------------------------------------------- checkpoints
