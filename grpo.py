@@ -158,8 +158,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
 PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, lr=1e-6, beta=0.04, max_new_tokens=256,
                       epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None)
 PRESET_DEFAULTS = {
-    "tiny": dict(images_per_step=8, num_generations=8, lr=3e-4, beta=0.0, max_new_tokens=64,
-                 steps=200, eval_every=50, save_every=100, eval_size=64, eval_samples=4),
+    "tiny": dict(images_per_step=8, num_generations=8, lr=3e-4, beta=0.04, max_new_tokens=64,
+                 steps=200, eval_every=25, save_every=100, eval_size=None, eval_samples=4),
     "small": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.0, max_new_tokens=64,
                   steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None),
 }
@@ -308,7 +308,7 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     a("--epochs", type=float, default=None, help="passes over the training split [paper: 8]")
     a("--seed", type=int, default=42)
     a("--eval-every", type=int, default=None, help=f"held-out evaluation every N steps [tiny: {PRESET_DEFAULTS['tiny']['eval_every']} | paper: 100]")
-    a("--eval-size", type=int, default=None, help=f"held-out items per evaluation [tiny: {PRESET_DEFAULTS['tiny']['eval_size']} | paper: all]")
+    a("--eval-size", type=int, default=None, help=f"held-out items per evaluation [small: {PRESET_DEFAULTS['small']['eval_size']} | tiny, paper: all]")
     a("--eval-samples", type=int, default=None, help=f"sampled answers averaged per item, else greedy [tiny: {PRESET_DEFAULTS['tiny']['eval_samples']} | paper: greedy]")
     a("--save-every", type=int, default=None, help=f"checkpoint every N steps [tiny: {PRESET_DEFAULTS['tiny']['save_every']} | paper: 200]")
     a("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")

@@ -118,10 +118,12 @@ END_OF_TURN = "<|im_end|>"
 PRESETS = {
     "tiny": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
                  vision_hidden=64, vision_depth=2, vision_heads=4,
-                 min_pixels=56 * 56, max_pixels=224 * 224, vision_steps=400, warmup_steps=500, warmup_lr=2e-3),
+                 min_pixels=56 * 56, max_pixels=224 * 224,
+                 vision_steps=2500, vision_lr=1e-3, warmup_steps=800, warmup_lr=2e-3),
     "small": dict(hidden=256, layers=6, heads=4, kv_heads=2, intermediate=768,
                   vision_hidden=128, vision_depth=4, vision_heads=4,
-                  min_pixels=56 * 56, max_pixels=448 * 448, vision_steps=400, warmup_steps=300, warmup_lr=1e-3),
+                  min_pixels=56 * 56, max_pixels=448 * 448,
+                  vision_steps=400, vision_lr=5e-4, warmup_steps=300, warmup_lr=1e-3),
 }
 
 
@@ -275,49 +277,65 @@ def build_tokenizer(corpus: list[str], num_merges: int = 400):
 
 
 def _random_picture(rng: np.random.Generator) -> Image.Image:
-    """A random picture with natural-image statistics, of random size (56..224 px a side).
+    """A random unlabelled picture for the preset's pretraining: a procedural landscape
+    (data.landscape, the generator of the synthetic sets, here with its own random stream) of
+    random size, 84..168 px a side."""
+    import data
 
-    Natural photographs have amplitude spectra falling as 1/f^a (a about 1 to 2); here a texture
-    with a random exponent, smooth colour, and a few flat shapes with crisp edges (what blur,
-    compression and pixelation act on). It carries no quality label.
-    """
-    h, w = int(rng.integers(2, 9)) * 28, int(rng.integers(2, 9)) * 28
-    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
-    f[0, 0] = 1.0
-
-    def texture(exponent):
-        amp = f ** -exponent
-        amp[0, 0] = 0.0
-        t = np.real(np.fft.ifft2(amp * np.exp(2j * np.pi * rng.random((h, w)))))
-        return (t - t.mean()) / (t.std() + 1e-12)
-
-    lum = 1.0 + rng.uniform(0.05, 0.35) * texture(rng.uniform(0.8, 2.0))
-    colour = rng.uniform(0.2, 0.8, 3) + 0.1 * np.stack([texture(2.5) for _ in range(3)], -1)
-    a = colour * lum[..., None]
-    yy, xx = np.mgrid[:h, :w]
-    for _ in range(int(rng.integers(2, 8))):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.25) * min(h, w)
-        if rng.random() < 0.5:
-            inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        else:
-            inside = (abs(yy - cy) < r * rng.uniform(0.5, 1.5)) & (abs(xx - cx) < r * rng.uniform(0.5, 1.5))
-        a = np.where(inside[..., None], rng.uniform(0.05, 0.95, 3) * (1 + 0.2 * (lum[..., None] - 1)), a)
-    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
+    w, h = (int(rng.integers(3, 7)) * 28 for _ in range(2))
+    return data.landscape(rng, w, h)
 
 
 WARMUP_THOUGHTS = (
     "I check colour, noise, focus, subject and background.",
     "I compare the frames, then the single frames.",
 )
+# What the preset learns to say about a picture before GRPO (_degraded_picture's kinds, and its
+# severity in four bins): a description of what is seen, never a score.
+DEGRADATION_NAMES = ("blur", "motion blur", "noise", "blocking", "pixelation", "low contrast", "faded colour",
+                     "banding")
+SEVERITY_WORDS = ("slight", "moderate", "strong", "severe")
+OPINION_LEVELS = np.linspace(1.5, 4.5, len(DEGRADATION_NAMES))
 
 
-def _random_answer(rng: np.random.Generator, num_aspects: int, video: bool) -> str:
-    """A well-formed answer with random scores: one random level for the picture, each aspect
-    near it (aspect ratings of one picture go together, and the answer is then decided mostly
-    by its first digit). Never derived from the picture."""
-    level = rng.uniform(1.0, 5.0)
-    scores = np.clip(level + rng.normal(0, 0.75, num_aspects), 1.0, 5.0)
-    thought = WARMUP_THOUGHTS[1 if video else 0]
+def describe_degradation(kind: int | None, severity: float) -> str:
+    """The preset's caption of a picture: "I see strong blur." / "I see no distortion."."""
+    if kind is None:
+        return "I see no distortion."
+    word = SEVERITY_WORDS[severity_bin(severity)]
+    return f"I see {word} {DEGRADATION_NAMES[kind]}."
+
+
+def severity_bin(severity: float) -> int:
+    """The index in SEVERITY_WORDS of a severity in [0, 1]."""
+    return min(int(severity * len(SEVERITY_WORDS)), len(SEVERITY_WORDS) - 1)
+
+
+def neutral_opinion(kind: int | None, severity: float) -> float | None:
+    """The preset's starting opinion of a picture: a level in [1.5, 4.5] for each (kind,
+    severity bin) that says nothing about quality.
+
+    The levels form a Latin square, OPINION_LEVELS[(kind + 3 * bin) % 8]: every severity bin
+    holds each of the eight levels once, so the mean opinion is 3.0 at every severity and the
+    opinion has no correlation with quality. None (an untouched picture): no opinion, a random
+    level. Why the preset has opinions at all: a language model warmed up on scores that ignore
+    what it saw learns to ignore it where the score is written, and GRPO then cannot bring the
+    picture back within the demo's budget (README, "Why the preset has opinions").
+    """
+    if kind is None:
+        return None
+    return float(OPINION_LEVELS[(kind + 3 * severity_bin(severity)) % len(OPINION_LEVELS)])
+
+
+def _random_answer(rng: np.random.Generator, num_aspects: int, video: bool, thought: str | None = None,
+                   level: float | None = None) -> str:
+    """A well-formed answer: a level (default: uniform in [1, 5]; else `level` + N(0, 0.4)),
+    and each aspect within a few tenths of it (aspect ratings of one picture go together, so
+    that the answer is decided by its first digit, which the later aspects learn to follow).
+    `thought` (default: a fixed sentence) is the reasoning written before the scores."""
+    level = rng.uniform(1.0, 5.0) if level is None else level + rng.normal(0, 0.4)
+    scores = np.clip(level + rng.normal(0, 0.15, num_aspects), 1.0, 5.0)
+    thought = thought or WARMUP_THOUGHTS[1 if video else 0]
     return f"<think>{thought}</think>\n<answer>" + "\n".join(f"{s:.2f}" for s in scores) + "</answer>"
 
 
@@ -340,7 +358,11 @@ def _build_preset(name, p, path, rng, warmup_steps):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     corpus = [render_prompt([1], q) for q in IMAGE_PROMPT_POOL] + [render_prompt([1] * 4, VIDEO_PROMPT, video=True)]
-    corpus += [_random_answer(rng, 5, False) for _ in range(200)] + [_random_answer(rng, 2, True) for _ in range(50)]
+    captions = [describe_degradation(None, 0.0)] + [describe_degradation(k, (i + 0.5) / len(SEVERITY_WORDS))
+                                                     for k in range(len(DEGRADATION_NAMES))
+                                                     for i in range(len(SEVERITY_WORDS))]
+    corpus += [_random_answer(rng, 5, False, captions[i % len(captions)]) for i in range(200)]
+    corpus += [_random_answer(rng, 2, True) for _ in range(50)]
     tokenizer = build_tokenizer(corpus)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = p["hidden"] // p["heads"]
@@ -363,7 +385,7 @@ def _build_preset(name, p, path, rng, warmup_steps):
     image_processor = Qwen2VLImageProcessorPil(min_pixels=p["min_pixels"], max_pixels=p["max_pixels"])
     steps = p["warmup_steps"] if warmup_steps is None else warmup_steps
     if steps:
-        _vision_pretraining(model, image_processor, rng, steps=p["vision_steps"])
+        _vision_pretraining(model, image_processor, rng, steps=p["vision_steps"], lr=p["vision_lr"])
         _format_warmup(model, tokenizer, image_processor, rng, steps=steps, lr=p["warmup_lr"])
     model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,37 +399,26 @@ def _build_preset(name, p, path, rng, warmup_steps):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def low_level_statistics(img: Image.Image) -> np.ndarray:
-    """Ten generic low-level statistics of a picture (what early layers of pretrained vision
-    encoders are known to represent): gradient and Laplacian energy (and their logarithms),
-    high- and mid-frequency share of the spectrum, colourfulness, contrast, number of grey
-    levels, 8x8 blockiness."""
-    a = np.asarray(img.convert("RGB"), np.float32) / 255
-    g = a.mean(-1)
-    gx = np.diff(g, axis=1)
-    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-    spectrum = np.abs(np.fft.fft2(g - g.mean()))
-    fy, fx = np.meshgrid(np.fft.fftfreq(g.shape[0]), np.fft.fftfreq(g.shape[1]), indexing="ij")
-    f = np.hypot(fy, fx)
-    total = spectrum.sum() + 1e-9
-    rg, yb = a[..., 0] - a[..., 1], 0.5 * (a[..., 0] + a[..., 1]) - a[..., 2]
-    return np.array([np.abs(gx).mean(), np.abs(lap).mean(), spectrum[f > 0.25].sum() / total,
-                     spectrum[(f > 0.1) & (f <= 0.25)].sum() / total, np.hypot(rg.std(), yb.std()), g.std(),
-                     len(np.unique((g * 255).astype(np.uint8))) / 256,
-                     np.abs(gx[:, 7::8]).mean() / (np.abs(gx).mean() + 1e-6),
-                     np.log(np.abs(gx).mean() + 1e-4), np.log(np.abs(lap).mean() + 1e-4)], np.float32)
+def _degraded_picture(rng: np.random.Generator, source: Image.Image | None = None
+                      ) -> tuple[Image.Image, int | None, float]:
+    """A random picture with a random generic degradation of random strength: (picture, kind,
+    severity), kind an index of DEGRADATION_NAMES (None: untouched), severity in [0, 1] (0 for
+    untouched pictures, 1: the strongest of its kind).
 
-
-def _degraded_picture(rng: np.random.Generator) -> Image.Image:
-    """A random picture with a random generic degradation of random strength (no label kept):
-    Gaussian or motion blur, noise, JPEG, pixelation, contrast, colour, grey levels, or none."""
+    The kinds are the classic synthetic distortions of IQA pretraining (Gaussian and motion blur,
+    noise, JPEG, pixelation, contrast, colour, grey levels) on _random_picture sources, with the
+    strength drawn from a continuum; a quarter of the pictures are left untouched. `source`
+    (default: a new _random_picture) is the picture to degrade.
+    """
     from PIL import ImageEnhance, ImageFilter
     import io
 
     from scipy import ndimage
 
-    img = _random_picture(rng)
-    kind, t = int(rng.integers(0, 9)), rng.random()
+    img = source if source is not None else _random_picture(rng)
+    if rng.random() < 0.25:
+        return img, None, 0.0
+    kind, t = int(rng.integers(0, 8)), float(rng.random())
     a = np.asarray(img, np.float32)
     if kind == 0:
         img = img.filter(ImageFilter.GaussianBlur(0.3 + 5 * t))
@@ -424,47 +435,64 @@ def _degraded_picture(rng: np.random.Generator) -> Image.Image:
         img = Image.fromarray(np.clip(a + rng.normal(0, 50 * t, a.shape), 0, 255).astype(np.uint8))
     elif kind == 3:
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=int(3 + 90 * t))
+        img.save(buf, "JPEG", quality=int(3 + 90 * (1 - t)))
         img = Image.open(buf).convert("RGB")
     elif kind == 4:
-        k = max(1, int(1 + 24 * t))
+        k = max(1, int(1 + 30 * t))
         img = img.resize((max(1, img.size[0] // k), max(1, img.size[1] // k)), Image.BOX).resize(img.size, Image.NEAREST)
     elif kind == 5:
-        img = ImageEnhance.Contrast(img).enhance(0.1 + 1.4 * t)
+        img = ImageEnhance.Contrast(img).enhance(1 - 0.9 * t)
     elif kind == 6:
-        img = ImageEnhance.Color(img).enhance(1.6 * t)
-    elif kind == 7:
-        levels = int(2 + 30 * t)
+        img = ImageEnhance.Color(img).enhance(1 - t)
+    else:
+        levels = int(2 + 30 * (1 - t))
         img = Image.fromarray((np.round(a / 255 * (levels - 1)) / (levels - 1) * 255).astype(np.uint8))
-    return img
+    return img, kind, t
+
+
+def _prefetched(make, n: int):
+    """Yield make() n times, each computed in a worker thread while the caller trains on the
+    previous one (the pictures are numpy/Pillow work, which releases the GIL). make is only ever
+    called from that one thread, in order, so a random stream it draws from is drawn exactly as
+    in a plain loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(make) if n else None
+        for i in range(n):
+            item = pending.result()
+            pending = pool.submit(make) if i + 1 < n else None
+            yield item
 
 
 def _vision_pretraining(model, image_processor, rng, steps: int, batch: int = 16, lr: float = 2e-3) -> None:
-    """Give the preset's vision tower generic low-level features, as a pretrained encoder has.
+    """Give the preset's vision tower the distortion-aware features a pretrained encoder has.
 
-    A real Qwen2.5-VL's vision tower comes pretrained; a random one maps every picture to almost
-    the same features, so there would be nothing for GRPO to learn from. Here the vision tower
-    (with a temporary linear head on its mean-pooled output) regresses the standardised
-    low_level_statistics of random degraded pictures. No quality label or score is ever shown:
-    the language model, which writes the scores, is not trained here.
+    A real Qwen2.5-VL's vision tower comes pretrained and sees blur, noise and compression; a
+    random one maps every picture to almost the same features, so there would be nothing for
+    GRPO to learn from. Here the vision tower (with a temporary linear head on its mean- and
+    std-pooled output) learns the classic IQA pretext task (RankIQA, DB-CNN): the severity of a
+    random generic degradation of a random picture (_degraded_picture). No picture of any
+    dataset and no quality score is ever shown, and the language model, which writes the
+    scores, is not trained here.
     """
     from tqdm import tqdm
 
     vision = model.model.visual
-    stats_of = lambda n: [_degraded_picture(rng) for _ in range(n)]
-    calibration = np.stack([low_level_statistics(p) for p in stats_of(128)])
-    mean, std = calibration.mean(0), calibration.std(0) + 1e-6
-    head = torch.nn.Linear(2 * vision.merger.mlp[-1].out_features, len(mean))
+    head = torch.nn.Linear(2 * vision.merger.mlp[-1].out_features, 1)
     opt = torch.optim.AdamW(list(vision.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     vision.train()
-    for _ in tqdm(range(steps), desc="vision pretraining", leave=False):
-        pictures = stats_of(batch)
-        target = torch.tensor((np.stack([low_level_statistics(p) for p in pictures]) - mean) / std)
-        enc = image_processor(images=pictures, return_tensors="pt")
+
+    def pictures():  # four degradations of each source (drawing a landscape costs more than degrading it)
+        sources = [_random_picture(rng) for _ in range(batch // 4)]
+        pictures, _, severity = zip(*(_degraded_picture(rng, sources[i // 4]) for i in range(batch)))
+        return image_processor(images=list(pictures), return_tensors="pt"), torch.tensor(severity)
+
+    for enc, severity in tqdm(_prefetched(pictures, steps), total=steps, desc="vision pretraining", leave=False):
         feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True).pooler_output
         pooled = torch.stack([torch.cat([f.mean(0), f.std(0)]) for f in feats])
-        loss = torch.nn.functional.mse_loss(head(pooled), target)
+        loss = torch.nn.functional.mse_loss(head(pooled).squeeze(-1), 4 * severity - 2)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -473,37 +501,47 @@ def _vision_pretraining(model, image_processor, rng, steps: int, batch: int = 16
 
 
 def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float, batch: int = 8) -> None:
-    """Supervised warm-up on (random degraded picture, prompt) -> answer with random scores.
+    """Supervised warm-up on (random degraded picture, prompt) -> caption, then scores.
 
-    Teaches the answer format only: the scores are drawn independently of the picture. The
-    pictures cover every degradation the vision tower was pretrained on, at every strength, so
-    that no degradation is new to the language model when GRPO starts.
+    What a real VLM brings from its pretraining, in miniature: it reads its visual tokens (the
+    reasoning names the degradation it sees and how strong it is: describe_degradation) and it
+    writes the answer format. The scores are the preset's neutral_opinion of what it saw:
+    they depend on the picture but carry no information about its quality, so the preset starts
+    with no correlation between its scores and quality; tying them to quality is left to GRPO.
+    The adapter (merger) and the language model train; the rest of the vision tower stays as
+    _vision_pretraining left it.
     """
     from tqdm import tqdm
 
-    # The vision tower stays frozen: with picture-independent targets, training it would only
-    # teach it to ignore the picture.
-    language = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
+    language = [p for n, p in model.named_parameters()
+                if not n.startswith("model.visual.") or n.startswith("model.visual.merger.")]
     opt = torch.optim.AdamW(language, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     model.train()
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    for _ in tqdm(range(steps), desc="format warm-up", leave=False):
+
+    def examples():
         visuals, prompts, answers, video = [], [], [], rng.random() < 0.2
         for _ in range(batch):
             if video:
                 visuals.append([_random_picture(rng) for _ in range(4)])
                 prompts.append(VIDEO_PROMPT)
             else:
-                visuals.append([_degraded_picture(rng)])
+                picture, kind, severity = _degraded_picture(rng)
+                visuals.append([picture])
                 prompts.append(IMAGE_PROMPT_POOL[int(rng.integers(len(IMAGE_PROMPT_POOL)))])
-            answers.append(_random_answer(rng, 2 if video else 5, video))
+            answers.append(_random_answer(rng, 2, True) if video else
+                           _random_answer(rng, 5, False, describe_degradation(kind, severity),
+                                          neutral_opinion(kind, severity)))
         prompt = encode_prompts(tokenizer, image_processor, visuals, prompts, video=video)
         comp = [tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
         width = max(map(len, comp))
         pad = tokenizer.pad_token_id
         comp_ids = torch.tensor([c + [pad] * (width - len(c)) for c in comp])
         mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comp])
+        return prompt, comp_ids, mask
+
+    for prompt, comp_ids, mask in tqdm(_prefetched(examples, steps), total=steps, desc="format warm-up", leave=False):
         logp = completion_logprobs(model, prompt, comp_ids, mask, temperature=1.0, num_generations=1,
                                    suppressed=suppressed_ids(tokenizer))
         loss = -(logp * mask).sum() / mask.sum()
@@ -784,8 +822,8 @@ def score(model, processor, image_or_frames) -> Judgement:
 # The source of the preset recipe, read once at import: the code this process runs (a file edited
 # later must not rename the cache of what this process builds).
 _RECIPE_CODE = "".join(inspect.getsource(f) for f in (
-    build_preset, _build_preset, build_tokenizer, _vision_pretraining, low_level_statistics, _degraded_picture,
-    _format_warmup, _random_picture, _random_answer))
+    build_preset, _build_preset, build_tokenizer, _prefetched, _vision_pretraining, _degraded_picture,
+    _format_warmup, _random_picture, _random_answer, describe_degradation, severity_bin, neutral_opinion))
 
 
 def main(argv=None) -> int:

@@ -211,3 +211,48 @@ def test_score_accepts_a_video_file(tiny):
     assert len(j.texts) == 1
     if j.score is not None:
         assert len(j.aspects) == len(preresq.VIDEO_ASPECTS) and 1 <= j.score <= 5
+
+
+def test_prefetched_draws_exactly_like_a_plain_loop():
+    rng = np.random.default_rng(3)
+    fetched = list(preresq._prefetched(lambda: rng.random(3), 5))
+    plain = np.random.default_rng(3)
+    assert all(np.array_equal(a, plain.random(3)) for a in fetched) and len(fetched) == 5
+    assert list(preresq._prefetched(lambda: 1 / 0, 0)) == []
+
+
+def test_neutral_opinion_says_nothing_about_severity():
+    """Latin square: every severity bin holds each opinion level once (mean 3.0), so the preset's
+    starting scores are uncorrelated with how strong a degradation is."""
+    kinds = range(len(preresq.DEGRADATION_NAMES))
+    for b in range(len(preresq.SEVERITY_WORDS)):
+        severity = (b + 0.5) / len(preresq.SEVERITY_WORDS)
+        levels = sorted(preresq.neutral_opinion(k, severity) for k in kinds)
+        assert levels == sorted(preresq.OPINION_LEVELS.tolist())
+        assert np.mean(levels) == pytest.approx(3.0)
+    # a kind's opinion changes with the strength (the picture matters), and untouched pictures get none
+    assert len({preresq.neutral_opinion(0, (b + 0.5) / 4) for b in range(4)}) == 4
+    assert preresq.neutral_opinion(None, 0.0) is None
+    assert preresq.severity_bin(0.0) == 0 and preresq.severity_bin(0.99) == 3 and preresq.severity_bin(1.0) == 3
+
+
+def test_warm_up_answers_describe_the_picture_and_parse():
+    assert preresq.describe_degradation(None, 0.0) == "I see no distortion."
+    assert preresq.describe_degradation(0, 0.9) == "I see severe blur."
+    assert preresq.describe_degradation(6, 0.3) == "I see moderate faded colour."
+    rng = np.random.default_rng(0)
+    for kind, severity in [(None, 0.0), (2, 0.1), (7, 0.8)]:
+        text = preresq._random_answer(rng, 5, False, preresq.describe_degradation(kind, severity),
+                                      preresq.neutral_opinion(kind, severity))
+        scores = rewards.parse_answer(text, 5)
+        assert scores is not None and len(scores) == 5 and all(1 <= s <= 5 for s in scores)
+        assert max(scores) - min(scores) < 1.5  # the aspects of one answer go together
+        assert preresq.describe_degradation(kind, severity) in text
+
+
+def test_degraded_picture_reports_kind_and_severity():
+    rng = np.random.default_rng(1)
+    seen = [preresq._degraded_picture(rng) for _ in range(40)]
+    assert all(isinstance(p, Image.Image) and 84 <= min(p.size) and max(p.size) <= 168 for p, _, _ in seen)
+    assert all((k is None and s == 0.0) or (0 <= k < 8 and 0 <= s <= 1) for _, k, s in seen)
+    assert any(k is None for _, k, _ in seen) and len({k for _, k, _ in seen}) >= 6

@@ -1,0 +1,27 @@
+"""The demo learns: GRPO with the PreResQ reward ties the `tiny` preset's scores to quality.
+
+The preset starts with no correlation between its scores and quality (held-out SRCC about 0,
+by construction: preresq.neutral_opinion). A short run with the demo's own settings must lift the
+held-out SRCC clearly above where it started. Measured with these settings on the 2-core machine
+(README, "The laptop demo"): about 0.0 -> 0.4 after 100 steps.
+"""
+import json
+
+import pytest
+
+import grpo
+
+STEPS = 100
+
+
+@pytest.mark.slow
+def test_grpo_lifts_held_out_srcc_of_the_tiny_preset(tiny, tmp_path):
+    cfg, _, _ = grpo.parse_args(["--steps", str(STEPS), "--eval-every", str(STEPS), "--save-every", str(STEPS),
+                                 "--out", str(tmp_path / "run"), "--workers", "1"])
+    grpo.train(cfg)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    first, last = evals[0], evals[-1]
+    assert (first["step"], last["step"]) == (0, STEPS)
+    assert abs(first["srcc"]) < 0.25, f"the preset should start uncorrelated with quality: {first}"
+    assert last["srcc"] > first["srcc"] + 0.15, f"held-out SRCC did not rise: {first['srcc']:.3f} -> {last['srcc']:.3f}"
+    assert last["parse_failures"] <= 0.1 * last["n"], last
