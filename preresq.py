@@ -484,12 +484,12 @@ def _vision_pretraining(model, image_processor, rng, steps: int, batch: int = 16
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     vision.train()
 
-    def pictures():  # four degradations of each source (drawing a landscape costs more than degrading it)
+    def draw():  # four degradations of each source (drawing a landscape costs more than degrading it)
         sources = [_random_picture(rng) for _ in range(batch // 4)]
         pictures, _, severity = zip(*(_degraded_picture(rng, sources[i // 4]) for i in range(batch)))
         return image_processor(images=list(pictures), return_tensors="pt"), torch.tensor(severity)
 
-    for enc, severity in tqdm(_prefetched(pictures, steps), total=steps, desc="vision pretraining", leave=False):
+    for enc, severity in tqdm(_prefetched(draw, steps), total=steps, desc="vision pretraining", leave=False):
         feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True).pooler_output
         pooled = torch.stack([torch.cat([f.mean(0), f.std(0)]) for f in feats])
         loss = torch.nn.functional.mse_loss(head(pooled).squeeze(-1), 4 * severity - 2)
