@@ -134,16 +134,21 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grp
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilon: float, loss_type: str = "grpo",
-              max_len: int | None = None, num_sequences: int | None = None, num_tokens: float | None = None):
+              max_len: int | None = None, num_sequences: int | None = None, num_tokens: float | None = None,
+              reasoning: torch.Tensor | None = None, reasoning_beta: float | None = None):
     """The GRPO objective as a loss: aggregate(clipped surrogate + beta * KL_k3).
 
     logp, old_logp, ref_logp: (N, C) (ref_logp None when beta = 0); advantages: (N,); mask (N, C).
-    Returns (loss, stats) with stats = per-token mean KL and clip fraction (detached floats).
+    reasoning (N, C) bool and reasoning_beta: the reasoning tokens' own KL coefficient (the paper
+    uses beta on every token; see --reasoning-beta). Returns (loss, stats) with stats = per-token
+    mean KL and clip fraction (detached floats).
     """
     per_token, clipped = clipped_surrogate(logp, old_logp, advantages, epsilon)
     m = mask.bool()
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    if beta:
+    if reasoning is not None and reasoning_beta is not None:
+        per_token = per_token + torch.where(reasoning.to(kl.device), reasoning_beta, beta) * kl
+    elif beta:
         per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, loss_type, max_len, num_sequences, num_tokens)
     count = m.sum().clamp(min=1)
@@ -181,6 +186,7 @@ class Config:
     num_generations: int | None = None
     lr: float | None = None
     beta: float | None = None
+    reasoning_beta: float | None = None
     epsilon: float = 0.2
     num_iterations: int = 1
     temperature: float = 1.0
@@ -319,6 +325,10 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     a("--num-generations", type=int, default=None, help=f"G, answers per image [tiny: {PRESET_DEFAULTS['tiny']['num_generations']} | paper: 6]")
     a("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay [tiny: {PRESET_DEFAULTS['tiny']['lr']:g} | paper: 1e-6]")
     a("--beta", type=float, default=None, help=f"KL coefficient; 0 skips the reference model [tiny: {PRESET_DEFAULTS['tiny']['beta']:g} | paper: 0.04]")
+    a("--reasoning-beta", type=float, default=None,
+      help="KL coefficient of the reasoning tokens (inside <think> </think>) when it should differ from "
+           "--beta's: held near the reference, a small model's reasoning keeps describing the picture "
+           "instead of drifting to fit its score [default: --beta, as the paper]")
     a("--epsilon", type=float, default=0.2, help="PPO clip range")
     a("--num-iterations", type=int, default=1, help="mu, updates per batch (ratio != 1 only when mu > 1)")
     a("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -491,7 +501,7 @@ def reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed, rounds: i
 
 def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed, *,
                   num_sequences: int | None = None, num_tokens: float | None = None, grad_scale: float = 1.0,
-                  rounds: int | None = None) -> dict:
+                  rounds: int | None = None, reasoning: torch.Tensor | None = None) -> dict:
     """Loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
 
     With shared vision the picture features are computed once with their graph; each micro-batch
@@ -503,7 +513,8 @@ def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cf
     batch's), so the ranks' losses add up to the global batch's loss, and their summed gradients to
     its gradient; the statistics are this rank's share of the global ones. grad_scale multiplies
     what is back-propagated (--fsdp averages gradients over ranks: world x loss gives their sum).
-    rounds: see `lockstep`.
+    rounds: see `lockstep`. reasoning: (N, C) bool, the reasoning tokens (preresq.reasoning_mask),
+    needed when cfg.reasoning_beta is set.
     """
     model.train()
     n = comp.shape[0]
@@ -521,7 +532,8 @@ def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cf
         ref = ref_logp[r] if ref_logp is not None else None
         loss, st = grpo_loss(logp, old, ref, advantages[r], attn[r], beta=cfg.beta, epsilon=cfg.epsilon,
                              loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, num_sequences=num_sequences or n,
-                             num_tokens=num_tokens)
+                             num_tokens=num_tokens, reasoning=reasoning[r] if reasoning is not None else None,
+                             reasoning_beta=getattr(cfg, "reasoning_beta", None))
         if i >= len(slices):  # a lockstep repeat: the passes without the contribution
             (loss * 0.0).backward()
             continue
@@ -802,7 +814,7 @@ def run(cfg: Config, resume: bool, force: bool, dist: Dist, device: str | None) 
     if dist.main and dist.world > 1:
         tdist.barrier()
     reference = None
-    if cfg.beta:
+    if cfg.beta or cfg.reasoning_beta:
         reference = preresq.load_model(cfg.model, device, cfg.dtype)[0] if state else copy.deepcopy(model)
         reference.requires_grad_(False).eval().to(cfg.reference_device or model.device)
     if cfg.gradient_checkpointing:
@@ -970,14 +982,17 @@ def grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, item
         attn = preresq.completion_mask(comp, end_id)
         texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     t_gen = time.time() - t0
+    reasoning = None
+    if cfg.reasoning_beta is not None and comp is not None:
+        reasoning = preresq.reasoning_mask(tokenizer, comp, attn)
     mos = torch.tensor([it.mos for it in items], dtype=torch.float32)
     record = score_and_update(cfg, model, reference, optimizer, prompts, comp, attn, texts, mos, g, stage, video,
-                              suppressed, device, dist)
+                              suppressed, device, dist, reasoning=reasoning)
     return {**record, "generation_seconds": round(t_gen, 3)} if "skipped" not in record else record
 
 
 def score_and_update(cfg, model, reference, optimizer, prompts, comp, attn, texts, mos, g, stage, video, suppressed,
-                     device, dist: Dist | None = None) -> dict:
+                     device, dist: Dist | None = None, reasoning: torch.Tensor | None = None) -> dict:
     """Steps 3-7 on sampled answers: rewards and advantages of the global batch, then the update.
 
     prompts, comp, attn (n*G, C), texts (n*G), mos (n,): this rank's n images and their answers (n may
@@ -1019,7 +1034,8 @@ def score_and_update(cfg, model, reference, optimizer, prompts, comp, attn, text
         if comp is not None:
             stats = policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed,
                                   num_sequences=int(sequences), num_tokens=max(tokens, 1),
-                                  grad_scale=dist.world if is_sharded(model) else 1.0, rounds=rounds)
+                                  grad_scale=dist.world if is_sharded(model) else 1.0, rounds=rounds,
+                                  reasoning=reasoning)
         if not is_sharded(model):
             all_reduce_gradients(model.parameters(), dist)
         stats = dict(zip(stats, all_reduce(list(stats.values()), dist)))

@@ -670,6 +670,28 @@ def completion_mask(completion_ids: torch.Tensor, end_id: int) -> torch.Tensor:
     return (~after_end).long()
 
 
+def reasoning_mask(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, close: str = "</think>") -> torch.Tensor:
+    """(N, C) -> (N, C) bool: the reasoning tokens, from the first up to the one that completes
+    `close`; all False in a row that never closes its reasoning.
+
+    Byte-level tokens spell ASCII as itself, so the boundary is found in the joined token strings.
+    """
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    for i, row in enumerate(completion_ids.tolist()):
+        n = int(mask[i].sum())
+        pieces = tokenizer.convert_ids_to_tokens(row[:n])
+        at = "".join(pieces).find(close)
+        if at < 0:
+            continue
+        end, length = at + len(close), 0
+        for k, piece in enumerate(pieces):
+            length += len(piece)
+            if length >= end:
+                out[i, :k + 1] = True
+                break
+    return out
+
+
 # --------------------------------------------------------------------------- log-probs
 
 def selective_log_softmax(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
@@ -760,9 +782,10 @@ class Judgement:
 def read_visual(path: str, max_pixels: int | None = None):
     """An image file -> RGB image; a video file -> its views [global mosaic, local frames]."""
     import data
-    import video as video_views
 
     if Path(path).suffix.lower() in data.VIDEO_EXTS:
+        import video as video_views  # PyAV is needed for videos only
+
         return video_views.video_views(path, local_max_pixels=max_pixels or video_views.LOCAL_MAX_PIXELS)
     return data.load_image(path, max_pixels=max_pixels)
 

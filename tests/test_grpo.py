@@ -74,6 +74,36 @@ def test_kl_term_enters_with_beta():
     assert stats["kl"] == pytest.approx(0.5 + math.log(2) - 1, rel=1e-5)
 
 
+def test_reasoning_tokens_take_their_own_kl_coefficient():
+    # token KLs 0.193147 (ln 2 apart) and 0 / 0.193147; the first token is reasoning, weighted 1.0,
+    # the others beta = 0.1: row 1 (0.193147 * 1.0 + 0) / 2, row 2 (0 + 0.193147 * 0.1) / 2, mean of rows
+    logp = torch.log(torch.tensor([[0.5, 0.3], [0.3, 0.5]]))
+    ref = torch.log(torch.tensor([[0.25, 0.3], [0.3, 0.25]]))
+    k = 0.5 + math.log(2) - 1
+    reasoning = torch.tensor([[True, False], [True, False]])
+    loss, _ = grpo.grpo_loss(logp, logp, ref, torch.zeros(2), torch.ones(2, 2), beta=0.1, epsilon=0.2,
+                             reasoning=reasoning, reasoning_beta=1.0)
+    assert loss.item() == pytest.approx((k / 2 + 0.1 * k / 2) / 2, rel=1e-5)
+    # without a mask, or without a reasoning coefficient, every token takes beta
+    for kw in ({}, {"reasoning": reasoning}):
+        loss, _ = grpo.grpo_loss(logp, logp, ref, torch.zeros(2), torch.ones(2, 2), beta=0.1, epsilon=0.2, **kw)
+        assert loss.item() == pytest.approx(0.1 * k / 2, rel=1e-5)
+
+
+def test_reasoning_mask_covers_think_only(blank):
+    _, tok, _ = blank
+    end = tok.convert_tokens_to_ids(preresq.END_OF_TURN)
+    texts = ["<think>I see severe blur.</think>\n<answer>2.10\n2.00</answer>", "3.0 with no reasoning", "<think>cut off"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
+    width = max(map(len, ids))
+    comp = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
+    mask = preresq.reasoning_mask(tok, comp, preresq.completion_mask(comp, end))
+    first = tok.decode(comp[0][mask[0]])
+    assert first.startswith("<think>I see severe blur.</think>") and "<answer>" not in first
+    assert mask[0, :int(mask[0].sum())].all()  # a prefix
+    assert not mask[1].any() and not mask[2].any()  # nothing closes: no reasoning tokens
+
+
 def update_inputs(blank, g=3):
     model, tok, ip = blank
     rng = np.random.default_rng(0)
