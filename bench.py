@@ -2,7 +2,7 @@
 
     python bench.py step                                  # GRPO steps of the tiny preset on the CPU
     python bench.py step --model small --B 2 --G 8 --visual-tokens 529    # shared vs naive vision
-    python bench.py step --model qwen2.5-vl-3b --device cuda --B 8 --G 8  # the real 3B shapes
+    python bench.py step --model qwen2.5-vl-3b --device cuda --B 8 --G 8 --micro-batch-size 8  # the real 3B shapes
     python bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
     python bench.py video                                 # decode a 10 s 1080p clip into its views
     python bench.py rewards                               # every reward in rewards.REWARDS, B=32, G=12, A=5
