@@ -163,7 +163,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
 PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, lr=1e-6, beta=0.04, max_new_tokens=256,
                       epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None)
 PRESET_DEFAULTS = {
-    "tiny": dict(images_per_step=8, num_generations=8, lr=3e-4, beta=0.04, max_new_tokens=64,
+    "tiny": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.04, reasoning_beta=0.5, max_new_tokens=64,
                  steps=200, eval_every=25, save_every=100, eval_size=None, eval_samples=4),
     "small": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.0, max_new_tokens=64,
                   steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None),
@@ -328,7 +328,8 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     a("--reasoning-beta", type=float, default=None,
       help="KL coefficient of the reasoning tokens (inside <think> </think>) when it should differ from "
            "--beta's: held near the reference, a small model's reasoning keeps describing the picture "
-           "instead of drifting to fit its score [default: --beta, as the paper]")
+           f"instead of drifting to fit its score [tiny: {PRESET_DEFAULTS['tiny']['reasoning_beta']:g} | "
+           "paper: --beta, one coefficient for every token]")
     a("--epsilon", type=float, default=0.2, help="PPO clip range")
     a("--num-iterations", type=int, default=1, help="mu, updates per batch (ratio != 1 only when mu > 1)")
     a("--temperature", type=float, default=1.0, help="sampling temperature")
