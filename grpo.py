@@ -534,7 +534,7 @@ def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cf
         loss, st = grpo_loss(logp, old, ref, advantages[r], attn[r], beta=cfg.beta, epsilon=cfg.epsilon,
                              loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, num_sequences=num_sequences or n,
                              num_tokens=num_tokens, reasoning=reasoning[r] if reasoning is not None else None,
-                             reasoning_beta=getattr(cfg, "reasoning_beta", None))
+                             reasoning_beta=cfg.reasoning_beta)
         if i >= len(slices):  # a lockstep repeat: the passes without the contribution
             (loss * 0.0).backward()
             continue
