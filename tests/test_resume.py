@@ -227,12 +227,13 @@ def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------- signals (real processes)
 
-def start(args: list[str], tmp_path: Path, driver: str | None = None) -> tuple[subprocess.Popen, Path]:
+def start(args: list[str], tmp_path: Path, driver: str | None = None,
+          env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """grpo.py (or a driver script around it) in a child process; stderr goes to a file."""
     err = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, grpo.__file__, *args]
     # the child computes with as many threads as this process, so that its sums match bit for bit
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
     proc = subprocess.Popen(cmd, cwd=Path(grpo.__file__).parent, stdout=subprocess.DEVNULL, stderr=open(err, "w"),
                             env=env)
     return proc, err
@@ -270,14 +271,17 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(straight, tmp_path)
     assert metrics(out) == metrics(straight)
 
 
-# Steps after the first sleep a minute, so that the second Ctrl-C surely lands inside a step.
+# Steps after the first sleep a minute, so that the second Ctrl-C surely lands inside a step. The
+# file named by IN_SLOW_STEP appears when that sleep begins: a test that signals before it could
+# hit the gap between two steps, where the first Ctrl-C ends the run cleanly instead.
 SLOW_STEPS = """
-import sys, time
+import os, sys, time
 import grpo
 step, calls = grpo.grpo_step, []
 def slow_step(*args, **kwargs):
     calls.append(1)
     if len(calls) > 1:
+        open(os.environ["IN_SLOW_STEP"], "w").close()
         time.sleep(60)
     return step(*args, **kwargs)
 grpo.grpo_step = slow_step
@@ -288,8 +292,10 @@ sys.exit(grpo.main(sys.argv[1:]))
 @pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
     out = tmp_path / "run"
-    proc, err = start(FLAGS + ["--steps", "4", "--save-every", "100", "--out", str(out)], tmp_path, SLOW_STEPS)
-    wait_for(lambda: logged_steps(out) >= 1, proc)
+    marker = tmp_path / "in-slow-step"
+    proc, err = start(FLAGS + ["--steps", "4", "--save-every", "100", "--out", str(out)], tmp_path, SLOW_STEPS,
+                      env={"IN_SLOW_STEP": str(marker)})
+    wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "finishing this step" in err.read_text(), proc, timeout=30)
     t = time.time()
