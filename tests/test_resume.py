@@ -228,12 +228,12 @@ def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- signals (real processes)
 
 def start(args: list[str], tmp_path: Path, driver: str | None = None,
-          env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+          extra_env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """grpo.py (or a driver script around it) in a child process; stderr goes to a file."""
     err = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-c", driver, *args] if driver else [sys.executable, grpo.__file__, *args]
     # the child computes with as many threads as this process, so that its sums match bit for bit
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()), **(extra_env or {})}
     proc = subprocess.Popen(cmd, cwd=Path(grpo.__file__).parent, stdout=subprocess.DEVNULL, stderr=open(err, "w"),
                             env=env)
     return proc, err
@@ -294,7 +294,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     out = tmp_path / "run"
     marker = tmp_path / "in-slow-step"
     proc, err = start(FLAGS + ["--steps", "4", "--save-every", "100", "--out", str(out)], tmp_path, SLOW_STEPS,
-                      env={"IN_SLOW_STEP": str(marker)})
+                      extra_env={"IN_SLOW_STEP": str(marker)})
     wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "finishing this step" in err.read_text(), proc, timeout=30)
