@@ -7,7 +7,7 @@ Each run is an ordinary `grpo.py` run (synthetic data, preset `tiny` unless --mo
 whose only difference is the reward; the table reports held-out SRCC/PLCC after the last step as
 mean ± std over the seeds, and the wall time. Paper: the dual reward (§2), its two branches
 (response / preference), VisualQuality-R1's Thurstone fidelity reward and Q-Insight's threshold
-reward (method.md §2.5), and the Exploration-to-Stability schedule against a single stage (§4).
+reward, and the Exploration-to-Stability schedule against a single stage (docs/method.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Speed and memory measurements, one subcommand per thing measured (issue 8, "Memory and speed").
+"""Speed and memory measurements, one subcommand per thing measured.
 
     python bench.py step                                  # GRPO steps of the tiny preset on the CPU
     python bench.py step --model small --B 2 --G 8 --visual-tokens 529    # shared vs naive vision
@@ -196,6 +196,7 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype):
     preresq.load_model (a checkpoint folder or hub id).
     """
     import preresq
+    import presets
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if name in QWEN_SHAPES:
@@ -210,10 +211,10 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype):
         tokenizer = WordTokenizer(QWEN_SPECIAL_IDS, text_vocab=min(QWEN_SPECIAL_IDS.values()))
         processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
         return model, tokenizer, processor, f"{name} architecture, random weights"
-    if name in preresq.PRESETS:
+    if name in presets.PRESETS:
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
             torch.manual_seed(0)
-            preresq.build_preset(name, Path(tmp) / "model", warmup_steps=0)
+            presets.build_preset(name, Path(tmp) / "model", warmup_steps=0)
             model, tokenizer, processor = preresq.load_model(str(Path(tmp) / "model"), device, dtype)
         return model, tokenizer, processor, f"{name} preset architecture, no warm-up"
     try:
@@ -351,17 +352,18 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
         comp = torch.randint(0, first_special, (B * G, C), generator=gen).to(device)
         attn = torch.ones_like(comp)
         advantages = torch.randn(B * G, generator=gen).to(device)
+        rollout = grpo.Rollout(prompts, comp, attn, [], torch.zeros(B), G, False, suppressed)
         order = (True, False) if k % 2 == 0 else (False, True)
         ref_logp, t_ref, peak_ref, t_pol, peak_pol = {}, {True: 0.0, False: 0.0}, {True: 0, False: 0}, {}, {}
         if reference is not None:
             for shared in order:
                 ref_logp[shared], t_ref[shared], peak_ref[shared] = _measure(
-                    lambda: grpo.reference_logprobs(reference, prompts, comp, attn, run[shared], G, suppressed), device)
+                    lambda: grpo.reference_logprobs(reference, rollout, run[shared]), device)
         for shared in order:
             optimizer.zero_grad(set_to_none=True)  # only the shared path's gradients are stepped
             _, t_pol[shared], peak_pol[shared] = _measure(
-                lambda: grpo.policy_update(model, prompts, comp, attn, advantages, None, ref_logp.get(True),
-                                           run[shared], G, suppressed), device)
+                lambda: grpo.policy_update(model, rollout, advantages, None, ref_logp.get(True), run[shared]),
+                device)
             if shared:
                 _, t_opt, peak_opt = _measure(optimizer_step, device)
         optimizer.zero_grad(set_to_none=True)
@@ -447,8 +449,8 @@ def bench_step(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- video decoding
 
 def synthetic_clip(path: str, seconds: float = 10.0, width: int = 1920, height: int = 1080, fps: int = 25) -> None:
-    """A clip of moving coloured gradients with mild noise, written with video.write_clip (libx264)."""
-    import video
+    """A clip of moving coloured gradients with mild noise, written with synthetic.write_clip (libx264)."""
+    import synthetic
 
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -460,7 +462,23 @@ def synthetic_clip(path: str, seconds: float = 10.0, width: int = 1920, height: 
             rgb = np.stack([(x + shift) % 256, (y + shift / 2) % 256, (x + y - shift) % 256], -1) + noise
             yield np.clip(rgb, 0, 255).astype(np.uint8)
 
-    video.write_clip(path, frames(), fps=fps)
+    synthetic.write_clip(path, frames(), fps=fps)
+
+
+def decode_benchmark(path: str, *, repeats: int = 3, **view_options) -> dict[str, object]:
+    """Time video.sample_views(path, **view_options): the decoding cost of one training clip.
+
+    Returns {"seconds_per_clip": median over `repeats`, "min_seconds", "num_frames", "mode"}.
+    """
+    import video
+
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        views = video.sample_views(path, **view_options)
+        seconds.append(time.perf_counter() - start)
+    return {"seconds_per_clip": statistics.median(seconds), "min_seconds": min(seconds),
+            "num_frames": views.num_frames, "mode": views.mode}
 
 
 def bench_video(args: argparse.Namespace) -> dict:
@@ -477,7 +495,7 @@ def bench_video(args: argparse.Namespace) -> dict:
         elif not os.path.isfile(clip):
             raise SystemExit(f"error: --clip {clip} is not a file; give a video file or leave --clip out.")
         try:
-            result = video.decode_benchmark(clip, repeats=args.repeats)
+            result = decode_benchmark(clip, repeats=args.repeats)
         except video.VideoError as e:
             raise SystemExit(f"error: {e}") from None
     print(f"{Path(clip).name}: views (1 global 4x4 mosaic + 3 local frames) in {result['seconds_per_clip']:.3f} s "

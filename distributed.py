@@ -1,4 +1,4 @@
-"""Several processes for grpo.py: torchrun, gradient summing, FSDP2 (issue 8).
+"""Several processes for grpo.py: torchrun, gradient summing, FSDP2.
 
 torchrun starts one process ("rank") per GPU. Each rank samples and scores its own B images;
 what the reward needs from the whole global batch is small and is gathered (parsed scores,
@@ -101,18 +101,27 @@ def all_reduce(values: list[float], dist: Dist, op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+def broadcast(value, dist: Dist):
+    """Rank 0's value on every rank (a picklable object); in one process, the value itself."""
+    if dist.world == 1:
+        return value
+    shared = [value]
+    tdist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
     """This rank's parsed answers -> the global batch's, the same on every rank.
 
     mos (n,), scores (n, G, A), valid and fmt (n, G): this rank's n <= batch_size readable images.
     Each rank pads to batch_size rows (all_gather needs one shape) and the padding is dropped again,
     so the result is what one process would hold for the global batch's readable images, in rank
-    order. Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), own): `own` is the slice
-    of this rank's rows among the N.
+    order. Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), sizes): sizes[r] is the
+    number of rank r's rows among the N.
     """
     n = len(mos)
     if dist.world == 1:
-        return mos, scores, valid, fmt, slice(0, n)
+        return mos, scores, valid, fmt, [n]
     g, a = scores.shape[1:]
     packed = torch.zeros(batch_size, 2 + g * (2 + a), dtype=torch.float64)
     packed[:n] = torch.cat([torch.ones(n, 1), mos[:, None], valid.reshape(n, g).float(), fmt.reshape(n, g),
@@ -122,9 +131,8 @@ def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
     rows = torch.cat(parts).cpu()
     counts = [int(part[:, 0].sum()) for part in parts]
     rows = rows[rows[:, 0] > 0]
-    first = sum(counts[:dist.rank])
     return (rows[:, 1].float(), rows[:, 2 + 2 * g:].reshape(-1, g, a).float(), rows[:, 2:2 + g] > 0.5,
-            rows[:, 2 + g:2 + 2 * g].float(), slice(first, first + n))
+            rows[:, 2 + g:2 + 2 * g].float(), counts)
 
 
 def all_reduce_gradients(params, dist: Dist, bucket_bytes: int = 25 * 2**20) -> None:

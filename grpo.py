@@ -1,72 +1,49 @@
-"""GRPO for PreResQ-R1: the algorithm (pure functions) and the training loop (CLI).
+"""GRPO for PreResQ-R1: the algorithm (pure functions), the configuration, and the training loop.
 
-    python grpo.py                                   # laptop demo: synthetic images, preset model, CPU
+    python grpo.py                                   # laptop demo: synthetic images, tiny preset, CPU
     python grpo.py --data koniq --data-root ~/data/koniq10k --model Qwen/Qwen2.5-VL-7B-Instruct
-    torchrun --nproc_per_node 8 grpo.py --data kadid --data-root ~/data/kadid10k --model ...   (see README)
-    python grpo.py --out runs/koniq --resume         # after a crash, Ctrl-C or full disk (flags: the checkpoint's)
+    torchrun --nproc_per_node 8 grpo.py --data kadid --data-root ~/data/kadid10k --model ...
+    python grpo.py --out runs/koniq --resume         # after a crash, Ctrl-C or full disk
 
-One step (paper §3, method.md §3; each line names its function):
-  1. take B images of one dataset                              BatchSampler.batch
-  2. sample G answers per image at temperature T               preresq.sample_completions
-  3. parse the aspect scores, score every answer               rewards.parse_answer, rewards.REWARDS[...]
+One step of the paper's GRPO (each line names its function):
+  1. take B images of one dataset                              runs.BatchSampler.batch
+  2. sample G answers per image at temperature T               sample_rollout -> preresq.sample_completions
+  3. parse the aspect scores, reward every answer              score_rollout -> rewards.REWARDS[...]
   4. group advantage A = (r - mean_G r) / (std_G r + 1e-4)      group_advantages
-  5. reference log-probs (frozen initial model), and old-policy log-probs when mu > 1
-  6. loss = aggregate( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * KL_k3 )   grpo_loss
-  7. AdamW step, grad-norm clip 1.0, linear learning-rate decay
+  5. reference log-probs (frozen initial model), and old-policy log-probs when mu > 1   reference_logprobs
+  6. loss = aggregate( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * KL_k3 )   grpo_loss, policy_update
+  7. AdamW step, grad-norm clip 1.0, linear learning-rate decay                       optimizer_step
+Exploration-to-Stability decides what a step of each stage gets: explore_stable.
 
 How this GRPO differs from textbook PPO, as the authors ran it: one update per batch (mu = 1), so
 the ratio rho is exactly 1 and the clipping never acts (the loss reads ~0 while gradients are
 not zero); the KL is the per-token k3 estimator against the initial model with beta = 0.04;
-aggregation "grpo" averages each sequence's tokens, then the sequences. TRL's current defaults
-differ (beta = 0, token-level "dapo" aggregation): both are flags here.
+aggregation "grpo" averages each sequence's tokens, then the sequences (TRL's defaults, beta = 0
+and token-level "dapo", are flags here). Deviations from the authors' code are listed in the README.
 
-Deviations from the authors' code: parse failures get reward 0 and are left out of the other
-answers' comparisons (the authors substitute p = 3.0); sampling settings are all explicit;
-the Exploration-to-Stability schedule of the paper (not in the public code) is
-`--schedule explore-stable`; presets (laptop models) use larger learning rates and shorter answers.
-
-Several processes (torchrun; commands in the README's "Scaling" section). --images-per-step B is
-per process, like the paper's "8 per device": a step trains on B x world images of one dataset,
-the same global batch on every rank, each keeping its slice (BatchSampler). Only the parsed
-scores and MOS travel (gather_scores), so rewards, advantages and metrics are those one process
-would compute for the global batch. Each rank's loss is normalised by the global sequence and
-token counts, and the gradients are summed by explicit bucketed all_reduces after the backward
-(all_reduce_gradients), which is what DistributedDataParallel does: DDP's hooks do not fit the
-policy pass, which runs the vision tower once, then calls the decoder and lm_head directly and
-back-propagates micro-batch by micro-batch. --fsdp shards with FSDP2 instead (shard_model). The
-machinery (process group, gathers, gradient buckets, FSDP2) lives in distributed.py.
-Rank 0 alone writes logs, evaluations and checkpoints; sampling seeds differ per rank (rank_seed).
-tests/test_distributed.py checks the gradient against one process's, to 1e-5.
+Under torchrun B is per process (the paper's "8 per device"); distributed.py gathers scores and sums
+gradients. runs.py keeps the run folder, checkpoints and exact resume.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
-import os
 import random
-import shutil
-import signal
 import sys
-import threading
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as tdist
+from tqdm import tqdm
 
 import data
-import evaluate
-from distributed import (SINGLE, Dist, all_reduce, all_reduce_gradients, call, check_global_batch, full_optimizer_state,
-                         full_weights, gather_scores, init_distributed, is_sharded, load_optimizer_state, rank_seed,
-                         shard_model, unwrap)
+import distributed as D
+from cli import add_flags, flag
 import preresq
 import rewards
+import runs
 
 # --------------------------------------------------------------------------- the algorithm
 
@@ -155,391 +132,332 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     return loss, {"kl": float(kl.detach()[m].sum() / count), "clip_fraction": float(clipped[m].sum() / count)}
 
 
+@dataclass(frozen=True)
+class Stage:
+    """What one step trains with: its stage (1 explore, 2 stabilise), prompt pool, G, spread penalty."""
+    number: int
+    prompts: tuple[str, ...]
+    num_generations: int
+    spread_penalty: bool
+
+
+def explore_stable(cfg: "Config", step: int) -> Stage:
+    """Exploration-to-Stability (the paper's two-stage schedule): stage 1 for the first stage1_steps steps, then stage 2.
+
+    Stage 1 explores: each sample's prompt is drawn from a pool of paraphrases
+    (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (12 in the paper), the aspect-spread
+    penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations (6), no spread penalty.
+    --schedule single trains every step like the public code: one prompt, G = num_generations,
+    the penalty always on (reported as stage 2).
+    """
+    if cfg.schedule != "explore-stable":
+        return Stage(2, (preresq.IMAGE_PROMPT,), cfg.num_generations, True)
+    if step < cfg.stage1_steps:
+        return Stage(1, preresq.IMAGE_PROMPT_POOL, cfg.stage1_generations, True)
+    return Stage(2, (preresq.IMAGE_PROMPT,), cfg.stage2_generations, False)
+
+
+def step_prompts(stage: Stage, seed: int, step: int, n: int, video: bool) -> list[str]:
+    """The n prompts of a step: drawn from the stage's pool, seeded by (seed, step); videos have one."""
+    if video:
+        return [preresq.VIDEO_PROMPT] * n
+    if len(stage.prompts) == 1:
+        return [stage.prompts[0]] * n
+    rng = random.Random(seed * 1_000_003 + step)
+    return [rng.choice(stage.prompts) for _ in range(n)]
+
+
 # --------------------------------------------------------------------------- configuration
 
-# `python grpo.py` with no flags trains a preset on synthetic data. Presets are small models
-# trained from a format warm-up, and need far larger learning rates and shorter answers than
-# the paper's 7B model; these are their defaults (the paper's are in PAPER_DEFAULTS).
+# Presets (laptop models) need far larger learning rates and shorter answers than the paper's 7B.
 PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, lr=1e-6, beta=0.04, max_new_tokens=256,
-                      epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None)
+                      epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None,
+                      gradient_checkpointing=False)
+# The authors' video recipe (LSVQ, started from the image checkpoint): 5 videos per device, G = 5,
+# 2 epochs, gradient checkpointing. A real checkpoint gets it when every --data set is a video set.
+PAPER_VIDEO_DEFAULTS = dict(PAPER_DEFAULTS, images_per_step=5, num_generations=5, epochs=2,
+                            gradient_checkpointing=True)
+VIDEO_SETS = ("lsvq", "konvid", "livevqc", "youtube-ugc", "synthetic-video")
 PRESET_DEFAULTS = {
     "tiny": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.04, reasoning_beta=0.5, max_new_tokens=64,
-                 steps=200, eval_every=25, save_every=100, eval_size=None, eval_samples=4),
+                 steps=200, eval_every=25, save_every=100, eval_size=None, eval_samples=4,
+                 gradient_checkpointing=False),
     "small": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.0, max_new_tokens=64,
-                  steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None),
+                  steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None,
+                  gradient_checkpointing=False),
 }
 
 
 @dataclass
 class Config:
-    """Everything a run depends on; saved in every checkpoint and compared on --resume."""
-    data: str = "synthetic"
-    data_root: str | None = None
-    labels: str | None = None
-    split: str = "train"
-    eval_split: str = "test"
-    model: str = "tiny"
-    out: str | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    images_per_step: int | None = None
-    num_generations: int | None = None
-    lr: float | None = None
-    beta: float | None = None
-    reasoning_beta: float | None = None
-    epsilon: float = 0.2
-    num_iterations: int = 1
-    temperature: float = 1.0
-    max_new_tokens: int | None = None
-    loss_type: str = "grpo"
-    scale_rewards: str = "group"
-    reward: str = "preresq"
-    response_branch: bool = True
-    preference_branch: bool = True
-    schedule: str = "single"
-    stage1_steps: int | None = None
-    stage1_generations: int = 12
-    stage2_generations: int = 6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    device: str | None = None
-    dtype: str | None = None
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    fsdp: bool = False
-    reference_device: str | None = None
-    shared_vision: bool = True
-    max_pixels: int | None = None
-    eval_every: int | None = None
-    eval_size: int | None = None
-    eval_samples: int | None = None
-    save_every: int | None = None
-    keep_last: int | None = None
-    workers: int = 2
+    """Everything a run depends on; saved in every checkpoint and compared on --resume.
+    None means: the preset's default (PRESET_DEFAULTS) or the paper's (PAPER_DEFAULTS)."""
+    data: str = flag("synthetic", str, "dataset name(s), comma-separated; each step's images come from one "
+                     f"set (known: {', '.join(data.DATASETS)})", "data")
+    data_root: str = flag(None, str, "dataset folder(s), comma-separated in the order of --data", "data")
+    labels: str = flag(None, str, "a label file in the one-line-per-item GT format (with --data labels)", "data")
+    split: str = flag("train", str, "training split", "data")
+    eval_split: str = flag("test", str, "held-out split for --eval-every ('none' to skip)", "data")
+    model: str = flag("tiny", str, "preset (tiny, small), local checkpoint folder, or hub id", "model")
+    out: str = flag(None, str, "output folder (default: runs/<data>-<model>-<time>)", "run")
+    steps: int = flag(None, int, "optimizer steps", "run")
+    epochs: float = flag(None, float, "passes over the training split (used when --steps is not given)", "run")
+    images_per_step: int = flag(None, int, "B, images per step and process", "GRPO")
+    num_generations: int = flag(None, int, "G, answers per image", "GRPO")
+    lr: float = flag(None, float, "AdamW learning rate, linear decay to 0", "GRPO")
+    beta: float = flag(None, float, "KL coefficient; 0 skips the reference model", "GRPO")
+    reasoning_beta: float = flag(None, float, "KL coefficient of the reasoning tokens (inside <think>), when it "
+                                 "differs from --beta's (paper: --beta on every token)", "GRPO")
+    epsilon: float = flag(0.2, float, "PPO clip range", "GRPO")
+    num_iterations: int = flag(1, int, "mu, updates per batch (the ratio differs from 1 only when mu > 1)", "GRPO")
+    temperature: float = flag(1.0, float, "sampling temperature", "GRPO")
+    max_new_tokens: int = flag(None, int, "answer length limit in tokens", "GRPO")
+    loss_type: str = flag("grpo", str, "loss aggregation", "GRPO", choices=["grpo", "dapo", "dr_grpo"])
+    scale_rewards: str = flag("group", str, "advantage std scaling", "GRPO", choices=["group", "batch", "none"])
+    compare_across_processes: bool = flag(False, bool, "under torchrun: the preference branch compares the "
+                                          "whole global batch (default: each process's B images, as the "
+                                          "paper's per-device reward)", "reward")
+    reward: str = flag("preresq", str, "reward function", "reward", choices=list(rewards.REWARDS))
+    response_branch: bool = flag(True, bool, "drop the response branch (aspect-spread penalty, triplet balance)",
+                                 "reward")
+    preference_branch: bool = flag(True, bool, "drop the preference branch (pair fidelity, triplet accuracy, "
+                                   "group rank)", "reward")
+    schedule: str = flag("single", str, "explore-stable: stage 1 prompt pool, spread penalty and G1; stage 2 "
+                         "fixed prompt and G2 (explore_stable)", "schedule", choices=["single", "explore-stable"])
+    stage1_steps: int = flag(None, int, "length of stage 1 (default: half the run's steps)", "schedule")
+    stage1_generations: int = flag(12, int, "G in stage 1", "schedule")
+    stage2_generations: int = flag(6, int, "G in stage 2", "schedule")
+    weight_decay: float = flag(0.0, float, "AdamW weight decay", "GRPO")
+    max_grad_norm: float = flag(1.0, float, "gradient-norm clip", "GRPO")
+    seed: int = flag(42, int, "seed of the data order, sampling and evaluation", "run")
+    device: str = flag(None, str, "cpu or cuda (default: cuda when available)", "model")
+    dtype: str = flag(None, str, "float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)", "model")
+    micro_batch_size: int = flag(None, int, "completions per forward/backward (default: all)", "scale")
+    gradient_checkpointing: bool = flag(None, bool, "trade compute for activation memory", "scale")
+    fsdp: bool = flag(False, bool, "under torchrun: shard model, gradients and optimizer state (FSDP2)", "scale")
+    reference_device: str = flag(None, str, "where the frozen reference model lives (e.g. cpu to save GPU "
+                                 "memory; default: with the policy)", "scale")
+    shared_vision: bool = flag(True, bool, "run the vision tower once per answer, not once per picture (the "
+                                 "naive path, for comparison)", "scale")
+    max_pixels: int = flag(None, int, "pixel budget per picture (default: the processor's)", "data")
+    eval_every: int = flag(None, int, "held-out evaluation every N steps", "run")
+    eval_size: int = flag(None, int, "held-out items per evaluation (default: all)", "run")
+    eval_samples: int = flag(None, int, "sampled answers averaged per held-out item (default: greedy)", "run")
+    save_every: int = flag(None, int, "checkpoint every N steps", "run")
+    keep_last: int = flag(None, int, "keep only the newest K checkpoints", "run")
+    workers: int = flag(2, int, "threads that load the next step's pictures", "run")
 
     def resolve(self) -> "Config":
         """Fill unset values from the preset's or the paper's defaults and check the combination."""
-        defaults = PRESET_DEFAULTS.get(self.model, PAPER_DEFAULTS)
+        video = all(name in VIDEO_SETS for name in self.data.split(","))
+        defaults = PRESET_DEFAULTS.get(self.model, PAPER_VIDEO_DEFAULTS if video else PAPER_DEFAULTS)
         for key, value in defaults.items():
-            if key in ("steps", "epochs"):
-                continue
-            if getattr(self, key) is None:
+            if key not in ("steps", "epochs") and getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.steps is None and self.epochs is None:
-            if "steps" in defaults:
-                self.steps = defaults["steps"]
-            else:
-                self.epochs = defaults["epochs"]
-        if self.schedule == "explore-stable" and self.stage1_steps is None:
-            self.stage1_steps = (self.steps or 0) // 2
+        if self.steps is None and self.epochs is None:  # presets count steps, the paper epochs
+            self.steps, self.epochs = defaults.get("steps"), defaults.get("epochs")
         self.check()
         return self
 
+    def total_steps(self, num_images: int, world: int = 1) -> int:
+        """The run's length (--steps, or --epochs over num_images), and stage 1 half of it when unset."""
+        steps = self.steps or math.ceil(self.epochs * num_images / (self.images_per_step * world))
+        if self.schedule == "explore-stable" and self.stage1_steps is None:
+            self.stage1_steps = steps // 2
+        return steps
+
+    def stage(self, step: int) -> int:
+        return explore_stable(self, step).number
+
     def check(self) -> None:
-        errors = []
-        if self.images_per_step < 1:
-            errors.append("--images-per-step must be at least 1")
-        for name in ("num_generations", "stage1_generations", "stage2_generations"):
-            if getattr(self, name) < 1:
-                errors.append(f"--{name.replace('_', '-')} must be at least 1")
+        need = [("images_per_step", 1, ""), ("num_iterations", 1, ""), ("steps", 1, ""), ("micro_batch_size", 1, ""),
+                ("max_new_tokens", 8, " (an answer needs room)")] + [
+            (k, 2, " (a group advantage compares the answers to one image: with one, every advantage is 0 and "
+                   "nothing is learned)") for k in ("num_generations", "stage1_generations", "stage2_generations")]
+        errors = [f"--{k.replace('_', '-')} must be at least {low}{why}" for k, low, why in need
+                  if getattr(self, k) is not None and getattr(self, k) < low]
         if self.reward not in rewards.REWARDS:
             errors.append(f"--reward must be one of {', '.join(rewards.REWARDS)}")
         if self.reward != "preresq" and not (self.response_branch and self.preference_branch):
             errors.append("--no-response-branch / --no-preference-branch apply to --reward preresq only")
         if not (self.response_branch or self.preference_branch):
             errors.append("dropping both branches leaves only the format reward; keep at least one")
-        if self.loss_type not in ("grpo", "dapo", "dr_grpo"):
-            errors.append("--loss-type must be grpo, dapo or dr_grpo")
-        if self.scale_rewards not in ("group", "batch", "none"):
-            errors.append("--scale-rewards must be group, batch or none")
-        if self.schedule not in ("single", "explore-stable"):
-            errors.append("--schedule must be single or explore-stable")
         if self.temperature <= 0:
             errors.append("--temperature must be > 0 (GRPO needs sampled answers)")
-        if self.num_iterations < 1:
-            errors.append("--num-iterations must be at least 1")
-        if self.steps is not None and self.steps < 1:
-            errors.append("--steps must be at least 1")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            errors.append("--micro-batch-size must be at least 1")
-        if self.max_new_tokens < 8:
-            errors.append("--max-new-tokens must be at least 8 (an answer needs room)")
         if self.fsdp and self.reference_device:
             errors.append("--fsdp shards the reference model with the policy; drop --reference-device")
         if errors:
             raise SystemExit("error: " + "; ".join(errors))
 
-    def generations(self, stage: int) -> int:
-        if self.schedule == "explore-stable":
-            return self.stage1_generations if stage == 1 else self.stage2_generations
-        return self.num_generations
 
-    def stage(self, step: int) -> int:
-        """Exploration-to-Stability (paper §4): stage 1 for the first stage1_steps steps, then 2."""
-        return 1 if self.schedule == "explore-stable" and step < self.stage1_steps else 2
+def default_text(name: str) -> str:
+    """The help's default of a preset-dependent flag: "[tiny: 5e-4 | small: ... | paper: 1e-6]"."""
+    tables = [*PRESET_DEFAULTS.items(), ("paper", PAPER_DEFAULTS), ("paper video", PAPER_VIDEO_DEFAULTS)]
+    shown = [f"{m}: {d[name]:g}" if isinstance(d[name], float) else f"{m}: {d[name]}"
+             for m, d in tables if d.get(name) is not None]
+    return f" [{' | '.join(shown)}]" if shown else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a Qwen2.5-VL quality judge with GRPO and the PreResQ-R1 "
+                                "reward. With no flags: synthetic images and the `tiny` preset on the CPU (a few "
+                                "minutes). Defaults in [brackets] depend on --model: a preset's, or the paper's "
+                                "for a real checkpoint.")
+    add_flags(p, Config, default_text)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a configuration that differs "
+                   "from the checkpoint's")
+    return p
 
 
 def parse_args(argv=None) -> tuple[Config, bool, bool]:
-    """Command line -> (config, resume, force)."""
-    p = argparse.ArgumentParser(
-        description="Train a Qwen2.5-VL quality judge with GRPO and the PreResQ-R1 reward. With no flags: "
-                    "synthetic images and the `tiny` preset on the CPU (a few minutes). Defaults marked "
-                    "[preset|paper] differ between preset models (tiny, small) and real checkpoints.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # data
-    a("--data", default="synthetic", help="dataset name(s), comma-separated: each step's images come from one set "
-      f"(known: {', '.join(data.DATASETS)})")
-    a("--data-root", default=None, help="dataset folder(s), comma-separated in the order of --data")
-    a("--labels", default=None, help="a label file in the one-line-per-item GT format (with --data labels)")
-    a("--split", default="train", help="training split")
-    a("--eval-split", default="test", help="held-out split for --eval-every ('none' to skip)")
-    a("--max-pixels", type=int, default=None, help="pixel budget per picture (default: the processor's)")
-    # model
-    a("--model", default="tiny", help="preset (tiny, small), local checkpoint folder, or hub id")
-    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    a("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-    a("--no-shared-vision", dest="shared_vision", action="store_false",
-      help="run the vision tower once per completion (naive path, for comparison)")
-    a("--micro-batch-size", type=int, default=None, help="completions per forward/backward (default: all)")
-    a("--fsdp", action="store_true", help="under torchrun: shard the model, gradients and optimizer state over "
-      "the processes (FSDP2), for models whose training state does not fit one GPU")
-    a("--reference-device", default=None, help="where the frozen reference model lives (e.g. cpu to save GPU "
-      "memory; default: with the policy)")
-    # run
-    a("--out", default=None, help="output folder (default: runs/<data>-<model>-<time>)")
-    a("--steps", type=int, default=None, help=f"optimizer steps [tiny: {PRESET_DEFAULTS['tiny']['steps']} | paper: from --epochs]")
-    a("--epochs", type=float, default=None, help="passes over the training split [paper: 8]")
-    a("--seed", type=int, default=42)
-    a("--eval-every", type=int, default=None, help=f"held-out evaluation every N steps [tiny: {PRESET_DEFAULTS['tiny']['eval_every']} | paper: 100]")
-    a("--eval-size", type=int, default=None, help=f"held-out items per evaluation [small: {PRESET_DEFAULTS['small']['eval_size']} | tiny, paper: all]")
-    a("--eval-samples", type=int, default=None, help=f"sampled answers averaged per item, else greedy [tiny: {PRESET_DEFAULTS['tiny']['eval_samples']} | paper: greedy]")
-    a("--save-every", type=int, default=None, help=f"checkpoint every N steps [tiny: {PRESET_DEFAULTS['tiny']['save_every']} | paper: 200]")
-    a("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
-    a("--workers", type=int, default=2, help="threads that load the next step's pictures")
-    # GRPO
-    a("--images-per-step", type=int, default=None, help="B, images per step and process (under torchrun a "
-      "step trains on B x processes images) [8]")
-    a("--num-generations", type=int, default=None, help=f"G, answers per image [tiny: {PRESET_DEFAULTS['tiny']['num_generations']} | paper: 6]")
-    a("--lr", type=float, default=None, help=f"AdamW learning rate, linear decay [tiny: {PRESET_DEFAULTS['tiny']['lr']:g} | paper: 1e-6]")
-    a("--beta", type=float, default=None, help=f"KL coefficient; 0 skips the reference model [tiny: {PRESET_DEFAULTS['tiny']['beta']:g} | paper: 0.04]")
-    a("--reasoning-beta", type=float, default=None,
-      help="KL coefficient of the reasoning tokens (inside <think> </think>) when it should differ from "
-           "--beta's: held near the reference, a small model's reasoning keeps describing the picture "
-           f"instead of drifting to fit its score [tiny: {PRESET_DEFAULTS['tiny']['reasoning_beta']:g} | "
-           "paper: --beta, one coefficient for every token]")
-    a("--epsilon", type=float, default=0.2, help="PPO clip range")
-    a("--num-iterations", type=int, default=1, help="mu, updates per batch (ratio != 1 only when mu > 1)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature")
-    a("--max-new-tokens", type=int, default=None, help=f"answer length limit [tiny: {PRESET_DEFAULTS['tiny']['max_new_tokens']} | paper: 256]")
-    a("--loss-type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="loss aggregation")
-    a("--scale-rewards", default="group", choices=["group", "batch", "none"], help="advantage std scaling")
-    a("--weight-decay", type=float, default=0.0)
-    a("--max-grad-norm", type=float, default=1.0)
-    # reward
-    a("--reward", default="preresq", choices=list(rewards.REWARDS), help="reward function")
-    a("--no-response-branch", dest="response_branch", action="store_false",
-      help="drop the response branch (aspect-spread penalty, triplet balance)")
-    a("--no-preference-branch", dest="preference_branch", action="store_false",
-      help="drop the preference branch (pair fidelity, triplet accuracy, group rank)")
-    a("--schedule", default="single", choices=["single", "explore-stable"],
-      help="explore-stable: stage 1 prompt pool + spread penalty + G1, stage 2 fixed prompt + G2")
-    a("--stage1-steps", type=int, default=None, help="length of stage 1 (default: half the steps)")
-    a("--stage1-generations", type=int, default=12, help="G in stage 1")
-    a("--stage2-generations", type=int, default=6, help="G in stage 2")
-    a("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    a("--force", action="store_true", help="with --resume: accept a configuration that differs from the checkpoint's")
+    """Command line -> (config, resume, force). With --resume, flags not given come from the checkpoint."""
+    p = build_parser()
     args = vars(p.parse_args(argv))
     resume, force = args.pop("resume"), args.pop("force")
     if resume:
         if not args["out"]:
             p.error("--resume needs --out DIR (the folder of the run to continue)")
-        saved = saved_config(Path(args["out"]))
+        saved = runs.saved_config(Path(args["out"]))
         if saved is None:
             p.error(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
-        # Flags not given on this command line come from the checkpoint, not from the defaults.
         unset = object()
         given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(args, unset))))
         args = {k: saved.get(k, v) if given[k] is unset else given[k] for k, v in args.items()}
     return Config(**args).resolve(), resume, force
 
 
-# --------------------------------------------------------------------------- data order
-
-class BatchSampler:
-    """Which images each step trains on: a pure function of (seed, step, global batch), so resuming
-    needs only the step.
-
-    Each step draws one dataset (in proportion to its size) and takes that set's next B x world
-    images (the global batch) from a seeded permutation that is redrawn every epoch of that set;
-    rank r keeps images r*B .. r*B+B-1 of them. Every rank computes the same global batch.
-    """
-
-    def __init__(self, sets: dict[str, list], batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.sets, self.batch_size, self.seed = sets, batch_size * world, seed
-        self.per_rank, self.rank = batch_size, rank
-        self.names = list(sets)
-        sizes = np.array([len(v) for v in sets.values()], dtype=float)
-        self.weights = sizes / sizes.sum()
-        self._choices: list[int] = []
-
-    def _choice(self, step: int) -> int:
-        while len(self._choices) <= step:
-            rng = np.random.default_rng([self.seed, len(self._choices)])
-            self._choices.append(int(rng.choice(len(self.names), p=self.weights)))
-        return self._choices[step]
-
-    def _order(self, k: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, k, epoch]).permutation(len(self.sets[self.names[k]]))
-
-    def batch(self, step: int) -> tuple[str, list]:
-        k = self._choice(step)
-        seen = sum(1 for s in range(step) if self._choice(s) == k) * self.batch_size
-        items, n = self.sets[self.names[k]], len(self.sets[self.names[k]])
-        picks = [(seen + i) for i in range(min(self.batch_size, n))]
-        mine = picks[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return self.names[k], [items[self._order(k, p // n)[p % n]] for p in mine]
-
-    def dataset(self, step: int) -> str:
-        """The training set that step `step` draws from (the same on every rank)."""
-        return self.names[self._choice(step)]
-
-    def epoch(self, step: int) -> float:
-        """Passes over all training images completed before `step`."""
-        return step * self.batch_size / sum(len(v) for v in self.sets.values())
-
-
-def load_visuals(items: list, max_pixels: int | None) -> tuple[list, list, list[str]]:
-    """Read each item's picture(s); an unreadable one is skipped and reported, never fatal."""
-    kept, visuals, problems = [], [], []
-    for item in items:
-        try:
-            v = preresq.read_visual(item.path, max_pixels=max_pixels)
-        except data.DataError as e:
-            problems.append(str(e))
-            continue
-        kept.append(item)
-        visuals.append(v if isinstance(v, list) else [v])
-    return kept, visuals, problems
-
-
 # --------------------------------------------------------------------------- one step
 
-def step_prompts(cfg: Config, stage: int, step: int, n: int, video: bool) -> list[str]:
-    """Stage 1 of explore-stable draws each sample's prompt from the paraphrase pool; else one fixed prompt."""
-    if video:
-        return [preresq.VIDEO_PROMPT] * n
-    if stage == 1:
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        return [rng.choice(preresq.IMAGE_PROMPT_POOL) for _ in range(n)]
-    return [preresq.IMAGE_PROMPT] * n
+@dataclass
+class Rollout:
+    """One step's sampled answers on this process's n images (n may be 0 under torchrun).
+
+    prompts: the n prompts (not repeated); completions, mask: (n*G, C), rows grouped by image;
+    texts: n*G decoded answers; mos: (n,); reasoning: (n*G, C) bool, the reasoning tokens (only
+    when --reasoning-beta is set); suppressed: token ids never sampled (preresq.suppressed_ids).
+    """
+    prompts: preresq.PromptBatch | None
+    completions: torch.Tensor | None
+    mask: torch.Tensor | None
+    texts: list[str]
+    mos: torch.Tensor
+    num_generations: int
+    video: bool
+    suppressed: list[int]
+    reasoning: torch.Tensor | None = None
 
 
-def score_completions(cfg: Config, texts: list[str], mos: torch.Tensor, g: int, video: bool, stage: int):
-    """Texts (B*G) -> (reward dict of (B, G) tensors, aspect scores (B, G, A), parse mask (B, G))."""
-    num_aspects = len(preresq.VIDEO_ASPECTS if video else preresq.IMAGE_ASPECTS)
-    scores, valid, fmt = rewards.parse_completions(texts, num_aspects, g)
-    return reward_terms(cfg, scores, mos, valid, fmt, video, stage), scores, valid
+def sample_rollout(cfg: Config, model, tokenizer, image_processor, items, visuals, stage: Stage, step: int,
+                   video: bool, dist: D.Dist = D.SINGLE) -> Rollout:
+    """Step 2: G answers per image, sampled at the temperature from the current policy."""
+    g, suppressed = stage.num_generations, preresq.suppressed_ids(tokenizer)
+    mos = torch.tensor([it.mos for it in items], dtype=torch.float32)
+    if not items:
+        return Rollout(None, None, None, [], mos, g, video, suppressed)
+    first = dist.rank * cfg.images_per_step  # where this rank's images start in the global batch
+    prompts = preresq.encode_prompts(tokenizer, image_processor, visuals,
+                                     step_prompts(stage, cfg.seed, step, first + len(items), video)[first:],
+                                     video=video)
+    model.eval()
+    comp = D.call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
+                  max_new_tokens=cfg.max_new_tokens)
+    mask = preresq.completion_mask(comp, tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN))
+    texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
+    reasoning = preresq.reasoning_mask(tokenizer, comp, mask) if cfg.reasoning_beta is not None else None
+    return Rollout(prompts, comp, mask, texts, mos, g, video, suppressed, reasoning)
 
 
-def reward_terms(cfg: Config, scores, mos, valid, fmt, video: bool, stage: int) -> dict[str, torch.Tensor]:
+def score_rollout(cfg: Config, rollout: Rollout, stage: Stage, dist: D.Dist = D.SINGLE):
+    """Steps 3-4: rewards and group advantages of the global batch -> (advantages of this rank's
+    rows (n*G,) or None when nothing parsed or rewards are not finite, the step's metrics)."""
+    num_aspects = len(preresq.VIDEO_ASPECTS if rollout.video else preresq.IMAGE_ASPECTS)
+    scores, valid, fmt = rewards.parse_completions(rollout.texts, num_aspects, rollout.num_generations)
+    mos, scores, valid, fmt, sizes = D.gather_scores(dist, cfg.images_per_step, rollout.mos, scores, valid, fmt)
+    if not len(mos):
+        return None, {"skipped": "no readable images in this batch"}
+    # The preference branch compares the images of a batch: each process's own (the paper's, per
+    # device), or the global batch with --compare-across-processes.
+    groups = [len(mos)] if cfg.compare_across_processes else sizes
+    parts = [reward_terms(cfg, stage, *(x.split(groups)[k] for x in (scores, mos, valid, fmt)), rollout.video)
+             for k in range(len(groups)) if groups[k]]
+    terms = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    own = slice(sum(sizes[:dist.rank]), sum(sizes[:dist.rank + 1]))
+    reward = terms["total"]
+    record = runs.step_metrics(terms, scores, valid, mos, rollout, dist)
+    if not torch.isfinite(reward).all():
+        return None, {**record, "nonfinite": "reward"}
+    return group_advantages(reward, cfg.scale_rewards)[own].reshape(-1), record
+
+
+def reward_terms(cfg: Config, stage: Stage, scores, mos, valid, fmt, video: bool) -> dict[str, torch.Tensor]:
     """The configured reward of parsed answers: scores (B, G, A), mos (B,), valid and format (B, G)
     -> dict of (B, G) tensors ("total" and each term)."""
     kwargs = dict(format_rewards=fmt)
     if cfg.reward == "preresq":
         kwargs.update(video=video, response_branch=cfg.response_branch, preference_branch=cfg.preference_branch)
-        if cfg.schedule == "explore-stable" and stage == 2:
+        if not stage.spread_penalty:
             kwargs["w_std"] = 0.0
     return rewards.REWARDS[cfg.reward](scores, mos, valid, **kwargs)
 
 
-def batch_srcc(scores: torch.Tensor, valid: torch.Tensor, mos: torch.Tensor) -> float:
-    """SRCC between each image's mean parsed prediction and its MOS, within one training batch.
-
-    scores: (B, G, A); valid: (B, G); mos: (B,). A cheap, noisy learning signal (B is small);
-    NaN when fewer than three images have a parsed answer or the predictions are constant.
-    """
-    from scipy.stats import spearmanr
-
-    n = valid.sum(1)
-    keep = n > 0
-    p = (scores.mean(-1) * valid).sum(1)[keep] / n[keep]
-    if keep.sum() < 3 or p.unique().numel() < 2 or mos[keep].unique().numel() < 2:
-        return float("nan")
-    return float(spearmanr(p.numpy(), mos[keep].numpy()).statistic)
-
-
-def micro_batches(n: int, size: int | None) -> list[slice]:
+def micro_batches(n: int, size: int | None, rounds: int | None = None) -> list[slice]:
+    """Row slices of at most `size`; padded to `rounds` by repeating the last one (under --fsdp every
+    rank must run the same number of sharded passes; the repeats are discarded or weighted 0)."""
     size = size or n
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def lockstep(slices: list[slice], rounds: int | None) -> list[slice]:
-    """Micro-batches padded to `rounds` by repeating the last one: under --fsdp every rank must run
-    the same number of sharded forwards and backwards (the repeats are discarded or weighted 0)."""
+    slices = [slice(s, min(s + size, n)) for s in range(0, n, size)]
     return slices + [slices[-1]] * ((rounds or len(slices)) - len(slices))
 
 
 @torch.no_grad()
-def reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed, rounds: int | None = None) -> torch.Tensor:
-    """Log-probs under a frozen model (reference or old policy), micro-batched, no graph.
-
-    The model may live on another device than the policy (--reference-device cpu saves GPU
-    memory): inputs go to it and the log-probs come back. rounds: see `lockstep`.
-    """
+def reference_logprobs(model, rollout: Rollout, cfg: Config, rounds: int | None = None) -> torch.Tensor:
+    """Step 5: log-probs (n*G, C) under a frozen model (reference or old policy), micro-batched; the
+    model may live on another device (--reference-device cpu saves GPU memory)."""
     model.eval()
-    home, device = comp.device, next(model.parameters()).device
-    comp, attn = comp.to(device), attn.to(device)
-    feats = call(model, preresq.image_features, prompts.to(device)) if cfg.shared_vision else None
-    slices = micro_batches(comp.shape[0], cfg.micro_batch_size)
-    out = [call(model, preresq.completion_logprobs, prompts, comp[r], attn[r], temperature=cfg.temperature,
-                num_generations=g, suppressed=suppressed, shared_vision=cfg.shared_vision, features=feats, rows=r)
-           for r in lockstep(slices, rounds)]
-    return torch.cat(out[:len(slices)]).to(home)
+    home, device = rollout.completions.device, next(model.parameters()).device
+    comp, mask, prompts = rollout.completions.to(device), rollout.mask.to(device), rollout.prompts.to(device)
+    feats = D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
+    n = comp.shape[0]
+    out = [D.call(model, preresq.completion_logprobs, prompts, comp[r], mask[r], temperature=cfg.temperature,
+                  num_generations=rollout.num_generations, suppressed=rollout.suppressed,
+                  shared_vision=cfg.shared_vision, features=feats, rows=r)
+           for r in micro_batches(n, cfg.micro_batch_size, rounds)]
+    return torch.cat(out[:len(micro_batches(n, cfg.micro_batch_size))]).to(home)
 
 
-def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed, *,
+def policy_update(model, rollout: Rollout, advantages, old_logp, ref_logp, cfg: Config, *,
                   num_sequences: int | None = None, num_tokens: float | None = None, grad_scale: float = 1.0,
-                  rounds: int | None = None, reasoning: torch.Tensor | None = None) -> dict:
-    """Loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
+                  rounds: int | None = None) -> dict:
+    """Step 6: loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
 
-    With shared vision the picture features are computed once with their graph; each micro-batch
-    back-propagates into detached copies, and the summed feature gradients flow once through the
-    vision tower at the end: the same gradients as one full-batch backward, without holding every
-    micro-batch's activations at once.
-
-    Under torchrun: num_sequences and num_tokens are the global batch's totals (default: this
-    batch's), so the ranks' losses add up to the global batch's loss, and their summed gradients to
-    its gradient; the statistics are this rank's share of the global ones. grad_scale multiplies
-    what is back-propagated (--fsdp averages gradients over ranks: world x loss gives their sum).
-    rounds: see `lockstep`. reasoning: (N, C) bool, the reasoning tokens (preresq.reasoning_mask),
-    needed when cfg.reasoning_beta is set.
+    Shared vision: the picture features are computed once; each micro-batch back-propagates into
+    detached copies, whose summed gradients flow once through the vision tower at the end (exactly
+    one full-batch backward). num_sequences, num_tokens: the global batch's totals under torchrun;
+    grad_scale: world size under --fsdp, which averages gradients where we want their sum.
     """
     model.train()
-    n = comp.shape[0]
-    prompts = prompts.to(comp.device)
-    feats = call(model, preresq.image_features, prompts) if cfg.shared_vision else None
+    comp, mask, g = rollout.completions, rollout.mask, rollout.num_generations
+    prompts = rollout.prompts.to(comp.device)
+    feats = D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
     leaves = [f.detach().requires_grad_() for f in feats] if feats is not None else None
-    num_tokens = torch.as_tensor(num_tokens if num_tokens is not None else attn.sum().clamp(min=1)).float()
-    slices = micro_batches(n, cfg.micro_batch_size)
+    num_tokens = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1)).float()
+    real = len(micro_batches(comp.shape[0], cfg.micro_batch_size))
     total, stats = 0.0, {"kl": 0.0, "clip_fraction": 0.0}
-    for i, r in enumerate(lockstep(slices, rounds)):
-        logp = call(model, preresq.completion_logprobs, prompts, comp[r], attn[r], temperature=cfg.temperature,
-                    num_generations=g, suppressed=suppressed, shared_vision=cfg.shared_vision, features=leaves,
-                    rows=r)
-        old = old_logp[r] if old_logp is not None else logp.detach()
-        ref = ref_logp[r] if ref_logp is not None else None
-        loss, st = grpo_loss(logp, old, ref, advantages[r], attn[r], beta=cfg.beta, epsilon=cfg.epsilon,
-                             loss_type=cfg.loss_type, max_len=cfg.max_new_tokens, num_sequences=num_sequences or n,
-                             num_tokens=num_tokens, reasoning=reasoning[r] if reasoning is not None else None,
+    for i, r in enumerate(micro_batches(comp.shape[0], cfg.micro_batch_size, rounds)):
+        logp = D.call(model, preresq.completion_logprobs, prompts, comp[r], mask[r], temperature=cfg.temperature,
+                      num_generations=g, suppressed=rollout.suppressed, shared_vision=cfg.shared_vision,
+                      features=leaves, rows=r)
+        loss, st = grpo_loss(logp, old_logp[r] if old_logp is not None else logp.detach(),
+                             ref_logp[r] if ref_logp is not None else None, advantages[r], mask[r],
+                             beta=cfg.beta, epsilon=cfg.epsilon, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens,
+                             num_sequences=num_sequences or comp.shape[0], num_tokens=num_tokens,
+                             reasoning=rollout.reasoning[r] if rollout.reasoning is not None else None,
                              reasoning_beta=cfg.reasoning_beta)
-        if i >= len(slices):  # a lockstep repeat: the passes without the contribution
+        if i >= real:  # a lockstep repeat: the passes without the contribution
             (loss * 0.0).backward()
             continue
         (loss * grad_scale).backward()
-        share = attn[r].sum().item() / num_tokens.item()
+        share = mask[r].sum().item() / num_tokens.item()
         total += loss.item()
         stats = {k: stats[k] + v * share for k, v in st.items()}
     if feats is not None:
@@ -548,510 +466,105 @@ def policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cf
     return {"loss": total, **stats}
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT_STATE = "trainer_state.pt"
-# A run stops when this many steps in a row give non-finite rewards, losses or gradients.
-MAX_NONFINITE_STEPS = 5
-# Flags that may change between a run and its resumption; all others must match (or --force).
-RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
-                     "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp"}
-
-
-class RunError(RuntimeError):
-    """The run cannot go on; the message says what happened, what is intact and how to continue."""
-
-
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # this process's GPU only: asking for every GPU's would open a context on each, from each rank
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
+def optimizer_step(model, optimizer, stats: dict, cfg: Config, dist: D.Dist) -> dict:
+    """Step 7: sum gradients over ranks, clip the norm, AdamW. Skipped (gradients dropped) when the
+    loss or the gradient norm is not finite; returns the statistics over the global batch."""
+    if not D.is_sharded(model):
+        D.all_reduce_gradients(model.parameters(), dist)
+    stats = dict(zip(stats, D.all_reduce(list(stats.values()), dist)))
+    if not math.isfinite(stats["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        return {**stats, "nonfinite": "loss"}
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # --fsdp: the norm of the sharded gradient
+        grad_norm = grad_norm.full_tensor()
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return {**stats, "nonfinite": "gradient"}
+    optimizer.step()
+    return {**stats, "grad_norm": grad_norm.item()}
 
 
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.random.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+def update(cfg: Config, model, reference, optimizer, rollout: Rollout, advantages, dist: D.Dist = D.SINGLE) -> dict:
+    """Steps 5-7 on scored answers: reference log-probs, then mu policy updates."""
+    device = D.unwrap(model).device
+    advantages = advantages.to(device)
+    tokens, sequences = D.all_reduce([rollout.mask.sum().item() if rollout.mask is not None else 0,
+                                      len(rollout.texts)], dist)
+    rounds = None
+    if D.is_sharded(model):  # every rank runs as many micro-batches as the busiest one
+        rounds = int(D.all_reduce([len(micro_batches(len(rollout.texts), cfg.micro_batch_size))], dist, "max")[0])
+    t1 = time.time()
+    ref_logp = old_logp = None
+    if reference is not None and rollout.completions is not None:
+        ref_logp = reference_logprobs(reference, rollout, cfg, rounds)
+    if cfg.num_iterations > 1 and rollout.completions is not None:
+        old_logp = reference_logprobs(model, rollout, cfg, rounds)
+    record = {"reference_seconds": round(time.time() - t1, 3)}
+    t2 = time.time()
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        if rollout.completions is not None:
+            stats = policy_update(model, rollout, advantages, old_logp, ref_logp, cfg, num_sequences=int(sequences),
+                                  num_tokens=max(tokens, 1), rounds=rounds,
+                                  grad_scale=dist.world if D.is_sharded(model) else 1.0)
+        stats = optimizer_step(model, optimizer, stats, cfg, dist)
+        if "nonfinite" in stats:
+            return {**record, **stats}
+    return {**record, **stats, "policy_seconds": round(time.time() - t2, 3)}
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, optimizer, scheduler, cfg: Config,
-                    extra: dict, dist: Dist | None = None) -> Path:
-    """Write OUT/checkpoint-<step>/ atomically (save_folder), then prune to the newest --keep-last.
-
-    The folder is an ordinary Hugging Face checkpoint (from_pretrained loads it) plus
-    trainer_state.pt: optimizer, scheduler, RNG states (of every rank), world size, step, stage,
-    data position, config. Under torchrun every rank calls it (to gather the RNG states, and under
-    --fsdp the weights and optimizer state) and rank 0 writes.
-    """
-    dist = dist or SINGLE
-    final = out / f"checkpoint-{step}"
-    weights, optimizer_state = full_weights(model), full_optimizer_state(model, optimizer)
-    ranks = [rng_states()]
-    if dist.world > 1:
-        ranks = [None] * dist.world
-        tdist.all_gather_object(ranks, rng_states())
-    if not dist.main:
-        return final
-    save_folder(final, unwrap(model), tokenizer, image_processor,
-                {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                 "rng": ranks[0], **({"rng_ranks": ranks} if dist.world > 1 else {}), "world_size": dist.world,
-                 "config": asdict(cfg), **extra}, weights=weights)
-    if cfg.keep_last:  # only now: the new checkpoint is complete
-        for old in checkpoints(out)[:-cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def save_folder(final: Path, model, tokenizer, image_processor, state: dict | None = None,
-                weights: dict | None = None) -> None:
-    """Save a model folder (and trainer_state.pt) into a temporary sibling, renamed into place only
-    when every file is written: a crash, a kill or a full disk never leaves a damaged folder.
-    weights: the state dict to write (--fsdp: gathered from the shards); default the model's own."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        if state is not None:
-            torch.save(state, tmp / CHECKPOINT_STATE)
-    except Exception as e:  # a full disk: OSError, RuntimeError (torch.save) or SafetensorError, vaguely worded
-        shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(final.parent).free / 2**20
-        raise RunError(f"could not write {final}: {e} ({free:,.0f} MiB free on that disk). The earlier "
-                       f"checkpoints in {final.parent} are intact. Free some space, then continue with "
-                       "--resume.") from e
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in OUT, oldest first (temporary folders of interrupted saves are ignored)."""
-    found = [p for p in out.glob("checkpoint-*") if (p / CHECKPOINT_STATE).exists() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
-
-
-def config_differences(saved: dict, cfg: Config) -> list[str]:
-    now = asdict(cfg)
-    return [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
-            for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-
-
-def saved_config(out: Path) -> dict | None:
-    """The configuration in OUT's newest complete checkpoint (None when there is none)."""
-    found = checkpoints(out)
-    # mmap: only the small config is read, not the optimizer state.
-    return torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False, mmap=True)["config"] if found else None
-
-
-def data_fingerprint(sets: dict) -> str:
-    """A digest of the training items (set, file name, MOS, in order): a resumed run must see the same data."""
-    h = hashlib.sha1()
-    for name, items in sets.items():
-        for it in items:
-            h.update(f"{name}\t{os.path.basename(it.path)}\t{it.mos!r}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps up to `step`: later ones were written after the checkpoint we
-    resume from, and a line torn by a kill is dropped too."""
-    if path.exists():
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        path.write_text("".join(l + "\n" for l in kept))
+def grpo_step(cfg: Config, model, reference, tokenizer, image_processor, optimizer, items, visuals, step: int,
+              video: bool, dist: D.Dist = D.SINGLE) -> dict:
+    """One GRPO step (steps 2-7) on this rank's share of the global batch; returns its metrics."""
+    if D.is_sharded(model) and D.all_reduce([len(items)], dist, "min")[0] == 0:
+        return {"skipped": "a rank has no readable image in this batch (--fsdp runs every rank in step)"}
+    stage = explore_stable(cfg, step)
+    t0 = time.time()
+    rollout = sample_rollout(cfg, model, tokenizer, image_processor, items, visuals, stage, step, video, dist)
+    t_gen = time.time() - t0
+    advantages, record = score_rollout(cfg, rollout, stage, dist)
+    if advantages is None:
+        return record
+    record.update(update(cfg, model, reference, optimizer, rollout, advantages, dist))
+    return {**record, "generation_seconds": round(t_gen, 3)}
 
 
 # --------------------------------------------------------------------------- the loop
 
-class Stop:
-    """Ctrl-C / SIGTERM: the first asks the loop to checkpoint and stop after the current step;
-    the second exits at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              "(press Ctrl-C again to quit at once).", file=sys.stderr, flush=True)
-
-
-def log_json(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def held_out(cfg: Config, model, tokenizer, image_processor, items: list, dist: Dist | None = None) -> dict | None:
-    """Held-out metrics, computed on rank 0 while the other ranks wait (None there); under --fsdp
-    every rank runs the same sharded passes."""
-    dist = dist or SINGLE
-    metrics = None
-    if dist.main or is_sharded(model):
-        metrics, _ = call(model, evaluate.evaluate, tokenizer, image_processor, items, samples=cfg.eval_samples,
-                          seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
-                          max_pixels=cfg.max_pixels, progress=False)
-    if dist.world > 1:
-        tdist.barrier()
-    return {k: metrics[k] for k in ("n", "srcc", "plcc", "krcc", "parse_failures")} if dist.main else None
-
-
-def draw_run_curves(out: Path) -> None:
-    steps = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
-    evals = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()] if (out / "eval.jsonl").exists() else []
-    series = {"mean reward": [(m["step"], m["reward"]) for m in steps if "reward" in m],  # not skipped batches
-              "held-out SRCC": [(e["step"], e["srcc"]) for e in evals],
-              "held-out PLCC": [(e["step"], e["plcc"]) for e in evals]}
-    evaluate.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
-
-
-def load_training_data(cfg: Config) -> tuple[dict, list]:
-    """Training sets by name, and the held-out items (a fixed seeded subset of --eval-split)."""
-    sets = data.load_datasets(cfg.data, cfg.data_root, cfg.split, labels=cfg.labels, seed=cfg.seed)
-    for name, items in sets.items():
-        if not items:
-            raise data.DataError(f"dataset {name!r} has no items in split {cfg.split!r}; choose another --split.")
-    held = []
-    if cfg.eval_split != "none":
-        try:
-            held = [it for items in data.load_datasets(cfg.data, cfg.data_root, cfg.eval_split, labels=cfg.labels,
-                                                       seed=cfg.seed).values() for it in items]
-        except data.DataError as e:
-            print(f"warning: no held-out evaluation: {e}", file=sys.stderr)
-    if held and cfg.eval_size:
-        held = [held[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(held))[:cfg.eval_size])]
-    return sets, held
-
-
 def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     """Run GRPO as configured; returns the output folder (metrics, eval, checkpoints, final/).
-
-    Under torchrun every process calls it; each joins the process group first and leaves it at the end.
-    """
-    dist, device = init_distributed(cfg.device)
+    Under torchrun every process calls it."""
+    dist, device = D.init_distributed(cfg.device)
     try:
-        return run(cfg, resume, force, dist, device)
+        return loop(cfg, runs.prepare(cfg, resume, force, dist, device))
     finally:
         if dist.world > 1:
             tdist.destroy_process_group()
 
 
-def run(cfg: Config, resume: bool, force: bool, dist: Dist, device: str | None) -> Path:
-    """train() in one process (rank `dist.rank`, model on `device`); rank 0 alone writes files."""
-    import copy
-
-    from tqdm import tqdm
-
-    out = Path(cfg.out or f"runs/{cfg.data.replace(',', '+')}-{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if dist.world > 1:  # the default name holds the time: take rank 0's
-        shared = [str(out)]
-        tdist.broadcast_object_list(shared, src=0)
-        out = Path(shared[0])
-    cfg.out = str(out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out.")
-    start, state = 0, None
-    if resume:
-        found = checkpoints(out)
-        if not found:
-            raise SystemExit(f"error: --resume: no complete checkpoint in {out}; start without --resume.")
-        state = torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False)
-        diffs = config_differences(state["config"], cfg)
-        saved_world = state.get("world_size", 1)
-        if saved_world != dist.world:  # what must match is the global batch (the data order hangs on it)
-            diffs = [d for d in diffs if not d.startswith("--images-per-step:")]
-            then, now = state["config"]["images_per_step"] * saved_world, cfg.images_per_step * dist.world
-            if then != now:
-                diffs.append(f"global batch (--images-per-step x processes): checkpoint {then} with {saved_world} "
-                             f"process(es), now {now} with {dist.world}"
-                             + (f" (--images-per-step {then // dist.world} keeps it)" if then % dist.world == 0 else ""))
-        if diffs and not force:
-            raise SystemExit(f"error: --resume from {found[-1]} with a different configuration:\n  "
-                             + "\n  ".join(diffs) + "\nDrop those flags (--resume takes every flag not given "
-                             "from the checkpoint), or add --force to resume with them anyway.")
-        start = state["step"]
-    elif out.exists() and checkpoints(out):
-        raise SystemExit(f"error: {out} already holds checkpoints; add --resume to continue that run, "
-                         "or choose another --out.")
-    try:
-        if dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ".write-test").touch()
-            (out / ".write-test").unlink()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
-    if not resume and dist.main:  # logs of an earlier attempt that never reached a checkpoint
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            (out / name).unlink(missing_ok=True)
-
-    sets, held = load_training_data(cfg)
-    fingerprint = data_fingerprint(sets)
-    if state and not force and state["data"].get("fingerprint") != fingerprint:
-        raise SystemExit(f"error: --resume: the training data differ from the checkpoint's "
-                         f"({state['data'].get('items')} items then, {sum(map(len, sets.values()))} now): the "
-                         "label files or images under --data-root changed. Restore them, or add --force to "
-                         "resume on the new data.")
-    check_global_batch(sets, cfg.images_per_step, dist.world)
-    sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed, dist.rank, dist.world)
-    total_images = sum(len(v) for v in sets.values())
-    steps = cfg.steps or math.ceil(cfg.epochs * total_images / (cfg.images_per_step * dist.world))
-
-    if not dist.main:  # rank 0 loads first: a preset missing from the cache is built once, not by every rank
-        tdist.barrier()
-    model, tokenizer, image_processor = preresq.load_model(
-        str(checkpoints(out)[-1]) if state else cfg.model, device, cfg.dtype)
-    if dist.main and dist.world > 1:
-        tdist.barrier()
-    reference = None
-    if cfg.beta or cfg.reasoning_beta:
-        reference = preresq.load_model(cfg.model, device, cfg.dtype)[0] if state else copy.deepcopy(model)
-        reference.requires_grad_(False).eval().to(cfg.reference_device or model.device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.fsdp and dist.world > 1:
-        reference = shard_model(reference, str(model.device)) if reference is not None else None
-        model = shard_model(model, str(model.device))
-    elif cfg.fsdp and dist.main:
-        print("note: --fsdp with one process: nothing to shard, the model stays whole.", file=sys.stderr)
-    if dist.world > 1 and dist.main:
-        print(f"{dist.world} processes ({tdist.get_backend()}): global batch {cfg.images_per_step} x {dist.world} = "
-              f"{cfg.images_per_step * dist.world} images per step; "
-              + ("model, gradients and optimizer state sharded (FSDP2)" if is_sharded(model) else
-                 "gradients summed over processes"), flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
-    # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
-    # global generators, and whether that happens must not change the run. Sampling differs per rank.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(rank_seed(cfg.seed, dist.rank))
-    if state:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ranks = state.get("rng_ranks", [state["rng"]])
-        if len(ranks) == dist.world:
-            set_rng_states(ranks[dist.rank])
-        else:  # another number of processes: rank 0's generators, a new sampling seed on the others
-            set_rng_states(state["rng"])
-            if dist.rank:
-                torch.manual_seed(rank_seed(cfg.seed + start, dist.rank))
-        if dist.main:
-            truncate_log(out / "metrics.jsonl", start)
-            truncate_log(out / "eval.jsonl", start)
-            print(f"resumed from {checkpoints(out)[-1]} at step {start} (stage {cfg.stage(start)})")
-    if dist.main:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    suppressed = preresq.suppressed_ids(tokenizer)
-    end_id = tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN)
-    device = unwrap(model).device
-    stop = Stop()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    counters = dict(state.get("counters", {}) if state else {})
-    counters.setdefault("skipped_items", 0)
-    counters.setdefault("nonfinite_steps", 0)
-    consecutive_nonfinite = 0
+def loop(cfg: Config, run: runs.Run) -> Path:
+    """The training loop: one grpo_step per step, with evaluation, logging and checkpoints around it."""
     first_eval = last_eval = None
-    if held and start == 0:
-        first_eval = held_out(cfg, model, tokenizer, image_processor, held, dist)
-        if dist.main:
-            log_json(out / "eval.jsonl", {"step": 0, **first_eval})
-    pool = ThreadPoolExecutor(max(1, cfg.workers))
-    pending = pool.submit(load_visuals, sampler.batch(start)[1], cfg.max_pixels)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="GRPO", dynamic_ncols=True, disable=not dist.main)
-    step = start
-    try:
+    bar = tqdm(range(run.start, run.steps), initial=run.start, total=run.steps, desc="GRPO", dynamic_ncols=True,
+               disable=not run.dist.main)
+    with runs.Stop() as stop, runs.Prefetch(run, cfg.max_pixels, cfg.workers) as pictures, bar:
+        if run.held and run.start == 0:
+            first_eval = runs.evaluate_and_log(cfg, run, 0)
         for step in bar:
             t0 = time.time()
-            stage = cfg.stage(step)
-            g = cfg.generations(stage)
-            items, visuals, problems = pending.result()
-            if step + 1 < steps:
-                pending = pool.submit(load_visuals, sampler.batch(step + 1)[1], cfg.max_pixels)
-            for p in problems:
-                tqdm.write(f"warning: skipped an unreadable item: {p}", file=sys.stderr)
-            counters["skipped_items"] += int(all_reduce([len(problems)], dist)[0])
-            record = {"step": step + 1, "stage": stage, "epoch": round(sampler.epoch(step + 1), 4)}
-            record.update(grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, items, visuals,
-                                    step, stage, g, suppressed, end_id, device,
-                                    video=sets[sampler.dataset(step)][0].is_video, dist=dist))
-            with warnings.catch_warnings():
-                # A skipped step still advances the schedule, which is keyed to the step number;
-                # PyTorch warns when that happens before the first optimizer step.
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
-                scheduler.step()
-            if record.get("nonfinite"):
-                counters["nonfinite_steps"] += 1
-                consecutive_nonfinite += 1
-                if dist.main:
-                    tqdm.write(f"warning: step {step + 1}: non-finite {record['nonfinite']}; step skipped",
-                               file=sys.stderr)
-            else:
-                consecutive_nonfinite = 0
-            record.update(counters, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
-            if "completion_tokens" in record:
-                record["tokens_per_second"] = round(record["completion_tokens"] / max(record["seconds"], 1e-9), 1)
-            if dist.main:
-                log_json(out / "metrics.jsonl", record)
-            if consecutive_nonfinite >= MAX_NONFINITE_STEPS:
-                found = checkpoints(out)
-                raise RunError(f"steps {step + 2 - consecutive_nonfinite}-{step + 1} all gave a non-finite "
-                               f"{record['nonfinite']} (see {out / 'metrics.jsonl'}); stopping. The newest "
-                               f"checkpoint is {found[-1] if found else 'none (none saved yet)'}. Try a lower "
-                               "--lr or --dtype float32, or check the data, then continue with --resume --force.")
-            shown = {"reward": f"{record.get('reward', float('nan')):.3f}"}
-            if held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                last_eval = held_out(cfg, model, tokenizer, image_processor, held, dist)
-                if dist.main:
-                    log_json(out / "eval.jsonl", {"step": step + 1, **last_eval})
-                    draw_run_curves(out)
-            if last_eval:
-                shown["srcc"] = f"{last_eval['srcc']:.3f}"
-            bar.set_postfix(shown)
-            done = step + 1
-            # A signal may reach the ranks at different steps: they stop together, at the first that saw one.
-            stopping = bool(all_reduce([stop.requested], dist, "max")[0])
-            if done < steps and ((cfg.save_every and done % cfg.save_every == 0) or stopping):
-                saved = save_checkpoint(out, done, model, tokenizer, image_processor, optimizer, scheduler, cfg,
-                                        {"stage": cfg.stage(done), "counters": counters,
-                                         "data": {"seed": cfg.seed, "next_step": done, "epoch": sampler.epoch(done),
-                                                  "items": total_images, "fingerprint": fingerprint}}, dist)
-                if stopping:
-                    if dist.main:
-                        print(f"stopped after step {done} of {steps}; checkpoint {saved}. Continue with:\n"
-                              f"  python grpo.py --out {out} --resume", file=sys.stderr, flush=True)
-                    return out
-    finally:
-        bar.close()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    final = out / "final"
-    weights = full_weights(model)
-    if dist.main:
-        save_folder(final, unwrap(model), tokenizer, image_processor, weights=weights)
-    if held and (not cfg.eval_every or steps % cfg.eval_every):
-        last_eval = held_out(cfg, model, tokenizer, image_processor, held, dist)
-        if dist.main:
-            log_json(out / "eval.jsonl", {"step": steps, **last_eval})
-    if not dist.main:
-        return out
-    draw_run_curves(out)
-    if first_eval and last_eval:
-        print(f"held-out {cfg.eval_split} ({first_eval['n']} items): SRCC {first_eval['srcc']:.3f} -> "
-              f"{last_eval['srcc']:.3f}, PLCC {first_eval['plcc']:.3f} -> {last_eval['plcc']:.3f}")
-    print(f"final model: {final}   metrics: {out / 'metrics.jsonl'}   curves: {out / 'curves.png'}")
-    return out
-
-
-def grpo_step(cfg, model, reference, tokenizer, image_processor, optimizer, items, visuals, step, stage, g,
-              suppressed, end_id, device, *, video: bool | None = None, dist: Dist | None = None) -> dict:
-    """Sample, score, and update once (or mu times) on one batch; returns the step's metrics.
-
-    Under torchrun `items` are this rank's share of the global batch: fewer than B, or none, when
-    pictures were unreadable (`video` then says what the global batch holds).
-    """
-    dist = dist or SINGLE
-    video = items[0].is_video if video is None else video
-    if is_sharded(model) and all_reduce([len(items)], dist, "min")[0] == 0:
-        return {"skipped": "a rank has no readable image in this batch (--fsdp runs every rank in step)"}
-    t0 = time.time()
-    prompts = comp = attn = None
-    texts = []
-    if items:
-        first = dist.rank * cfg.images_per_step  # where this rank's images start in the global batch
-        prompts = preresq.encode_prompts(tokenizer, image_processor, visuals,
-                                         step_prompts(cfg, stage, step, first + len(items), video)[first:],
-                                         video=video)
-        model.eval()
-        comp = call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
-                    max_new_tokens=cfg.max_new_tokens)
-        attn = preresq.completion_mask(comp, end_id)
-        texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
-    t_gen = time.time() - t0
-    reasoning = None
-    if cfg.reasoning_beta is not None and comp is not None:
-        reasoning = preresq.reasoning_mask(tokenizer, comp, attn)
-    mos = torch.tensor([it.mos for it in items], dtype=torch.float32)
-    record = score_and_update(cfg, model, reference, optimizer, prompts, comp, attn, texts, mos, g, stage, video,
-                              suppressed, device, dist, reasoning=reasoning)
-    return {**record, "generation_seconds": round(t_gen, 3)} if "skipped" not in record else record
-
-
-def score_and_update(cfg, model, reference, optimizer, prompts, comp, attn, texts, mos, g, stage, video, suppressed,
-                     device, dist: Dist | None = None, reasoning: torch.Tensor | None = None) -> dict:
-    """Steps 3-7 on sampled answers: rewards and advantages of the global batch, then the update.
-
-    prompts, comp, attn (n*G, C), texts (n*G), mos (n,): this rank's n images and their answers (n may
-    be 0 under torchrun: the rank then only takes part in the collectives). Returns the step's
-    metrics, over the global batch.
-    """
-    dist = dist or SINGLE
-    num_aspects = len(preresq.VIDEO_ASPECTS if video else preresq.IMAGE_ASPECTS)
-    scores, valid, fmt = rewards.parse_completions(texts, num_aspects, g)
-    mos, scores, valid, fmt, own = gather_scores(dist, cfg.images_per_step, mos, scores, valid, fmt)
-    if not len(mos):
-        return {"skipped": "no readable images in this batch"}
-    terms = reward_terms(cfg, scores, mos, valid, fmt, video, stage)
-    reward = terms["total"]
-    tokens, sequences = all_reduce([attn.sum().item() if attn is not None else 0, len(texts)], dist)
-    record = {"reward": reward.mean().item(), "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
-              **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
-              "zero_std_groups": (reward.std(1) < 1e-6).float().mean().item() if g > 1 else 1.0,
-              "parse_failure_rate": 1 - valid.float().mean().item(),
-              "completion_length": tokens / sequences, "completion_tokens": int(tokens)}
-    record["batch_srcc"] = batch_srcc(scores, valid, mos)
-    if not torch.isfinite(reward).all():
-        return {**record, "nonfinite": "reward"}
-    advantages = group_advantages(reward, cfg.scale_rewards)[own].reshape(-1).to(device)
-    rounds = None
-    if is_sharded(model):  # every rank runs as many micro-batches as the busiest one
-        rounds = int(all_reduce([len(micro_batches(len(texts), cfg.micro_batch_size))], dist, "max")[0])
-    t1 = time.time()
-    ref_logp = old_logp = None
-    if reference is not None and comp is not None:
-        ref_logp = reference_logprobs(reference, prompts, comp, attn, cfg, g, suppressed, rounds)
-    if cfg.num_iterations > 1 and comp is not None:
-        old_logp = reference_logprobs(model, prompts, comp, attn, cfg, g, suppressed, rounds)
-    record["reference_seconds"] = round(time.time() - t1, 3)
-    t2 = time.time()
-    for _ in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-        if comp is not None:
-            stats = policy_update(model, prompts, comp, attn, advantages, old_logp, ref_logp, cfg, g, suppressed,
-                                  num_sequences=int(sequences), num_tokens=max(tokens, 1),
-                                  grad_scale=dist.world if is_sharded(model) else 1.0, rounds=rounds,
-                                  reasoning=reasoning)
-        if not is_sharded(model):
-            all_reduce_gradients(model.parameters(), dist)
-        stats = dict(zip(stats, all_reduce(list(stats.values()), dist)))
-        if not math.isfinite(stats["loss"]):
-            optimizer.zero_grad(set_to_none=True)
-            return {**record, **stats, "nonfinite": "loss"}
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # --fsdp: the norm of the sharded gradient
-            grad_norm = grad_norm.full_tensor()
-        if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            return {**record, **stats, "nonfinite": "gradient"}
-        optimizer.step()
-    record.update(stats, grad_norm=grad_norm.item(), policy_seconds=round(time.time() - t2, 3))
-    return record
+            items, visuals, problems = pictures.load(step)
+            record = grpo_step(cfg, run.model, run.reference, run.tokenizer, run.image_processor, run.optimizer,
+                               items, visuals, step, run.sampler.is_video(step), run.dist)
+            record = runs.log_step(cfg, run, step, record, problems, time.time() - t0)
+            if run.held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                last_eval = runs.evaluate_and_log(cfg, run, step + 1)
+            bar.set_postfix({"reward": f"{record.get('reward', float('nan')):.3f}",
+                             **({"srcc": f"{last_eval['srcc']:.3f}"} if last_eval else {})})
+            if runs.checkpoint_if_due(cfg, run, step + 1, stop):
+                return run.out
+    return runs.finish(cfg, run, first_eval, last_eval)
 
 
 def main(argv=None) -> int:
@@ -1061,11 +574,11 @@ def main(argv=None) -> int:
     except (data.DataError, preresq.ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RunError as e:
+    except runs.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the second Ctrl-C (Stop), or one before training began
-        found = checkpoints(Path(cfg.out)) if cfg.out else []
+        found = runs.checkpoints(Path(cfg.out)) if cfg.out else []
         print("\ninterrupted. " + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
                                     f"  python grpo.py --out {cfg.out} --resume" if found else
                                     "No checkpoint was saved yet."), file=sys.stderr)

@@ -1,30 +1,19 @@
-"""PreResQ-R1, the model side: load Qwen2.5-VL, build the prompt, sample G answers, score them.
+"""PreResQ-R1, the model side: the judge Qwen2.5-VL that GRPO trains, and how it is asked and answers.
 
-Paper: arXiv 2511.05393 (PreResQ-R1), method.md §1 and §3 of this project's notes.
-
-What lives here, in the order a GRPO step uses it:
-  load_model(...)            -> model, tokenizer, image processor (hub id, local folder, or preset)
-  encode_prompts(...)        -> PromptBatch: B left-padded prompts with their images
+Paper: arXiv 2511.05393 (PreResQ-R1). A GRPO step shows the policy a picture with the quality
+prompt, samples G answers ("<think>...</think><answer>five aspect scores</answer>"), rewards
+them (rewards.py) and updates the policy on the per-token log-probs of what it sampled. This
+file holds the policy's side of that loop, in the order a step uses it:
+  load_model(...)            -> model, tokenizer, image processor (a checkpoint folder or a hub id)
+  encode_prompts(...)        -> PromptBatch: B left-padded prompts with their pictures
   sample_completions(...)    -> (B*G, C) completion tokens, every sampling setting explicit
   completion_mask(...)       -> tokens up to and including the first end-of-turn token
-  completion_logprobs(...)   -> (B*G, C) per-token log-probs of the distribution that was sampled
-  judge(...) / score(...)    -> inference: parsed aspect scores and the quality score
+  completion_logprobs(...)   -> (B*G, C) log pi_theta(o_t | q, o_<t) of the distribution sampled from
+  judge(...) / score(...)    -> inference: parsed aspect scores and the quality score (their mean)
+and `python preresq.py FILE... --model FOLDER` scores image and video files. The laptop presets
+(`tiny`, `small`) are built by presets.py: `preresq.load_model(presets.model_path("tiny"))`.
 
-Presets. `tiny` and `small` are Qwen2.5-VL models small enough for a laptop CPU. They are built
-from a config (random weights), given an offline byte-level BPE tokenizer and a torchvision-free
-image processor. Their vision tower is first pretrained to regress generic low-level statistics
-(gradient energy, spectrum, colourfulness, ...) of random degraded pictures with natural-image
-(1/f) spectra, as a real encoder comes pretrained; no quality label is involved. Then a short
-supervised warm-up on random pictures with *random* scores, vision tower frozen, teaches the
-answer format (so the model knows the format and nothing about quality: GRPO has to teach it
-quality). Measured on the synthetic test split, `tiny`'s sampled answers still correlate with
-quality by chance before training (SRCC about -0.35): the warm-up does not make them fully
-independent of the picture. Both trainings are ours, not the paper's: the paper starts from
-Qwen2.5-VL-7B-Instruct, which already follows the format. A preset is saved as an ordinary
-Hugging Face folder in the cache and always loaded with `from_pretrained`, the same path a real
-checkpoint takes.
-
-Deliberate choices (and traps avoided; see platform.md):
+Traps avoided, each of which silently changes what is trained:
 - Sampling passes a complete GenerationConfig (do_sample, temperature, top_k=0, top_p=1,
   repetition_penalty=1): Qwen's shipped generation_config.json has top_k=1, which would make all
   G samples identical, and a repetition penalty, which would make the sampled distribution differ
@@ -32,26 +21,20 @@ Deliberate choices (and traps avoided; see platform.md):
 - Special and vision tokens are suppressed while sampling and excluded from the log-softmax
   normalisation, so recomputed log-probs equal the sampled distribution's.
 - `mm_token_type_ids` is passed to every forward; without it Qwen2.5-VL silently falls back to
-  1-D positions.
+  1-D positions instead of its 3-D M-RoPE.
 - Log-probs use hidden states of completion positions only and a row-chunked log-softmax, never
-  a full-vocabulary float32 log-softmax of the whole batch.
-- Shared vision: the vision tower runs once per distinct image and its features serve all G
+  a full-vocabulary float32 log-softmax of the whole batch (which would not fit in memory).
+- Shared vision: the vision tower runs once per distinct picture and its features serve all G
   completions (exact: Qwen2.5-VL injects image features only at the placeholder tokens).
 - Inference never invents a score: an unparsable answer is reported as unparsed.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
 import json
-import math
 import os
-import random
-import shutil
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import data
 import rewards
 
 IMAGE_ASPECTS = ("saturation", "granularity", "sharpness", "foreground", "background")
@@ -112,20 +96,6 @@ SUPPRESSED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vis
                      "<|image_pad|>", "<|video_pad|>")
 END_OF_TURN = "<|im_end|>"
 
-# Preset architectures. `tiny` is the laptop demo's model; `small` is a bigger stand-in for
-# measuring speed. Images in the presets' processor are bounded by min/max pixels (patch 14,
-# 2x2 merge: one visual token per 28x28 pixels).
-PRESETS = {
-    "tiny": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
-                 vision_hidden=64, vision_depth=2, vision_heads=4,
-                 min_pixels=56 * 56, max_pixels=224 * 224,
-                 vision_steps=2500, vision_lr=1e-3, warmup_steps=800, warmup_lr=2e-3),
-    "small": dict(hidden=256, layers=6, heads=4, kv_heads=2, intermediate=768,
-                  vision_hidden=128, vision_depth=4, vision_heads=4,
-                  min_pixels=56 * 56, max_pixels=448 * 448,
-                  vision_steps=400, vision_lr=5e-4, warmup_steps=300, warmup_lr=1e-3),
-}
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -137,27 +107,17 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PRERESQ_CACHE", Path.home() / ".cache" / "preresq"))
-
-
-def preset_path(name: str) -> Path:
-    """Cache folder of a preset; its name changes whenever the recipe (settings, prompts, code) does."""
-    recipe = [PRESETS[name], IMAGE_PROMPT_POOL, VIDEO_PROMPT, WARMUP_THOUGHTS, _RECIPE_CODE]
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    return cache_root() / f"preset-{name}-{digest}"
-
-
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
 
-def load_model(name_or_path: str = "tiny", device: str | None = None, dtype: torch.dtype | str | None = None):
+def load_model(path_or_hub_id: str, device: str | None = None, dtype: torch.dtype | str | None = None):
     """Load a Qwen2.5-VL checkpoint -> (model, tokenizer, image_processor), model in eval mode.
 
-    name_or_path: a preset name (`tiny`, `small`; built and cached on first use), a local
-    checkpoint folder, or a Hugging Face hub id (used from the local hub cache; downloaded only
-    when the hub is reachable). Every case ends in `from_pretrained` on a folder.
+    path_or_hub_id: a local checkpoint folder (one written by save_pretrained: a run's `final`,
+    a laptop preset's presets.model_path(name)), or a Hugging Face hub id (used from the local
+    hub cache; downloaded only when the hub is reachable). Every case ends in `from_pretrained`
+    on a folder. dtype: default bfloat16 on CUDA, float32 on the CPU.
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -167,22 +127,16 @@ def load_model(name_or_path: str = "tiny", device: str | None = None, dtype: tor
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     dtype = dtype or default_dtype(device)
-    if name_or_path in PRESETS:
-        path = preset_path(name_or_path)
-        if not (path / "config.json").exists():
-            build_preset(name_or_path, path)
-        source = str(path)
-    elif Path(name_or_path).expanduser().exists():
-        source = str(Path(name_or_path).expanduser())
+    if Path(path_or_hub_id).expanduser().exists():
+        source = str(Path(path_or_hub_id).expanduser())
         if not (Path(source) / "config.json").exists():
             raise ModelLoadError(f"{source} is not a model folder: it has no config.json. Give a folder "
-                                 f"written by save_pretrained (e.g. runs/.../final), a preset "
-                                 f"({', '.join(PRESETS)}) or a hub id.")
+                                 f"written by save_pretrained (e.g. runs/.../final) or a hub id.")
     else:
-        source = _resolve_hub_id(name_or_path)
+        source = _resolve_hub_id(str(path_or_hub_id))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        # AutoImageProcessor would pick the torchvision backend, which does not import here.
+        # The PIL image processor, not AutoImageProcessor's default: no torchvision is needed.
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
     except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a damaged file, ...
@@ -201,8 +155,9 @@ def _resolve_hub_id(name: str) -> str:
         return snapshot_download(name, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
-    advice = (f"Download it first (`hf download {name}` on a machine with network) or pass "
-              f"a local folder with --model; presets that need no download: {', '.join(PRESETS)}.")
+    advice = (f"Download it first (`hf download {name}` on a machine with network) or pass a local "
+              "folder with --model; a laptop preset needs no download: `python presets.py tiny` "
+              "builds it and prints its folder.")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ModelLoadError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set. {advice}")
     try:
@@ -214,343 +169,6 @@ def _resolve_hub_id(name: str) -> str:
         return snapshot_download(name)
     except Exception as e:  # network errors come in many types; all end the same way
         raise ModelLoadError(f"could not download {name!r}: {e}. {advice}") from e
-
-
-# --------------------------------------------------------------------------- presets
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_tokenizer(corpus: list[str], num_merges: int = 400):
-    """An offline byte-level BPE with Qwen's special tokens, merges learned from `corpus`.
-
-    The pre-tokenizer (Qwen's regex, digits one by one) comes from Qwen2Tokenizer itself, so the
-    result tokenizes like the real one, with a much smaller vocabulary.
-    """
-    from collections import Counter
-
-    from transformers import Qwen2Tokenizer
-
-    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
-    probe = Qwen2Tokenizer(vocab=dict(vocab), merges=[])
-    words = Counter(w for text in corpus for w, _ in probe.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text))
-    splits = {w: list(w) for w in words}
-    merges = []
-    for _ in range(num_merges):
-        pairs = Counter()
-        for w, count in words.items():
-            s = splits[w]
-            for a, b in zip(s, s[1:]):
-                pairs[a, b] += count
-        if not pairs:
-            break
-        (a, b), count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
-        if count < 2:
-            break
-        merges.append((a, b))
-        vocab[a + b] = len(vocab)
-        for w, s in splits.items():
-            i, out = 0, []
-            while i < len(s):
-                if i + 1 < len(s) and s[i] == a and s[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            splits[w] = out
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=list(SPECIAL_TOKENS[1:]))
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def _random_picture(rng: np.random.Generator) -> Image.Image:
-    """A random unlabelled picture for the preset's pretraining: a procedural landscape
-    (data.landscape, the generator of the synthetic sets, here with its own random stream) of
-    random size, 84..168 px a side."""
-    import data
-
-    w, h = (int(rng.integers(3, 7)) * 28 for _ in range(2))
-    return data.landscape(rng, w, h)
-
-
-WARMUP_THOUGHTS = (
-    "I check colour, noise, focus, subject and background.",
-    "I compare the frames, then the single frames.",
-)
-# What the preset learns to say about a picture before GRPO (_degraded_picture's kinds, and its
-# severity in four bins): a description of what is seen, never a score.
-DEGRADATION_NAMES = ("blur", "motion blur", "noise", "blocking", "pixelation", "low contrast", "faded colour",
-                     "banding")
-SEVERITY_WORDS = ("slight", "moderate", "strong", "severe")
-OPINION_LEVELS = np.linspace(1.5, 4.5, len(DEGRADATION_NAMES))
-
-
-def describe_degradation(kind: int | None, severity: float) -> str:
-    """The preset's caption of a picture: "I see strong blur." / "I see no distortion."."""
-    if kind is None:
-        return "I see no distortion."
-    word = SEVERITY_WORDS[severity_bin(severity)]
-    return f"I see {word} {DEGRADATION_NAMES[kind]}."
-
-
-def severity_bin(severity: float) -> int:
-    """The index in SEVERITY_WORDS of a severity in [0, 1]."""
-    return min(int(severity * len(SEVERITY_WORDS)), len(SEVERITY_WORDS) - 1)
-
-
-def neutral_opinion(kind: int | None, severity: float) -> float | None:
-    """The preset's starting opinion of a picture: a level in [1.5, 4.5] for each (kind,
-    severity bin) that says nothing about quality.
-
-    The levels form a Latin square, OPINION_LEVELS[(kind + 3 * bin) % 8]: every severity bin
-    holds each of the eight levels once, so the mean opinion is 3.0 at every severity and the
-    opinion has no correlation with quality. None (an untouched picture): no opinion, a random
-    level. Why the preset has opinions at all: a language model warmed up on scores that ignore
-    what it saw learns to ignore it where the score is written, and GRPO then cannot bring the
-    picture back within the demo's budget (README, "Why the preset has opinions").
-    """
-    if kind is None:
-        return None
-    return float(OPINION_LEVELS[(kind + 3 * severity_bin(severity)) % len(OPINION_LEVELS)])
-
-
-def _random_answer(rng: np.random.Generator, num_aspects: int, video: bool, thought: str | None = None,
-                   level: float | None = None) -> str:
-    """A well-formed answer: a level (default: uniform in [1, 5]; else `level` + N(0, 0.4)),
-    and each aspect within a few tenths of it (aspect ratings of one picture go together, so
-    that the answer is decided by its first digit, which the later aspects learn to follow).
-    `thought` (default: a fixed sentence) is the reasoning written before the scores."""
-    level = rng.uniform(1.0, 5.0) if level is None else level + rng.normal(0, 0.4)
-    scores = np.clip(level + rng.normal(0, 0.15, num_aspects), 1.0, 5.0)
-    thought = thought or WARMUP_THOUGHTS[1 if video else 0]
-    return f"<think>{thought}</think>\n<answer>" + "\n".join(f"{s:.2f}" for s in scores) + "</answer>"
-
-
-def build_preset(name: str, path: Path, seed: int = 0, warmup_steps: int | None = None) -> None:
-    """Build preset `name` and save it at `path`: config, tokenizer, processor, then the vision
-    pretraining and the format warm-up.
-
-    Written to a temporary folder and renamed into place, so a half-built preset is never loaded.
-    warmup_steps=0 skips both trainings (random weights: a model that knows nothing, for tests).
-    """
-    p = PRESETS[name]
-    rng = np.random.default_rng(seed)
-    with torch.random.fork_rng():  # the caller's random stream is left as it was
-        torch.manual_seed(seed)
-        _build_preset(name, p, path, rng, warmup_steps)
-
-
-def _build_preset(name, p, path, rng, warmup_steps):
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    corpus = [render_prompt([1], q) for q in IMAGE_PROMPT_POOL] + [render_prompt([1] * 4, VIDEO_PROMPT, video=True)]
-    captions = [describe_degradation(None, 0.0)] + [describe_degradation(k, (i + 0.5) / len(SEVERITY_WORDS))
-                                                     for k in range(len(DEGRADATION_NAMES))
-                                                     for i in range(len(SEVERITY_WORDS))]
-    corpus += [_random_answer(rng, 5, False, captions[i % len(captions)]) for i in range(200)]
-    corpus += [_random_answer(rng, 2, True) for _ in range(50)]
-    tokenizer = build_tokenizer(corpus)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = p["hidden"] // p["heads"]
-    section = [head_dim // 2 - 2 * (3 * head_dim // 16), 3 * head_dim // 16, 3 * head_dim // 16]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["intermediate"],
-            num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
-            max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(
-            depth=p["vision_depth"], hidden_size=p["vision_hidden"], intermediate_size=2 * p["vision_hidden"],
-            num_heads=p["vision_heads"], out_hidden_size=p["hidden"], patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[p["vision_depth"] - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=p["min_pixels"], max_pixels=p["max_pixels"])
-    steps = p["warmup_steps"] if warmup_steps is None else warmup_steps
-    if steps:
-        _vision_pretraining(model, image_processor, rng, steps=p["vision_steps"], lr=p["vision_lr"])
-        _format_warmup(model, tokenizer, image_processor, rng, steps=steps, lr=p["warmup_lr"])
-    model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    try:
-        tmp.rename(path)
-    except OSError:  # another process built it first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _degraded_picture(rng: np.random.Generator, source: Image.Image | None = None
-                      ) -> tuple[Image.Image, int | None, float]:
-    """A random picture with a random generic degradation of random strength: (picture, kind,
-    severity), kind an index of DEGRADATION_NAMES (None: untouched), severity in [0, 1] (0 for
-    untouched pictures, 1: the strongest of its kind).
-
-    The kinds are the classic synthetic distortions of IQA pretraining (Gaussian and motion blur,
-    noise, JPEG, pixelation, contrast, colour, grey levels) on _random_picture sources, with the
-    strength drawn from a continuum; a quarter of the pictures are left untouched. `source`
-    (default: a new _random_picture) is the picture to degrade.
-    """
-    from PIL import ImageEnhance, ImageFilter
-    import io
-
-    from scipy import ndimage
-
-    img = source if source is not None else _random_picture(rng)
-    if rng.random() < 0.25:
-        return img, None, 0.0
-    kind, t = int(rng.integers(0, 8)), float(rng.random())
-    a = np.asarray(img, np.float32)
-    if kind == 0:
-        img = img.filter(ImageFilter.GaussianBlur(0.3 + 5 * t))
-    elif kind == 1:
-        n = 2 * int(1 + 12 * t) + 1
-        kernel = np.zeros((n, n), np.float32)
-        angle = rng.uniform(0, np.pi)
-        for s in np.linspace(-(n - 1) / 2, (n - 1) / 2, 2 * n):
-            kernel[int(round((n - 1) / 2 + s * np.sin(angle))), int(round((n - 1) / 2 + s * np.cos(angle)))] = 1
-        kernel /= kernel.sum()
-        img = Image.fromarray(np.clip(np.stack([ndimage.convolve(a[..., c], kernel, mode="reflect")
-                                                for c in range(3)], -1), 0, 255).astype(np.uint8))
-    elif kind == 2:
-        img = Image.fromarray(np.clip(a + rng.normal(0, 50 * t, a.shape), 0, 255).astype(np.uint8))
-    elif kind == 3:
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=int(3 + 90 * (1 - t)))
-        img = Image.open(buf).convert("RGB")
-    elif kind == 4:
-        k = max(1, int(1 + 30 * t))
-        img = img.resize((max(1, img.size[0] // k), max(1, img.size[1] // k)), Image.BOX).resize(img.size, Image.NEAREST)
-    elif kind == 5:
-        img = ImageEnhance.Contrast(img).enhance(1 - 0.9 * t)
-    elif kind == 6:
-        img = ImageEnhance.Color(img).enhance(1 - t)
-    else:
-        levels = int(2 + 30 * (1 - t))
-        img = Image.fromarray((np.round(a / 255 * (levels - 1)) / (levels - 1) * 255).astype(np.uint8))
-    return img, kind, t
-
-
-def _prefetched(make, n: int):
-    """Yield make() n times, each computed in a worker thread while the caller trains on the
-    previous one (the pictures are numpy/Pillow work, which releases the GIL). make is only ever
-    called from that one thread, in order, so a random stream it draws from is drawn exactly as
-    in a plain loop."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(make) if n else None
-        for i in range(n):
-            item = pending.result()
-            pending = pool.submit(make) if i + 1 < n else None
-            yield item
-
-
-def _vision_pretraining(model, image_processor, rng, steps: int, batch: int = 16, lr: float = 2e-3) -> None:
-    """Give the preset's vision tower the distortion-aware features a pretrained encoder has.
-
-    A real Qwen2.5-VL's vision tower comes pretrained and sees blur, noise and compression; a
-    random one maps every picture to almost the same features, so there would be nothing for
-    GRPO to learn from. Here the vision tower (with a temporary linear head on its mean- and
-    std-pooled output) learns the classic IQA pretext task (RankIQA, DB-CNN): the severity of a
-    random generic degradation of a random picture (_degraded_picture). No picture of any
-    dataset and no quality score is ever shown, and the language model, which writes the
-    scores, is not trained here.
-    """
-    from tqdm import tqdm
-
-    vision = model.model.visual
-    head = torch.nn.Linear(2 * vision.merger.mlp[-1].out_features, 1)
-    opt = torch.optim.AdamW(list(vision.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    vision.train()
-
-    def draw():  # four degradations of each source (drawing a landscape costs more than degrading it)
-        sources = [_random_picture(rng) for _ in range(batch // 4)]
-        pictures, _, severity = zip(*(_degraded_picture(rng, sources[i // 4]) for i in range(batch)))
-        return image_processor(images=list(pictures), return_tensors="pt"), torch.tensor(severity)
-
-    for enc, severity in tqdm(_prefetched(draw, steps), total=steps, desc="vision pretraining", leave=False):
-        feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True).pooler_output
-        pooled = torch.stack([torch.cat([f.mean(0), f.std(0)]) for f in feats])
-        loss = torch.nn.functional.mse_loss(head(pooled).squeeze(-1), 4 * severity - 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    vision.eval()
-
-
-def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float, batch: int = 8) -> None:
-    """Supervised warm-up on (random degraded picture, prompt) -> caption, then scores.
-
-    What a real VLM brings from its pretraining, in miniature: it reads its visual tokens (the
-    reasoning names the degradation it sees and how strong it is: describe_degradation) and it
-    writes the answer format. The scores are the preset's neutral_opinion of what it saw:
-    they depend on the picture but carry no information about its quality, so the preset starts
-    with no correlation between its scores and quality; tying them to quality is left to GRPO.
-    The adapter (merger) and the language model train; the rest of the vision tower stays as
-    _vision_pretraining left it.
-    """
-    from tqdm import tqdm
-
-    language = [p for n, p in model.named_parameters()
-                if not n.startswith("model.visual.") or n.startswith("model.visual.merger.")]
-    opt = torch.optim.AdamW(language, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    model.train()
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-
-    def examples():
-        visuals, prompts, answers, video = [], [], [], rng.random() < 0.2
-        for _ in range(batch):
-            if video:
-                visuals.append([_random_picture(rng) for _ in range(4)])
-                prompts.append(VIDEO_PROMPT)
-            else:
-                picture, kind, severity = _degraded_picture(rng)
-                visuals.append([picture])
-                prompts.append(IMAGE_PROMPT_POOL[int(rng.integers(len(IMAGE_PROMPT_POOL)))])
-            answers.append(_random_answer(rng, 2, True) if video else
-                           _random_answer(rng, 5, False, describe_degradation(kind, severity),
-                                          neutral_opinion(kind, severity)))
-        prompt = encode_prompts(tokenizer, image_processor, visuals, prompts, video=video)
-        comp = [tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
-        width = max(map(len, comp))
-        pad = tokenizer.pad_token_id
-        comp_ids = torch.tensor([c + [pad] * (width - len(c)) for c in comp])
-        mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in comp])
-        return prompt, comp_ids, mask
-
-    for prompt, comp_ids, mask in tqdm(_prefetched(examples, steps), total=steps, desc="format warm-up", leave=False):
-        logp = completion_logprobs(model, prompt, comp_ids, mask, temperature=1.0, num_generations=1,
-                                   suppressed=suppressed_ids(tokenizer))
-        loss = -(logp * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
 
 
 # --------------------------------------------------------------------------- prompts
@@ -603,23 +221,6 @@ def encode_prompts(tokenizer, image_processor, visuals: list[list[Image.Image]],
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return PromptBatch(batch["input_ids"], batch["attention_mask"], enc["pixel_values"], enc["image_grid_thw"],
                        [len(p) for p in visuals])
-
-
-def repeat_prompts(batch: PromptBatch, g: int) -> PromptBatch:
-    """Each prompt repeated g times in place (rows b*g .. b*g+g-1 are prompt b).
-
-    Pixels are split per prompt by image_grid_thw and each prompt's chunk is repeated g times in
-    the same order as the rows; repeat_interleave on the flat pixel tensor would pair rows with
-    the wrong pictures.
-    """
-    patches = batch.image_grid_thw.prod(-1)
-    per_prompt_patches = torch.stack([p.sum() for p in patches.split(batch.pictures_per_prompt)]).tolist()
-    pixel_chunks = batch.pixel_values.split(per_prompt_patches)
-    grid_chunks = batch.image_grid_thw.split(batch.pictures_per_prompt)
-    return PromptBatch(
-        batch.input_ids.repeat_interleave(g, 0), batch.attention_mask.repeat_interleave(g, 0),
-        torch.cat([c for c in pixel_chunks for _ in range(g)]), torch.cat([c for c in grid_chunks for _ in range(g)]),
-        [n for n in batch.pictures_per_prompt for _ in range(g)])
 
 
 def mm_token_type_ids(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -779,17 +380,6 @@ class Judgement:
     parsed: int
 
 
-def read_visual(path: str, max_pixels: int | None = None):
-    """An image file -> RGB image; a video file -> its views [global mosaic, local frames]."""
-    import data
-
-    if Path(path).suffix.lower() in data.VIDEO_EXTS:
-        import video as video_views  # PyAV is needed for videos only
-
-        return video_views.video_views(path, local_max_pixels=max_pixels or video_views.LOCAL_MAX_PIXELS)
-    return data.load_image(path, max_pixels=max_pixels)
-
-
 @torch.no_grad()
 def judge(model, tokenizer, image_processor, visuals: list, *, video: bool = False, samples: int | None = None,
           temperature: float = 1.0, max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 8,
@@ -834,19 +424,13 @@ def score(model, processor, image_or_frames) -> Judgement:
     """Score one image (PIL image or path) or one video (path or list of view pictures).
 
     processor: the (tokenizer, image_processor) pair that load_model returned, e.g.
-    `model, *processor = load_model("tiny")`. Greedy decoding: the same input, the same score.
+    `model, *processor = load_model("runs/demo/final")`. Greedy decoding: the same input, the
+    same score.
     """
     tokenizer, image_processor = processor
-    visual = read_visual(str(image_or_frames)) if isinstance(image_or_frames, (str, os.PathLike)) else image_or_frames
+    visual = data.read_visual(str(image_or_frames)) if isinstance(image_or_frames, (str, os.PathLike)) else image_or_frames
     is_video = isinstance(visual, (list, tuple))
     return judge(model, tokenizer, image_processor, [visual], video=is_video)[0]
-
-
-# The source of the preset recipe, read once at import: the code this process runs (a file edited
-# later must not rename the cache of what this process builds).
-_RECIPE_CODE = "".join(inspect.getsource(f) for f in (
-    build_preset, _build_preset, build_tokenizer, _prefetched, _vision_pretraining, _degraded_picture,
-    _format_warmup, _random_picture, _random_answer, describe_degradation, severity_bin, neutral_opinion))
 
 
 def main(argv=None) -> int:
@@ -854,15 +438,15 @@ def main(argv=None) -> int:
         description="Score the visual quality of images and videos with a PreResQ model: prints the score "
                     "(1..5), the aspect scores and the model's reasoning for each file.")
     parser.add_argument("files", nargs="+", help="image or video files")
-    parser.add_argument("--model", default="tiny", help="checkpoint folder, hub id or preset (default: tiny)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint folder (e.g. runs/<run>/final) or hub id; `python presets.py tiny` "
+                             "prints the folder of the laptop preset")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--samples", type=int, default=None, help="average K sampled answers (default: greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--json", action="store_true", help="one JSON object per file")
     args = parser.parse_args(argv)
-    import data
-
     try:
         model, tokenizer, image_processor = load_model(args.model, args.device, args.dtype)
     except ModelLoadError as e:
@@ -871,7 +455,7 @@ def main(argv=None) -> int:
     failed = 0
     for path in args.files:
         try:
-            visual = read_visual(path)
+            visual = data.read_visual(path)
         except data.DataError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1

@@ -1,26 +1,27 @@
 """The dual rank-and-score reward of PreResQ-R1, and three rivals to compare it with.
 
-Paper: arXiv 2511.05393 (PreResQ-R1); this project's method.md §2. Notation: one training
-step holds B images with G sampled completions ("rollouts") each; rollout (i, j) rates A
-aspects d[i, j, :] (A = 5 for images, 2 for video); its prediction p[i, j] is their mean;
-g[i] is the image's MOS on the 1..5 scale.
+Paper: arXiv 2511.05393 (PreResQ-R1); docs/method.md walks through each term, and
+rewards_reference.py computes them with plain loops. Notation: one training step holds B
+images with G sampled completions ("rollouts") each; rollout (i, j) rates A aspects
+d[i, j, :] (A = 5 for images, 2 for video); its prediction p[i, j] is their mean; g[i] is the
+image's MOS on the 1..5 scale.
 
     R = R_format + ( 0.375 R_pair - P_std + 0.25 R_tripbal + 0.125 R_trip3 + 1.0 R_rank ) / 3
 
 Video drops R_rank and the division by 3 (`video=True`).
 
-| term      | paper name                                      | function                | method.md |
-|-----------|-------------------------------------------------|-------------------------|-----------|
-| R_format  | format reward                                   | `format_reward`         | §2.1      |
-| P_std     | std penalty (response branch)                   | `aspect_spread_penalty` | §2.2      |
-| R_tripbal | response triplet ranking balance                | `triplet_balance`       | §2.2      |
-| R_pair    | pairwise score-and-rank fidelity (preference)   | `pairwise_fidelity`     | §2.3      |
-| R_trip3   | triplet ranking accuracy (preference)           | `triplet_accuracy`      | §2.3      |
-| R_rank    | within-group rank reward (preference)           | `group_rank`            | §2.3      |
-| R         | the combination                                 | `preresq_reward`        | §2        |
-| rival     | VisualQuality-R1 Thurstone fidelity             | `fidelity_reward`       | §2.5      |
-| rival     | Q-Insight score threshold                       | `threshold_reward`      | §2.5      |
-| rival     | VQAThinker Gaussian score                       | `gaussian_reward`       | §2.5      |
+| term      | paper name                                      | function                |
+|-----------|-------------------------------------------------|-------------------------|
+| R_format  | format reward                                   | `format_reward`         |
+| P_std     | std penalty (response branch)                   | `aspect_spread_penalty` |
+| R_tripbal | response triplet ranking balance                | `triplet_balance`       |
+| R_pair    | pairwise score-and-rank fidelity (preference)   | `pairwise_fidelity`     |
+| R_trip3   | triplet ranking accuracy (preference)           | `triplet_accuracy`      |
+| R_rank    | within-group rank reward (preference)           | `group_rank`            |
+| R         | the combination                                 | `preresq_reward`        |
+| rival     | VisualQuality-R1 Thurstone fidelity             | `fidelity_reward`       |
+| rival     | Q-Insight score threshold                       | `threshold_reward`      |
+| rival     | VQAThinker Gaussian score                       | `gaussian_reward`       |
 
 `REWARDS` maps the names `grpo.py --reward` accepts to these functions. Every reward takes
 `(scores (B, G, A), mos (B,), valid (B, G) bool = None, *, format_rewards (B, G) = None)` and
@@ -33,7 +34,7 @@ partners it has, and a term with no partner at all is 0. Arithmetic is done in f
 a threshold test on two-decimal ratings does not depend on float32 rounding.
 
 Where this file differs from the authors' code, and why:
-1. Parse failures (method.md §2.4). The authors fill a completion without numbers with 3.0,
+1. Parse failures. The authors fill a completion without numbers with 3.0,
    pad a short one by repeating its first number, and read "the last five numbers anywhere in
    the text". We read only the last <answer> block (`parse_answer`), never invent a value, and
    give an unparsed completion 0 on every term instead of a made-up score.
@@ -83,7 +84,7 @@ import re
 import torch
 from torch import Tensor
 
-# Authors' constants (method.md §2).
+# The authors' constants.
 STD_FLOOR = 0.5          # P_std = STD_WEIGHT * max(0, STD_FLOOR - sigma)
 STD_WEIGHT = 0.5
 TRIPBAL_TOL = 0.05       # an outer value of a triple scores when closer than this to the middle
@@ -152,7 +153,7 @@ def _strict_format(num_aspects: int) -> re.Pattern:
 
 
 def format_reward(text: str, num_aspects: int) -> float:
-    """R_format (method.md §2.1): 1.0 when the whole text is `<think>`...`</think>`, optional
+    """R_format: 1.0 when the whole text is `<think>`...`</think>`, optional
     whitespace, `<answer>`, exactly `num_aspects` unsigned numbers one per line, `</answer>`,
     and nothing else (no leading or trailing characters); else 0.0. A text that scores 1 always
     parses (`parse_answer` returns its numbers)."""
@@ -273,7 +274,7 @@ def _same_order(dp: Tensor, dg: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# Response branch (method.md §2.2)
+# Response branch
 # ---------------------------------------------------------------------------------------
 
 def aspect_spread_penalty(scores: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -310,7 +311,7 @@ def triplet_balance(scores: Tensor, valid: Tensor | None = None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# Preference branch (method.md §2.3); p: (B, G) predictions = mean of the aspect scores
+# Preference branch; p: (B, G) predictions = mean of the aspect scores
 # ---------------------------------------------------------------------------------------
 
 def pairwise_fidelity(p: Tensor, mos: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -398,7 +399,7 @@ def preresq_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
                    response_branch: bool = True, preference_branch: bool = True,
                    w_pair: float = 0.375, w_std: float = 1.0, w_tripbal: float = 0.25,
                    w_trip3: float = 0.125, w_rank: float = 1.0) -> dict[str, Tensor]:
-    """PreResQ-R1's reward (method.md §2). scores: (B, G, A) aspect scores; mos: (B,);
+    """PreResQ-R1's reward. scores: (B, G, A) aspect scores; mos: (B,);
     valid: (B, G) bool, the completions that parsed (None: all); format_rewards: (B, G)
     R_format from the texts (None: valid as 0/1).
 
@@ -431,7 +432,7 @@ def preresq_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
 
 def fidelity_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
                     format_rewards: Tensor | None = None) -> dict[str, Tensor]:
-    """VisualQuality-R1's Thurstone fidelity reward (method.md §2.5). Per image, mean mu and
+    """VisualQuality-R1's Thurstone fidelity reward. Per image, mean mu and
     unbiased variance var of its valid predictions (var = 0 with fewer than two). For rollout
     (i, j) and every other image z: P = Phi((p_ij - mu_z) / sqrt(var_i + var_z + 1e-6)),
     P* = 1, 0.5, 0 as g_i >, =, < g_z, f = sqrt(P* P + 1e-6) + sqrt((1 - P*)(1 - P) + 1e-6);
@@ -456,7 +457,7 @@ def fidelity_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
 
 def threshold_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
                      format_rewards: Tensor | None = None) -> dict[str, Tensor]:
-    """Q-Insight's score reward (method.md §2.5): "threshold" = 1 when |p - g| < 0.35, else 0.
+    """Q-Insight's score reward: "threshold" = 1 when |p - g| < 0.35, else 0.
     Returns "format", "threshold", "total" (B, G)."""
     fmt, d, g, valid = _format_and_inputs(scores, mos, valid, format_rewards, "threshold_reward")
     p = d.mean(-1)
@@ -466,7 +467,7 @@ def threshold_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *
 
 def gaussian_reward(scores: Tensor, mos: Tensor, valid: Tensor | None = None, *,
                     format_rewards: Tensor | None = None) -> dict[str, Tensor]:
-    """VQAThinker's Gaussian score reward (method.md §2.5): "gaussian" = exp(-(p - g)^2 / (2 * 0.5^2)).
+    """VQAThinker's Gaussian score reward: "gaussian" = exp(-(p - g)^2 / (2 * 0.5^2)).
     Returns "format", "gaussian", "total" (B, G)."""
     fmt, d, g, valid = _format_and_inputs(scores, mos, valid, format_rewards, "gaussian_reward")
     p = d.mean(-1)

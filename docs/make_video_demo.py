@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
-import video
+import synthetic
 
 def frames(n=100, w=640, h=360):
     font = ImageFont.load_default(size=72)
@@ -23,4 +23,4 @@ def frames(n=100, w=640, h=360):
         d.text((20, 10), f"{i}", font=font, fill=(255, 255, 255))
         yield np.asarray(im)
 
-video.write_clip(sys.argv[1], frames())
+synthetic.write_clip(sys.argv[1], frames())

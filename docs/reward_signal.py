@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpo  # noqa: E402
 import rewards  # noqa: E402
 
-MOS_LEVELS = np.array([5.0, 4.2, 3.4, 2.6, 1.8, 1.0])  # data.synthetic_mos(0..5)
+MOS_LEVELS = np.array([5.0, 4.2, 3.4, 2.6, 1.8, 1.0])  # synthetic.synthetic_mos(0..5)
 
 
 def run(reward: str, lr: float, steps: int = 200, b: int = 8, g: int = 8, seed: int = 0) -> list[tuple]:

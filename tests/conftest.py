@@ -19,18 +19,19 @@ import torch  # noqa: E402
 def tiny():
     """The `tiny` preset (format warm-up included): (model, tokenizer, image_processor) on the CPU."""
     import preresq
+    import presets
 
-    return preresq.load_model("tiny", "cpu")
+    return preresq.load_model(presets.model_path("tiny"), "cpu")
 
 
 @pytest.fixture(scope="session")
 def blank_dir():
     """A `tiny`-architecture checkpoint without the warm-up (random weights), as a folder."""
-    import preresq
+    import presets
 
     path = Path(tempfile.mkdtemp(prefix="preresq-blank-")) / "model"
     torch.manual_seed(0)
-    preresq.build_preset("tiny", path, warmup_steps=0)
+    presets.build_preset("tiny", path, warmup_steps=0)
     return path
 
 

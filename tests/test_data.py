@@ -1,5 +1,6 @@
-"""Tests for data.py: fixture folders in each dataset's native format, label parsing, splits,
-errors, image decoding, and the synthetic sets' quality order (checked with PSNR)."""
+"""Tests for data.py, benchmarks.py and synthetic.py: fixture folders in each dataset's native
+format, label parsing, splits, errors, image decoding, and the synthetic sets' quality order
+(checked with PSNR)."""
 import collections
 import csv
 import json
@@ -14,7 +15,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
+import benchmarks
 import data
+import synthetic
 from data import DataError
 
 
@@ -108,16 +111,16 @@ def test_rescale_hand_worked():
 def test_read_xlsx_shared_inline_numbers_and_sheets(tmp_path):
     rows = [["title only"], None, ["vid", "MOS full", None, "note"], ["a_360P-1", 3.5, None, "x"], ["b_4K-2", 4.25]]
     write_xlsx(tmp_path / "s.xlsx", {"diff": [["x"]], "MOS": rows})
-    got = data.read_xlsx(str(tmp_path / "s.xlsx"), "MOS")
+    got = benchmarks.read_xlsx(str(tmp_path / "s.xlsx"), "MOS")
     assert got == [["title only"], [], ["vid", "MOS full", None, "note"], ["a_360P-1", 3.5, None, "x"], ["b_4K-2", 4.25]]
-    assert data.read_xlsx(str(tmp_path / "s.xlsx")) == [["x"]]  # default: the first sheet
+    assert benchmarks.read_xlsx(str(tmp_path / "s.xlsx")) == [["x"]]  # default: the first sheet
     write_xlsx(tmp_path / "i.xlsx", {"S": rows}, inline=True)
-    assert data.read_xlsx(str(tmp_path / "i.xlsx")) == got
+    assert benchmarks.read_xlsx(str(tmp_path / "i.xlsx")) == got
     with pytest.raises(DataError, match="no sheet 'nope'.*diff"):
-        data.read_xlsx(str(tmp_path / "s.xlsx"), "nope")
+        benchmarks.read_xlsx(str(tmp_path / "s.xlsx"), "nope")
     touch(str(tmp_path / "bad.xlsx"), b"not a zip")
     with pytest.raises(DataError, match="bad.xlsx"):
-        data.read_xlsx(str(tmp_path / "bad.xlsx"))
+        benchmarks.read_xlsx(str(tmp_path / "bad.xlsx"))
 
 
 def test_read_xlsx_rich_text_and_phonetic_runs(tmp_path):
@@ -130,24 +133,24 @@ def test_read_xlsx_rich_text_and_phonetic_runs(tmp_path):
     with zipfile.ZipFile(tmp_path / "r.xlsx", "w") as z:
         for n, b in members.items():
             z.writestr(n, b)
-    assert data.read_xlsx(str(tmp_path / "r.xlsx")) == [["Image name", 1.0]]
+    assert benchmarks.read_xlsx(str(tmp_path / "r.xlsx")) == [["Image name", 1.0]]
 
 
 def test_read_mat_v5_cells_and_clear_errors(tmp_path):
     names = np.array(["t1.bmp", "long_name.bmp"], dtype=object).reshape(-1, 1)
     scipy.io.savemat(tmp_path / "a.mat", {"names": names, "mos": np.array([[10.5, 70.0]])})
-    got_names, got_mos = data.read_mat(str(tmp_path / "a.mat"), "names", "mos")
-    assert [data._mat_str(n) for n in got_names] == ["t1.bmp", "long_name.bmp"]
+    got_names, got_mos = benchmarks.read_mat(str(tmp_path / "a.mat"), "names", "mos")
+    assert [benchmarks._mat_str(n) for n in got_names] == ["t1.bmp", "long_name.bmp"]
     assert list(got_mos) == [10.5, 70.0]
     with pytest.raises(DataError, match=r"no variable\(s\) \['dmos'\].*'mos', 'names'"):
-        data.read_mat(str(tmp_path / "a.mat"), "dmos")
+        benchmarks.read_mat(str(tmp_path / "a.mat"), "dmos")
     header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
     touch(str(tmp_path / "v73.mat"), header + bytes(512))
     with pytest.raises(DataError, match="v7.3.*-v7"):
-        data.read_mat(str(tmp_path / "v73.mat"), "mos")
+        benchmarks.read_mat(str(tmp_path / "v73.mat"), "mos")
     touch(str(tmp_path / "junk.mat"), b"hello world" * 3)
     with pytest.raises(DataError, match="junk.mat"):
-        data.read_mat(str(tmp_path / "junk.mat"), "mos")
+        benchmarks.read_mat(str(tmp_path / "junk.mat"), "mos")
 
 
 def test_read_labels_text_formats(tmp_path):
@@ -317,7 +320,7 @@ def make_bid(root):
 
 def make_live(root):
     os.makedirs(root, exist_ok=True)
-    names = [f"{folder}/img{i}.bmp" for folder, n in data._LIVE_FOLDERS for i in range(1, n + 1)]
+    names = [f"{folder}/img{i}.bmp" for folder, n in benchmarks._LIVE_FOLDERS for i in range(1, n + 1)]
     rng = np.random.default_rng(0)
     dmos = rng.uniform(0, 100, len(names))
     orgs = np.zeros(len(names))
@@ -429,7 +432,19 @@ def test_koniq_official_split_and_missing_split_file(tmp_path):
         data.load_dataset("koniq", str(tmp_path / "b"), "train")
 
 
-def test_kadid_split_is_the_papers_by_reference(tmp_path):
+KADID_LISTS = {"train": data.KADID_TRAIN_REFS, "val": data.KADID_VAL_REFS, "test": data.KADID_TEST_REFS}
+
+
+def test_kadid_lists_are_disjoint_and_cover_the_81_references():
+    assert {s: len(refs) for s, refs in KADID_LISTS.items()} == {"train": 49, "val": 16, "test": 16}
+    every = [r for refs in KADID_LISTS.values() for r in refs]
+    assert len(every) == len(set(every)) == 81  # disjoint
+    assert set(every) == {f"I{k:02d}" for k in range(1, 82)}
+    assert set(data.KADID_VAL_REFS) == {"I07", "I12", "I14", "I15", "I16", "I27", "I32", "I35", "I36", "I41", "I44",
+                                        "I49", "I55", "I66", "I67", "I70"}  # the authors' val list
+
+
+def test_kadid_split_is_the_authors_by_reference(tmp_path):
     make_kadid(str(tmp_path))
     split = {s: data.load_dataset("kadid", str(tmp_path), s) for s in ("train", "val", "test")}
     refs = {s: {i.ref for i in items} for s, items in split.items()}
@@ -437,13 +452,30 @@ def test_kadid_split_is_the_papers_by_reference(tmp_path):
     assert (len(refs["train"]), len(refs["val"]), len(refs["test"])) == (49, 16, 16)
     assert not (refs["train"] & refs["val"]) and not (refs["train"] & refs["test"]) and not (refs["val"] & refs["test"])
     assert (len(split["train"]), len(split["val"]), len(split["test"])) == (98, 32, 32)
-    other = data.load_dataset("kadid", str(tmp_path), "val", seed=7)
-    assert {i.ref for i in other} != refs["val"]
+    for s, items in split.items():  # every image lands in its reference's list, path and ref agreeing
+        assert all(os.path.basename(i.path)[:3] in KADID_LISTS[s] and i.ref[:-4] in KADID_LISTS[s] for i in items), s
     assert {i.ref[:-4] for i in data.load_dataset("kadid", str(tmp_path), "test", seed=7)} == set(data.KADID_TEST_REFS)
     # rescaled once over the whole label file (min 1.04 at I01, max 4.64 at I81), not per split
     for it in split["test"]:
         assert it.mos == pytest.approx(1 + 4 * (it.raw - 1.04) / (4.64 - 1.04))
     assert min(i.mos for i in split["test"]) > 1.5
+
+
+def test_kadid_split_does_not_depend_on_the_seed(tmp_path):
+    make_kadid(str(tmp_path))
+    for s in ("train", "val", "test"):
+        assert data.load_dataset("kadid", str(tmp_path), s, seed=7) == data.load_dataset("kadid", str(tmp_path), s, seed=42)
+
+
+def test_kadid_partial_copy_and_unknown_reference(tmp_path):
+    make_kadid(str(tmp_path), refs=3)  # I01..I03, all three in the authors' train list
+    assert {i.ref for i in data.load_dataset("kadid", str(tmp_path), "train")} == {"I01.png", "I02.png", "I03.png"}
+    assert data.load_dataset("kadid", str(tmp_path), "val") == []
+    path = tmp_path / "dmos.csv"
+    path.write_text(path.read_text().replace(",I03.png,", ",ref03.png,"))  # a renamed reference
+    with pytest.raises(DataError, match=r"1 reference image\(s\) not among KADID-10k's I01..I81.*ref03.png"):
+        data.load_dataset("kadid", str(tmp_path), "train")
+    assert len(data.load_dataset("kadid", str(tmp_path), "all")) == 6
 
 
 def test_random_split_seeded_disjoint_by_reference(tmp_path):
@@ -698,7 +730,7 @@ def test_synthetic_default_set_splits_mos_and_cache(synthetic_root):
         levels[level] += 1
     assert levels == {0: 36, 1: 72, 2: 72, 3: 72, 4: 72, 5: 72}
     kinds = {k for _, k in by_source_and_type(train, r"\.png")}
-    assert kinds == set(data.DISTORTIONS) and {k for _, k in by_source_and_type(test, r"\.png")} == set(data.DISTORTIONS)
+    assert kinds == set(synthetic.DISTORTIONS) and {k for _, k in by_source_and_type(test, r"\.png")} == set(synthetic.DISTORTIONS)
     # the cache is an ordinary GT dataset
     assert data.load_dataset("labels", folder, "all", labels=os.path.join(folder, "test.txt")) == [
         data.Item(i.path, i.mos, i.raw, "test", i.ref) for i in test]
@@ -753,11 +785,11 @@ def test_synthetic_video_quality_order_and_format(tmp_path):
         assert (s.codec_context.name, s.width, s.height, s.format.name, s.average_rate) == ("h264", 128, 96, "yuv420p", 8)
         assert sum(1 for _ in c.decode(video=0)) == 32
     groups = by_source_and_type(train + test, r"\.mp4")
-    assert {k for _, k in groups} == set(data.VIDEO_DISTORTIONS) and len(groups) == 12
+    assert {k for _, k in groups} == set(synthetic.VIDEO_DISTORTIONS) and len(groups) == 12
     for (ref, kind), levels in groups.items():
         s = int(ref[1:4])
-        src = data.landscape(np.random.default_rng([1, s]), 128 + data.PAN_SPEED * 32, 96)
-        rendered = np.stack([np.asarray(f) for f in data.pan_clip(src, 32, 128, 96)]).astype(np.float64)
+        src = synthetic.landscape(np.random.default_rng([1, s]), 128 + synthetic.PAN_SPEED * 32, 96)
+        rendered = np.stack([np.asarray(f) for f in synthetic.pan_clip(src, 32, 128, 96)]).astype(np.float64)
         rendered = rendered @ np.array([0.299, 0.587, 0.114])
         pristine = os.path.join(os.path.dirname(levels[1].path), ref)
         p = [psnr(rendered, decoded_luma(pristine))] + [psnr(rendered, decoded_luma(levels[k].path)) for k in range(1, 6)]

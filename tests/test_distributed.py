@@ -1,4 +1,4 @@
-"""grpo.py under torch.distributed (issue 8): two gloo processes on 127.0.0.1 against one process.
+"""grpo.py under torch.distributed: two gloo processes on 127.0.0.1 against one process.
 
 The reference for every distributed result is one process given the whole global batch: the
 gradient after a step must equal its gradient (to 1e-5), and the rewards, advantages and metrics
@@ -21,8 +21,11 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+import distributed
 import grpo
 import preresq
+import runs
+import presets
 
 G = 3
 MOS = [1.5, 4.2, 3.1, 2.4]  # the global batch: 4 images, 2 per rank
@@ -30,13 +33,18 @@ SIZES = [(56, 84), (84, 56), (56, 56), (84, 84)]  # different prompt lengths: le
 
 # name -> (settings, the global images each rank could read, --fsdp). "short": rank 1 lost an
 # image; "empty": rank 1 lost both and only takes part in the collectives.
+# These compare across the global batch (--compare-across-processes), which one process holds whole;
+# "per_process" is the default, each rank's images compared among themselves (test below).
+GLOBAL = dict(compare_across_processes=True)
 CASES = {
-    "ddp": (dict(loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], False),
-    "ddp_short": (dict(loss_type="dapo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], False),
-    "ddp_empty": (dict(loss_type="grpo", scale_rewards="batch"), [[0, 1], []], False),
-    "fsdp": (dict(loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], True),
-    "fsdp_short": (dict(loss_type="dr_grpo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], True),
+    "ddp": (dict(GLOBAL, loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], False),
+    "ddp_short": (dict(GLOBAL, loss_type="dapo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], False),
+    "ddp_empty": (dict(GLOBAL, loss_type="grpo", scale_rewards="batch"), [[0, 1], []], False),
+    "fsdp": (dict(GLOBAL, loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], True),
+    "fsdp_short": (dict(GLOBAL, loss_type="dr_grpo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]],
+                   True),
 }
+PER_PROCESS = (dict(images_per_step=3, loss_type="grpo", scale_rewards="group"), [[0, 1, 2], [3, 1, 0]])
 
 
 def free_port() -> int:
@@ -73,34 +81,38 @@ def inputs(tok, ip, images: list[int]):
 
 
 def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
-    """grpo.score_and_update on fixed answers -> {"grad": flat full gradient, "record": metrics}.
+    """grpo.score_rollout and grpo.update on fixed answers -> {"grad": flat full gradient, "record": metrics}.
     lr 0 and no clipping: the gradient is left as computed, the weights unchanged."""
     cfg = grpo.Config(model="tiny", images_per_step=2, max_grad_norm=1e9).resolve()
     for k, v in settings.items():
         setattr(cfg, k, v)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     prompts, comp, attn, texts, mos = inputs(tok, ip, images) if images else (None, None, None, [], torch.zeros(0))
-    record = grpo.score_and_update(cfg, model, None, optimizer, prompts, comp, attn, texts, mos, G, 2, False,
-                                   preresq.suppressed_ids(tok), "cpu", dist)
+    rollout = grpo.Rollout(prompts, comp, attn, texts, mos, G, False, preresq.suppressed_ids(tok))
+    advantages, record = grpo.score_rollout(cfg, rollout, grpo.explore_stable(cfg, 0), dist)
+    terms = dict(record)
+    record.update(grpo.update(cfg, model, None, optimizer, rollout, advantages, dist))
     grads = []
     for p in model.parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         grads.append((g.full_tensor() if hasattr(g, "full_tensor") else g).flatten())
-    return {"grad": torch.cat(grads), "record": record}
+    return {"grad": torch.cat(grads), "record": record, "advantages": advantages, "terms": terms}
 
 
 def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist, _ = grpo.init_distributed("cpu")
+    dist, _ = distributed.init_distributed("cpu")
     model, tok, ip = preresq.load_model(model_dir, "cpu")
     results = {}
     for name, (settings, split, fsdp) in CASES.items():
         m = copy.deepcopy(model)
         if fsdp:
-            m = grpo.shard_model(m, "cpu")
+            m = distributed.shard_model(m, "cpu")
         results[name] = one_step(m, tok, ip, settings, split[rank], dist)
+    settings, split = PER_PROCESS
+    results["per_process"] = one_step(copy.deepcopy(model), tok, ip, settings, split[rank], dist)
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()
@@ -119,7 +131,7 @@ def two_ranks(blank_dir, tmp_path_factory):
 def test_two_ranks_give_the_gradient_and_metrics_of_one_process(two_ranks, blank, case):
     settings, split, _ = CASES[case]
     model, tok, ip = blank
-    single = one_step(copy.deepcopy(model), tok, ip, settings, [i for part in split for i in part], grpo.SINGLE)
+    single = one_step(copy.deepcopy(model), tok, ip, settings, [i for part in split for i in part], distributed.SINGLE)
     got = two_ranks[case]
     difference = (got["grad"] - single["grad"]).abs().max().item()
     print(f"{case}: max |grad| {single['grad'].abs().max().item():.3g}, max |difference| {difference:.2g}")
@@ -133,10 +145,26 @@ def test_two_ranks_give_the_gradient_and_metrics_of_one_process(two_ranks, blank
         assert got["record"][key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
+@pytest.mark.slow
+def test_by_default_each_process_compares_its_own_images(two_ranks, blank):
+    """The paper's reward is computed per device: rank 0's advantages are those of one process on
+    rank 0's images alone, and the logged reward terms average the two ranks' own computations."""
+    settings, split = PER_PROCESS
+    model, tok, ip = blank
+    alone = [one_step(copy.deepcopy(model), tok, ip, settings, images, distributed.SINGLE) for images in split]
+    got = two_ranks["per_process"]
+    assert torch.allclose(got["advantages"], alone[0]["advantages"], atol=1e-6)
+    for key in ("reward", "reward/pair_fidelity", "reward/triplet_accuracy", "reward/group_rank"):
+        assert got["terms"][key] == pytest.approx((alone[0]["terms"][key] + alone[1]["terms"][key]) / 2, rel=1e-6)
+    # the same images compared across the global batch give other preference terms
+    together = one_step(copy.deepcopy(model), tok, ip, settings, split[0] + split[1], distributed.SINGLE)
+    assert together["terms"]["reward/pair_fidelity"] != pytest.approx(got["terms"]["reward/pair_fidelity"])
+
+
 def test_ranks_split_the_global_batch_of_one_process():
     sets = {"a": list(range(10)), "b": list(range(100, 125))}
-    one = grpo.BatchSampler(sets, 6, seed=3)
-    ranks = [grpo.BatchSampler(sets, 2, seed=3, rank=r, world=3) for r in range(3)]
+    one = runs.BatchSampler(sets, 6, seed=3)
+    ranks = [runs.BatchSampler(sets, 2, seed=3, rank=r, world=3) for r in range(3)]
     for step in range(12):  # several epochs of set "a"
         name, items = one.batch(step)
         assert [ranks[r].batch(step)[0] for r in range(3)] == [name] * 3
@@ -145,22 +173,22 @@ def test_ranks_split_the_global_batch_of_one_process():
 
 
 def test_rank_seeds_differ_and_rank_0_keeps_the_seed():
-    seeds = [grpo.rank_seed(42, r) for r in range(8)]
+    seeds = [distributed.rank_seed(42, r) for r in range(8)]
     assert seeds[0] == 42 and len(set(seeds)) == 8
-    assert seeds == [grpo.rank_seed(42, r) for r in range(8)]
+    assert seeds == [distributed.rank_seed(42, r) for r in range(8)]
 
 
 def test_too_few_images_for_the_processes_is_refused_with_the_numbers():
     sets = {"koniq": list(range(30)), "spaq": list(range(100))}
-    grpo.check_global_batch(sets, 8, 3)  # 24 <= 30
-    grpo.check_global_batch(sets, 64, 1)  # one process: a short set gives a short batch, as always
+    distributed.check_global_batch(sets, 8, 3)  # 24 <= 30
+    distributed.check_global_batch(sets, 64, 1)  # one process: a short set gives a short batch, as always
     with pytest.raises(SystemExit) as e:
-        grpo.check_global_batch(sets, 8, 4)
+        distributed.check_global_batch(sets, 8, 4)
     message = str(e.value)
     assert "4 processes x --images-per-step 8 = 32" in message and "'koniq' has only 30" in message
     assert message.endswith("Use at most 3 processes, or --images-per-step 7 or less, or more training data.")
     with pytest.raises(SystemExit) as e:  # a set smaller than B: only a smaller B (or more data) helps
-        grpo.check_global_batch({"tid": list(range(5))}, 8, 2)
+        distributed.check_global_batch({"tid": list(range(5))}, 8, 2)
     assert str(e.value).endswith("Use --images-per-step 2 or less, or more training data.")
 
 
@@ -214,12 +242,12 @@ def test_torchrun_two_processes_rank_0_alone_writes(ddp_run):
     assert all(m["completion_tokens"] > 0 and m["parse_failure_rate"] < 1 for m in steps)
     assert steps[1]["epoch"] == pytest.approx(2 * 4 / 297, abs=1e-4)  # the global batch: 2 ranks x 2 images
     assert [e["step"] for e in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == [0, 2]
-    assert [p.name for p in grpo.checkpoints(out)] == ["checkpoint-1"] and (out / "final" / "config.json").exists()
+    assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-1"] and (out / "final" / "config.json").exists()
     assert not list(out.glob(".*.tmp"))
-    state = torch.load(out / "checkpoint-1" / grpo.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(out / "checkpoint-1" / runs.CHECKPOINT_STATE, weights_only=False)
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # ranks sample apart
-    initial = weights(preresq.preset_path("tiny"))
+    initial = weights(presets.preset_path("tiny"))
     assert any(not torch.equal(v, initial[k]) for k, v in weights(out / "checkpoint-1").items())
 
 
@@ -235,7 +263,7 @@ def test_checkpoints_move_between_two_ranks_and_one_with_the_same_global_batch(d
     assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
     steps = metrics(out)
     assert [m["step"] for m in steps] == [1, 2, 3] and steps[2]["epoch"] == pytest.approx(3 * 4 / 297, abs=1e-4)
-    state = torch.load(out / "checkpoint-2" / grpo.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(out / "checkpoint-2" / runs.CHECKPOINT_STATE, weights_only=False)
     assert state["world_size"] == 1 and state["config"]["images_per_step"] == 4
     # The one-process checkpoint (step 2) goes back to two ranks of 2 images.
     done = torchrun(["--out", str(out), "--resume", "--steps", "4", "--images-per-step", "2"])
@@ -282,7 +310,7 @@ def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_step_with_one_checkp
     proc.wait(timeout=120)
     done = len(metrics(out))
     assert 1 <= done < 50
-    assert [p.name for p in grpo.checkpoints(out)] == [f"checkpoint-{done}"] and not (out / "final").exists()
+    assert [p.name for p in runs.checkpoints(out)] == [f"checkpoint-{done}"] and not (out / "final").exists()
     assert (tmp_path / "stderr").read_text().count(f"stopped after step {done} of 50") == 1
 
 

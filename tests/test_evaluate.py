@@ -15,7 +15,9 @@ from PIL import Image
 
 import data
 import evaluate
+import plots
 import preresq
+import presets
 
 # ---------------------------------------------------------------------------------------
 # correlations
@@ -117,7 +119,7 @@ def test_bad_inputs_are_refused_with_a_message():
 
 
 # ---------------------------------------------------------------------------------------
-# figures
+# figures (plots.py)
 # ---------------------------------------------------------------------------------------
 
 
@@ -132,16 +134,16 @@ def _blobs(img, colour):
 def test_scatter_png_has_one_dot_per_point_where_the_data_put_it(tmp_path):
     path = tmp_path / "scatter.png"
     pred, mos = [1.0, 3.0, 5.0], [4.5, 1.0, 3.0]
-    evaluate.draw_scatter(path, pred, mos, title="toy")
+    plots.draw_scatter(path, pred, mos, title="toy")
     img = Image.open(path)
     assert img.format == "PNG" and img.size == (640, 480)
-    dots = sorted(_blobs(img.convert("RGB"), evaluate.PALETTE[0]))
+    dots = sorted(_blobs(img.convert("RGB"), plots.PALETTE[0]))
     assert len(dots) == 3
     # left to right follows pred; image y grows downwards, so higher MOS is higher up
     ys = [y for _, y in dots]
     assert ys[0] < ys[2] < ys[1]
     # no curve without parameters
-    assert not _blobs(img.convert("RGB"), evaluate.PALETTE[3])
+    assert not _blobs(img.convert("RGB"), plots.PALETTE[3])
 
 
 def test_scatter_draws_the_logistic_curve(tmp_path):
@@ -150,10 +152,11 @@ def test_scatter_draws_the_logistic_curve(tmp_path):
     mos = evaluate.logistic4(pred, 4.8, 1.2, 3.0, 0.5) + rng.normal(0, 0.1, 100)
     got = evaluate.correlations(pred, mos)
     path = tmp_path / "scatter.png"
-    evaluate.draw_scatter(path, pred, mos, got["logistic_params"], size=(500, 400))
+    plots.draw_scatter(path, pred, mos, lambda x: evaluate.logistic4(x, *got["logistic_params"]),
+                       size=(500, 400))
     img = Image.open(path).convert("RGB")
     assert img.size == (500, 400)
-    red = np.all(np.asarray(img) == evaluate.PALETTE[3], axis=-1)
+    red = np.all(np.asarray(img) == plots.PALETTE[3], axis=-1)
     # the curve spans most of the plot's width
     columns = np.flatnonzero(red.any(axis=0))
     assert columns.max() - columns.min() > 0.7 * 500
@@ -161,9 +164,9 @@ def test_scatter_draws_the_logistic_curve(tmp_path):
 
 def test_scatter_of_nothing_still_draws_axes(tmp_path):
     path = tmp_path / "empty.png"
-    evaluate.draw_scatter(path, [], [], title="all unparsed")
+    plots.draw_scatter(path, [], [], title="all unparsed")
     img = np.asarray(Image.open(path).convert("RGB"))
-    assert (img != evaluate.BACKGROUND).any()
+    assert (img != plots.BACKGROUND).any()
 
 
 def test_curves_put_reward_above_correlations_and_skip_nan(tmp_path):
@@ -172,24 +175,24 @@ def test_curves_put_reward_above_correlations_and_skip_nan(tmp_path):
     series = {"mean reward": [(s, 0.5 + 0.01 * s) for s in steps],
               "held-out SRCC": [(0, math.nan)] + [(s, 0.015 * s) for s in steps[1:]],
               "held-out PLCC": [(s, 0.014 * s) for s in steps]}
-    evaluate.draw_curves(path, series, title="demo")
+    plots.draw_curves(path, series, title="demo")
     img = Image.open(path).convert("RGB")
     assert img.size == (720, 560)
     arr = np.asarray(img)
     for k, upper in ((0, True), (1, False), (2, False)):
-        rows = np.flatnonzero(np.all(arr == evaluate.PALETTE[k], axis=-1).any(axis=1))
+        rows = np.flatnonzero(np.all(arr == plots.PALETTE[k], axis=-1).any(axis=1))
         assert len(rows), k
         assert (rows.max() < 280) if upper else (rows.min() > 280), k
 
 
 def test_curves_with_only_correlations_use_one_panel(tmp_path):
     path = tmp_path / "curves.png"
-    evaluate.draw_curves(path, {"SRCC": [(0, 0.1), (10, 0.6)]}, size=(400, 300))
+    plots.draw_curves(path, {"SRCC": [(0, 0.1), (10, 0.6)]}, size=(400, 300))
     arr = np.asarray(Image.open(path).convert("RGB"))
-    rows = np.flatnonzero(np.all(arr == evaluate.PALETTE[0], axis=-1).any(axis=1))
+    rows = np.flatnonzero(np.all(arr == plots.PALETTE[0], axis=-1).any(axis=1))
     assert rows.min() < 150 < rows.max()  # the one panel fills the height
     with pytest.raises(ValueError, match="no series"):
-        evaluate.draw_curves(path, {})
+        plots.draw_curves(path, {})
 
 
 @pytest.mark.parametrize("lo, hi, expected", [
@@ -199,7 +202,7 @@ def test_curves_with_only_correlations_use_one_panel(tmp_path):
     (0.0, 123.0, [0.0, 25.0, 50.0, 75.0, 100.0]),
 ])
 def test_nice_ticks(lo, hi, expected):
-    assert evaluate._nice_ticks(lo, hi) == pytest.approx(expected)
+    assert plots._nice_ticks(lo, hi) == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,7 +300,7 @@ def test_files_agree_with_each_other_and_with_a_recomputation(fake_set, tmp_path
     for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
         assert summary[key] == pytest.approx(again[key], abs=1e-12), key
     scatter = Image.open(out / "scatter-toy.png").convert("RGB")
-    assert len(_blobs(scatter, evaluate.PALETTE[0])) == 7
+    assert len(_blobs(scatter, plots.PALETTE[0])) == 7
 
 
 def test_evaluate_judges_images_and_videos_separately_keeping_order(monkeypatch):
@@ -309,7 +312,7 @@ def test_evaluate_judges_images_and_videos_separately_keeping_order(monkeypatch)
                                   parsed=1) for v in visuals]
 
     monkeypatch.setattr(preresq, "judge", judge)
-    monkeypatch.setattr(preresq, "read_visual", lambda path, max_pixels=None: float(path[1]))
+    monkeypatch.setattr(data, "read_visual", lambda path, max_pixels=None: float(path[1]))
     items = [data.Item(path=p, mos=float(p[1]), raw=0.0, dataset="mixed")
              for p in ("/1.mp4", "/2.png", "/3.mp4", "/4.png")]
     metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=4, progress=False)
@@ -428,7 +431,7 @@ def synthetic_handful(tmp_path_factory):
 
 def _run_cli(out, tiny, handful, monkeypatch, *extra):
     def load_model(name, device=None, dtype=None):
-        assert name == "tiny"
+        assert name == presets.model_path("tiny")
         return tiny
 
     monkeypatch.setattr(preresq, "load_model", load_model)
@@ -462,7 +465,7 @@ def test_end_to_end_files_agree_and_the_seed_fixes_the_numbers(tiny, synthetic_h
     assert any(row.split()[:3] == ["handful", str(s["n"]), shown] for row in table.splitlines())
     scatter = Image.open(tmp_path / "a" / "scatter-handful.png")
     assert scatter.format == "PNG" and scatter.size == (640, 480)
-    dots = np.all(np.asarray(scatter.convert("RGB")) == evaluate.PALETTE[0], axis=-1)
+    dots = np.all(np.asarray(scatter.convert("RGB")) == plots.PALETTE[0], axis=-1)
     assert dots.any() == (s["n"] > 0)
     # the same seed gives the same numbers, and the same answers
     assert _run_cli(tmp_path / "b", tiny, synthetic_handful, monkeypatch, *decoding) == summary

@@ -1,4 +1,4 @@
-"""grpo.py under the failures a user meets (issue 9): each gives a clear message (what, where,
+"""grpo.py under the failures a user meets: each gives a clear message (what, where,
 what to do) and loses nothing. Runs go through grpo.main, in process, on the `tiny` preset.
 """
 import errno
@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 import grpo
 import preresq
+import presets
 import rewards
+import runs
 
 FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
          "--max-new-tokens", "64", "--eval-split", "none", "--workers", "1"]
@@ -122,7 +124,7 @@ def test_missing_file_and_corrupt_clip_at_load_time_are_reported_not_fatal(tmp_p
     (tmp_path / "ok.png").write_bytes(png(rng))
     (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(rng.integers(0, 255, 2000, dtype=np.uint8)))
     items = [data.Item(str(tmp_path / n), 3.0, 3.0, "s") for n in ("ok.png", "deleted.png", "clip.mp4")]
-    kept, visuals, problems = grpo.load_visuals(items, None)
+    kept, visuals, problems = runs.load_visuals(items, None)
     assert [it.path for it in kept] == [str(tmp_path / "ok.png")] and len(visuals) == 1
     assert len(problems) == 2
     assert str(tmp_path / "deleted.png") in problems[0] and "does not exist" in problems[0]
@@ -201,13 +203,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
     assert f"could not write {out / 'checkpoint-2'}" in message and "No space left on device" in message
     assert "checkpoints in" in message and "intact" in message and "--resume" in message
     # checkpoint-1 survives (--keep-last 1 prunes only after a complete save), nothing half-written remains
-    assert [p.name for p in grpo.checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-1"]
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
-    assert torch.load(out / "checkpoint-1" / grpo.CHECKPOINT_STATE, weights_only=False)["step"] == 1
+    assert torch.load(out / "checkpoint-1" / runs.CHECKPOINT_STATE, weights_only=False)["step"] == 1
 
     assert grpo.main(["--out", str(out), "--resume"]) == 0  # space freed: the run goes on
     assert [r["step"] for r in records(out)] == [1, 2, 3]
-    assert [p.name for p in grpo.checkpoints(out)] == ["checkpoint-2"]  # pruned to the newest
+    assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-2"]  # pruned to the newest
     assert (out / "final" / "model.safetensors").exists()
 
 
@@ -229,7 +231,7 @@ def test_inf_reward_skips_the_step_and_the_run_goes_on(tmp_path, monkeypatch):
     first, second = records(out)
     assert first["nonfinite"] == "reward" and first["nonfinite_steps"] == 1 and "loss" not in first
     assert "nonfinite" not in second and math.isfinite(second["loss"]) and second["nonfinite_steps"] == 1
-    initial = weights(preresq.preset_path("tiny"))
+    initial = weights(presets.preset_path("tiny"))
     assert same_weights(weights(out / "checkpoint-1"), initial)  # the skipped step changed nothing
     assert not same_weights(weights(out / "final"), initial)  # the next one did
 
@@ -248,7 +250,7 @@ def test_nan_loss_skips_the_step(tmp_path, monkeypatch):
     first, second = records(out)
     assert first["nonfinite"] == "loss" and first["nonfinite_steps"] == 1
     assert "nonfinite" not in second and math.isfinite(second["grad_norm"])
-    assert same_weights(weights(out / "checkpoint-1"), weights(preresq.preset_path("tiny")))
+    assert same_weights(weights(out / "checkpoint-1"), weights(presets.preset_path("tiny")))
 
 
 def test_a_run_that_keeps_producing_nan_stops_with_a_message(tmp_path, capsys, monkeypatch):
@@ -260,7 +262,7 @@ def test_a_run_that_keeps_producing_nan_stops_with_a_message(tmp_path, capsys, m
         return terms
 
     monkeypatch.setitem(rewards.REWARDS, "preresq", always_nan)
-    monkeypatch.setattr(grpo, "MAX_NONFINITE_STEPS", 2)
+    monkeypatch.setattr(runs, "MAX_NONFINITE_STEPS", 2)
     out = tmp_path / "run"
     assert grpo.main(FLAGS + ["--steps", "5", "--save-every", "1", "--out", str(out)]) == 1
     message = capsys.readouterr().err
@@ -269,20 +271,25 @@ def test_a_run_that_keeps_producing_nan_stops_with_a_message(tmp_path, capsys, m
     assert [r["nonfinite_steps"] for r in records(out)] == [1, 2]
 
 
+def score(cfg, texts, mos, g):
+    """(reward terms, parse mask) of image answers, as a single-schedule step scores them."""
+    scores, valid, fmt = rewards.parse_completions(texts, 5, g)
+    return grpo.reward_terms(cfg, grpo.explore_stable(cfg, 0), scores, mos, valid, fmt, video=False), valid
+
+
 def test_a_group_with_no_parsable_answer_has_zero_advantage():
     """Hand-worked: an answer without the format earns nothing (format 0, no accuracy terms), so a
     group of them has constant reward 0 and advantage exactly 0, never NaN (std 0 + eps)."""
     cfg = grpo.Config(model="tiny").resolve()
     good = ["<think>ok</think>\n<answer>" + "\n".join([s] * 5) + "</answer>" for s in ("2.0", "4.0", "3.0")]
     texts = ["no answer", "<think>still nothing", "5 5 5"] + good
-    out = grpo.score_completions(cfg, texts, torch.tensor([2.0, 4.0]), 3, False, 2)
-    terms, valid = out[0], out[-1]
+    terms, valid = score(cfg, texts, torch.tensor([2.0, 4.0]), 3)
     assert valid.tolist() == [[False] * 3, [True] * 3]
     assert terms["total"][0].tolist() == [0.0, 0.0, 0.0]
     adv = grpo.group_advantages(terms["total"])
     assert adv[0].tolist() == [0.0, 0.0, 0.0] and torch.isfinite(adv).all() and adv[1].abs().sum() > 0
     # the whole batch unparsable: all advantages 0, and the loss is finite (0)
-    terms = grpo.score_completions(cfg, ["x"] * 6, torch.tensor([2.0, 4.0]), 3, False, 2)[0]
+    terms = score(cfg, ["x"] * 6, torch.tensor([2.0, 4.0]), 3)[0]
     adv = grpo.group_advantages(terms["total"]).reshape(-1)
     logp = torch.randn(6, 4)
     loss, _ = grpo.grpo_loss(logp, logp, None, adv, torch.ones(6, 4), beta=0.0, epsilon=0.2)
@@ -291,13 +298,14 @@ def test_a_group_with_no_parsable_answer_has_zero_advantage():
 
 # --------------------------------------------------------------------------- batch shapes
 
-def test_one_answer_per_image_trains_without_signal(tmp_path):
-    """G = 1: no group baseline, so the advantage, the loss and the update are 0; nothing breaks."""
-    out = tmp_path / "run"
-    assert grpo.main(FLAGS + ["--num-generations", "1", "--steps", "1", "--out", str(out)]) == 0
-    (r,) = records(out)
-    assert r["loss"] == 0.0 and r["grad_norm"] == 0.0 and r["zero_std_groups"] == 1.0
-    assert same_weights(weights(out / "final"), weights(preresq.preset_path("tiny")))
+def test_one_answer_per_image_is_refused_before_anything_runs(tmp_path, capsys):
+    """G = 1 has no group baseline: every advantage, the loss and the update would be 0, a run that
+    learns nothing. It is refused with the reason, in any stage, before a folder is made."""
+    for flags in (["--num-generations", "1"], ["--schedule", "explore-stable", "--stage2-generations", "1"]):
+        with pytest.raises(SystemExit) as e:
+            grpo.main(FLAGS + flags + ["--steps", "1", "--out", str(tmp_path / "run")])
+        assert "at least 2" in str(e.value.code) and "nothing is learned" in str(e.value.code)
+    assert not (tmp_path / "run").exists()
 
 
 def test_micro_batch_that_does_not_divide_the_batch(tmp_path):
@@ -312,3 +320,15 @@ def test_micro_batch_that_does_not_divide_the_batch(tmp_path):
 
 
 # More processes than images (torchrun) is checked in test_distributed.py.
+
+
+def test_logs_write_null_for_a_missing_number_not_bare_nan(tmp_path):
+    """JSON has no NaN: a strict reader (jq, JavaScript, pandas' default) refuses a bare NaN."""
+    path = tmp_path / "metrics.jsonl"
+    runs.log_json(path, {"step": 1, "batch_srcc": float("nan"), "reward": 0.5, "grad_norm": float("inf")})
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in a JSON log")
+
+    record = json.loads(path.read_text(), parse_constant=refuse)
+    assert record == {"step": 1, "batch_srcc": None, "reward": 0.5, "grad_norm": None}

@@ -116,6 +116,10 @@ def update_inputs(blank, g=3):
     return model, tok, prompts, comp, attn, adv
 
 
+def rollout(prompts, comp, attn, g, suppressed):
+    return grpo.Rollout(prompts, comp, attn, [], torch.zeros(0), g, False, suppressed)
+
+
 def config(**kw):
     cfg = grpo.Config(model="tiny").resolve()
     for k, v in kw.items():
@@ -130,8 +134,8 @@ def test_micro_batches_and_shared_vision_give_the_full_batch_gradient(blank, los
     grads = []
     for micro, shared in ((None, False), (2, True), (4, False), (None, True)):
         model.zero_grad()
-        grpo.policy_update(model, prompts, comp, attn, adv, None, None,
-                           config(micro_batch_size=micro, shared_vision=shared, loss_type=loss_type), 3, sup)
+        grpo.policy_update(model, rollout(prompts, comp, attn, 3, sup), adv, None, None,
+                           config(micro_batch_size=micro, shared_vision=shared, loss_type=loss_type))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     model.zero_grad()
     for g in grads[1:]:
@@ -143,12 +147,12 @@ def test_clipping_acts_only_when_updating_several_times(blank):
     sup = preresq.suppressed_ids(tok)
     cfg = config(lr=1e-2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    old = grpo.reference_logprobs(model, prompts, comp, attn, cfg, 3, sup)
+    old = grpo.reference_logprobs(model, rollout(prompts, comp, attn, 3, sup), cfg)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * 50)
     fractions = []
     for _ in range(2):
         opt.zero_grad()
-        stats = grpo.policy_update(model, prompts, comp, attn, adv, old, None, cfg, 3, sup)
+        stats = grpo.policy_update(model, rollout(prompts, comp, attn, 3, sup), adv, old, None, cfg)
         fractions.append(stats["clip_fraction"])
         opt.step()
     model.load_state_dict(state)
@@ -177,7 +181,8 @@ def test_toy_reward_rises(blank):
         history.append(reward.mean().item())
         adv = grpo.group_advantages(reward).reshape(-1)
         opt.zero_grad()
-        grpo.policy_update(model, prompts, comp, preresq.completion_mask(comp, end), adv, None, None, cfg, 8, sup)
+        grpo.policy_update(model, rollout(prompts, comp, preresq.completion_mask(comp, end), 8, sup), adv, None, None,
+                           cfg)
         opt.step()
     assert np.mean(history[:5]) < 0.7
     assert np.mean(history[-5:]) > 0.9
@@ -230,22 +235,32 @@ def test_a_few_steps_on_synthetic_video(tiny, tmp_path):
 
 def test_exploration_to_stability_schedule():
     cfg = config(schedule="explore-stable", stage1_steps=3, stage1_generations=12, stage2_generations=6)
-    assert [cfg.stage(s) for s in range(5)] == [1, 1, 1, 2, 2]
-    assert cfg.generations(1) == 12 and cfg.generations(2) == 6
-    stage1 = grpo.step_prompts(cfg, 1, 0, 50, video=False)
+    stages = [grpo.explore_stable(cfg, s) for s in range(5)]
+    assert [s.number for s in stages] == [1, 1, 1, 2, 2]
+    assert [s.num_generations for s in stages] == [12, 12, 12, 6, 6]
+    assert [s.spread_penalty for s in stages] == [True, True, True, False, False]
+    stage1 = grpo.step_prompts(stages[0], cfg.seed, 0, 50, video=False)
     assert set(stage1) <= set(preresq.IMAGE_PROMPT_POOL) and len(set(stage1)) > 1
-    assert grpo.step_prompts(cfg, 1, 0, 50, video=False) == stage1  # seeded by step
-    assert set(grpo.step_prompts(cfg, 2, 7, 10, video=False)) == {preresq.IMAGE_PROMPT}
-    single = config()
-    assert single.stage(0) == 2 and single.generations(2) == single.num_generations
+    assert grpo.step_prompts(stages[0], cfg.seed, 0, 50, video=False) == stage1  # seeded by step
+    assert set(grpo.step_prompts(stages[4], cfg.seed, 7, 10, video=False)) == {preresq.IMAGE_PROMPT}
+    single = grpo.explore_stable(config(), 0)
+    assert (single.number, single.num_generations, single.spread_penalty) == (2, config().num_generations, True)
+    assert single.prompts == (preresq.IMAGE_PROMPT,)
+
+
+def stage_rewards(cfg, texts, mos, g, step):
+    import rewards
+
+    scores, valid, fmt = rewards.parse_completions(texts, 5, g)
+    return grpo.reward_terms(cfg, grpo.explore_stable(cfg, step), scores, mos, valid, fmt, video=False)
 
 
 def test_stage_two_drops_the_spread_penalty():
     cfg = config(schedule="explore-stable", stage1_steps=3)
     texts = ["<think>x</think><answer>3\n3\n3\n3\n3</answer>"] * 3  # all aspects equal: maximal penalty
     mos = torch.tensor([3.0])
-    stage1, _, _ = grpo.score_completions(cfg, texts, mos, 3, False, 1)
-    stage2, _, _ = grpo.score_completions(cfg, texts, mos, 3, False, 2)
+    stage1 = stage_rewards(cfg, texts, mos, 3, 0)
+    stage2 = stage_rewards(cfg, texts, mos, 3, 3)
     assert torch.allclose(stage1["aspect_spread_penalty"], torch.full((1, 3), 0.25))
     assert torch.allclose(stage2["total"] - stage1["total"], torch.full((1, 3), 0.25 / 3))
 
@@ -260,5 +275,21 @@ def test_impossible_flags_fail_before_any_model_loads(capsys):
 def test_reference_logprobs_come_back_to_the_policy_device(blank):
     model, tok, prompts, comp, attn, adv = update_inputs(blank)
     cfg = config(micro_batch_size=4)
-    lp = grpo.reference_logprobs(model, prompts, comp, attn, cfg, 3, preresq.suppressed_ids(tok))
+    lp = grpo.reference_logprobs(model, rollout(prompts, comp, attn, 3, preresq.suppressed_ids(tok)), cfg)
     assert lp.shape == comp.shape and lp.device == comp.device and torch.isfinite(lp).all()
+
+
+def test_exploration_lasts_half_of_a_run_set_by_epochs(blank_dir):
+    """A real checkpoint trains for --epochs (the paper's 8), so the step count is known only once the
+    data are: stage 1 must be half of that count, not half of an unset --steps (which gave 0 steps)."""
+    cfg, _, _ = grpo.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
+    assert cfg.steps is None and cfg.epochs == 8
+    steps = cfg.total_steps(num_images=297)  # ceil(8 * 297 / 8)
+    assert steps == 297 and cfg.stage1_steps == 148
+    assert [grpo.explore_stable(cfg, s).number for s in (0, 147, 148, 296)] == [1, 1, 2, 2]
+    assert grpo.explore_stable(cfg, 0).num_generations == 12
+    # two processes halve the steps, and stage 1 with them; an explicit --stage1-steps is kept
+    cfg, _, _ = grpo.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
+    assert cfg.total_steps(297, world=2) == 149 and cfg.stage1_steps == 74
+    cfg, _, _ = grpo.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable", "--stage1-steps", "5"])
+    assert cfg.total_steps(297) == 297 and cfg.stage1_steps == 5

@@ -1,7 +1,7 @@
 """The demo learns: GRPO with the PreResQ reward ties the `tiny` preset's scores to quality.
 
 The preset starts with no correlation between its scores and quality (held-out SRCC about 0,
-by construction: preresq.neutral_opinion). A short run with the demo's own settings must lift the
+by construction: presets.neutral_opinion). A short run with the demo's own settings must lift the
 held-out SRCC clearly above where it started. Measured on the 2-core machine (README, "Tests"):
 0.059 -> 0.300. That is less than the demo's 0.568 at step 100, because here the learning rate
 decays to 0 over 100 steps instead of 200.

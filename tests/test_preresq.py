@@ -1,4 +1,4 @@
-"""preresq.py: prompts, batching, sampling settings, log-probs against generate, loading."""
+"""preresq.py: prompts, batching, sampling settings, log-probs against generate, loading; presets.py."""
 import json
 import subprocess
 import sys
@@ -10,13 +10,32 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import preresq
+import presets
 import rewards
 
 
 def pictures(sizes, seed=0):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def repeat_prompts(batch, g):
+    """Each prompt of a PromptBatch repeated g times in place (rows b*g .. b*g+g-1 are prompt b).
+
+    Pixels are split per prompt by image_grid_thw and each prompt's chunk is repeated g times in
+    the same order as the rows; repeat_interleave on the flat pixel tensor would pair rows with
+    the wrong pictures.
+    """
+    patches = batch.image_grid_thw.prod(-1)
+    per_prompt_patches = torch.stack([p.sum() for p in patches.split(batch.pictures_per_prompt)]).tolist()
+    pixel_chunks = batch.pixel_values.split(per_prompt_patches)
+    grid_chunks = batch.image_grid_thw.split(batch.pictures_per_prompt)
+    return preresq.PromptBatch(
+        batch.input_ids.repeat_interleave(g, 0), batch.attention_mask.repeat_interleave(g, 0),
+        torch.cat([c for c in pixel_chunks for _ in range(g)]), torch.cat([c for c in grid_chunks for _ in range(g)]),
+        [n for n in batch.pictures_per_prompt for _ in range(g)])
 
 
 def sampled_with_scores(model, tokenizer, batch, g, max_new_tokens=12, seed=0):
@@ -81,7 +100,7 @@ def test_every_row_meets_its_own_pictures(blank):
     imgs = pictures([(56, 84), (112, 140), (84, 56)], seed=1)
     batch = preresq.encode_prompts(tok, ip, [[p] for p in imgs], [preresq.IMAGE_PROMPT] * 3)
     g = 2
-    rep = preresq.repeat_prompts(batch, g)
+    rep = repeat_prompts(batch, g)
     for row in range(3 * g):
         alone = preresq.encode_prompts(tok, ip, [[imgs[row // g]]], [preresq.IMAGE_PROMPT])
         patches = rep.image_grid_thw.prod(-1).tolist()
@@ -150,11 +169,11 @@ def test_preset_is_an_ordinary_checkpoint_that_knows_the_format(tiny):
     from transformers import AutoModelForImageTextToText
 
     model, tok, ip = tiny
-    path = preresq.preset_path("tiny")
+    path = presets.preset_path("tiny")
     again = AutoModelForImageTextToText.from_pretrained(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     rng = np.random.default_rng(5)
-    imgs = [preresq._random_picture(rng) for _ in range(6)]
+    imgs = [presets._random_picture(rng) for _ in range(6)]
     judged = preresq.judge(model, tok, ip, imgs, samples=4, max_new_tokens=64)
     parsed = sum(j.parsed for j in judged)
     assert parsed >= 0.5 * 24, [j.texts[0] for j in judged]
@@ -191,8 +210,8 @@ def test_command_line_scores_files_and_reports_unreadable_ones(tiny, tmp_path):
     pictures([(84, 112)])[0].save(good)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    r = subprocess.run([sys.executable, "preresq.py", str(good), str(bad), "--json", "--model", "tiny",
-                        "--max-new-tokens", "64"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "preresq.py", str(good), str(bad), "--json",
+                        "--model", presets.model_path("tiny"), "--max-new-tokens", "64"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 1
     lines = [json.loads(l) for l in r.stdout.splitlines()]
@@ -201,11 +220,9 @@ def test_command_line_scores_files_and_reports_unreadable_ones(tiny, tmp_path):
 
 
 def test_score_accepts_a_video_file(tiny):
-    import data
-
     model, tok, ip = tiny
     clip = data.load_dataset("synthetic-video", split="test")[0].path
-    views = preresq.read_visual(clip)
+    views = data.read_visual(clip)
     assert isinstance(views, list) and len(views) == 4  # the global mosaic and three local frames
     j = preresq.score(model, (tok, ip), clip)
     assert len(j.texts) == 1
@@ -215,44 +232,44 @@ def test_score_accepts_a_video_file(tiny):
 
 def test_prefetched_draws_exactly_like_a_plain_loop():
     rng = np.random.default_rng(3)
-    fetched = list(preresq._prefetched(lambda: rng.random(3), 5))
+    fetched = list(presets._prefetched(lambda: rng.random(3), 5))
     plain = np.random.default_rng(3)
     assert all(np.array_equal(a, plain.random(3)) for a in fetched) and len(fetched) == 5
-    assert list(preresq._prefetched(lambda: 1 / 0, 0)) == []
+    assert list(presets._prefetched(lambda: 1 / 0, 0)) == []
 
 
 def test_neutral_opinion_says_nothing_about_severity():
     """Latin square: every severity bin holds each opinion level once (mean 3.0), so the preset's
     starting scores are uncorrelated with how strong a degradation is."""
-    kinds = range(len(preresq.DEGRADATION_NAMES))
-    for b in range(len(preresq.SEVERITY_WORDS)):
-        severity = (b + 0.5) / len(preresq.SEVERITY_WORDS)
-        levels = sorted(preresq.neutral_opinion(k, severity) for k in kinds)
-        assert levels == sorted(preresq.OPINION_LEVELS.tolist())
+    kinds = range(len(presets.DEGRADATION_NAMES))
+    for b in range(len(presets.SEVERITY_WORDS)):
+        severity = (b + 0.5) / len(presets.SEVERITY_WORDS)
+        levels = sorted(presets.neutral_opinion(k, severity) for k in kinds)
+        assert levels == sorted(presets.OPINION_LEVELS.tolist())
         assert np.mean(levels) == pytest.approx(3.0)
     # a kind's opinion changes with the strength (the picture matters), and untouched pictures get none
-    assert len({preresq.neutral_opinion(0, (b + 0.5) / 4) for b in range(4)}) == 4
-    assert preresq.neutral_opinion(None, 0.0) is None
-    assert preresq.severity_bin(0.0) == 0 and preresq.severity_bin(0.99) == 3 and preresq.severity_bin(1.0) == 3
+    assert len({presets.neutral_opinion(0, (b + 0.5) / 4) for b in range(4)}) == 4
+    assert presets.neutral_opinion(None, 0.0) is None
+    assert presets.severity_bin(0.0) == 0 and presets.severity_bin(0.99) == 3 and presets.severity_bin(1.0) == 3
 
 
 def test_warm_up_answers_describe_the_picture_and_parse():
-    assert preresq.describe_degradation(None, 0.0) == "I see no distortion."
-    assert preresq.describe_degradation(0, 0.9) == "I see severe blur."
-    assert preresq.describe_degradation(6, 0.3) == "I see moderate faded colour."
+    assert presets.describe_degradation(None, 0.0) == "I see no distortion."
+    assert presets.describe_degradation(0, 0.9) == "I see severe blur."
+    assert presets.describe_degradation(6, 0.3) == "I see moderate faded colour."
     rng = np.random.default_rng(0)
     for kind, severity in [(None, 0.0), (2, 0.1), (7, 0.8)]:
-        text = preresq._random_answer(rng, 5, False, preresq.describe_degradation(kind, severity),
-                                      preresq.neutral_opinion(kind, severity))
+        text = presets._random_answer(rng, 5, False, presets.describe_degradation(kind, severity),
+                                      presets.neutral_opinion(kind, severity))
         scores = rewards.parse_answer(text, 5)
         assert scores is not None and len(scores) == 5 and all(1 <= s <= 5 for s in scores)
         assert max(scores) - min(scores) < 1.5  # the aspects of one answer go together
-        assert preresq.describe_degradation(kind, severity) in text
+        assert presets.describe_degradation(kind, severity) in text
 
 
 def test_degraded_picture_reports_kind_and_severity():
     rng = np.random.default_rng(1)
-    seen = [preresq._degraded_picture(rng) for _ in range(40)]
+    seen = [presets._degraded_picture(rng) for _ in range(40)]
     assert all(isinstance(p, Image.Image) and 84 <= min(p.size) and max(p.size) <= 168 for p, _, _ in seen)
     assert all((k is None and s == 0.0) or (0 <= k < 8 and 0 <= s <= 1) for _, k, s in seen)
     assert any(k is None for _, k, _ in seen) and len({k for _, k, _ in seen}) >= 6

@@ -1,4 +1,4 @@
-"""Tests for video.py: clips whose frames carry their own index as a grey level (frame i is
+"""Tests for video.py and frames.py: clips whose frames carry their own index as a grey level (frame i is
 uniformly STEP·i), encoded with PyAV, then decoded and read back."""
 
 import math
@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import bench
 import data
+import frames
 import video
+from synthetic import write_clip
 from video import (VideoError, fragment_picture, global_mosaic, sample_frames, sample_views,
-                   segment_centres, video_views, write_clip)
+                   segment_centres, video_views)
 
 STEP = 5  # grey levels between consecutive frames: survives crf 18 (errors are at most 1 level)
 W, H = 64, 48
@@ -236,8 +239,8 @@ def test_a_corrupt_packet_is_skipped(tmp_path):
 
 def test_counted_packets_spare_a_second_pass(clips, monkeypatch):
     passes = []
-    read = video._read_sequential
-    monkeypatch.setattr(video, "_read_sequential", lambda *a: passes.append(1) or read(*a))
+    read = frames._read_sequential
+    monkeypatch.setattr(frames, "_read_sequential", lambda *a: passes.append(1) or read(*a))
     for name in ("mkv-h264", "mkv-ffv1", "webm-vp9"):  # no frame count in the header
         passes.clear()
         sample_frames(clips[name], 5)
@@ -367,6 +370,6 @@ def test_cli_writes_views_and_prints_indices(clips, tmp_path, capsys):
 
 
 def test_decode_benchmark_reports_one_clip(clips):
-    timing = video.decode_benchmark(clips["mp4-h264"], repeats=2, tile_size=32)
+    timing = bench.decode_benchmark(clips["mp4-h264"], repeats=2, tile_size=32)
     assert timing["num_frames"] == 40 and timing["mode"] == "sequential"
     assert 0 < timing["min_seconds"] <= timing["seconds_per_clip"]

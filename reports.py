@@ -1,0 +1,82 @@
+"""What evaluate.py writes and prints: summary.json, predictions-<set>.csv, scatter-<set>.png, the table.
+
+    write_summary(path, {set: metrics})                   # strict JSON, NaN written as null
+    write_dataset_files(out, set, metrics, rows, curve)   # the predictions CSV and the scatter plot
+    format_table({set: metrics})                          # the text table evaluate.py prints
+
+`metrics` and `rows` are what evaluate.evaluate returns; `curve` is a function of an array of
+predicted scores (evaluate.fitted_curve(metrics)), drawn over the scatter, or None.
+"""
+import csv
+import json
+import math
+import os
+
+import plots
+
+SUMMARY_KEYS = ("protocol", "n", "srcc", "plcc", "krcc", "plcc_logistic4", "plcc_logistic5",
+                "parse_failures", "unreadable", "logistic4_params", "logistic5_params", "logistic_note")
+TABLE_COLUMNS = (("SRCC", "srcc"), ("PLCC raw", "plcc"), ("KRCC", "krcc"),
+                 ("PLCC logistic4", "plcc_logistic4"), ("PLCC logistic5", "plcc_logistic5"))
+TABLE_NOTE = ("PLCC raw: Pearson on the scores as predicted; PLCC logistic4 / logistic5: after the "
+              "increasing 4-parameter / VQEG 5-parameter logistic fit.")
+
+
+def _json_number(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _number(v, digits=4):
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def write_summary(path, summary):
+    """summary: {dataset: metrics}. Writes strict JSON; an undefined (NaN) correlation is null."""
+    clean = {name: {k: _json_number(m[k]) for k in SUMMARY_KEYS if k in m}
+             for name, m in summary.items()}
+    with open(path, "w") as f:
+        json.dump(clean, f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def write_predictions(path, rows):
+    """One CSV line per row of evaluate.evaluate: path, mos, score, aspects..., parsed (yes/no), text.
+
+    Unparsed predictions have an empty score. Columns follow the first row's keys.
+    """
+    columns = list(rows[0]) if rows else ["path", "mos", "score", "parsed", "text"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("yes" if r[k] else "no") if k == "parsed"
+                             else ("" if r[k] is None else r[k]) for k in columns})
+
+
+def write_dataset_files(out_dir, name, metrics, rows, curve=None,
+                        curve_label="4-parameter logistic fit (increasing)"):
+    """Write OUT_DIR/predictions-<name>.csv and OUT_DIR/scatter-<name>.png for one dataset."""
+    write_predictions(os.path.join(out_dir, f"predictions-{name}.csv"), rows)
+    parsed = [r for r in rows if r["parsed"]]
+    plcc = " / ".join(_number(metrics[k], 3) for k in ("plcc", "plcc_logistic4", "plcc_logistic5"))
+    title = f"{name}   n={metrics['n']}   SRCC {_number(metrics['srcc'], 3)}   PLCC raw/log4/log5 {plcc}"
+    plots.draw_scatter(os.path.join(out_dir, f"scatter-{name}.png"), [r["score"] for r in parsed],
+                       [r["mos"] for r in parsed], curve, title=title, curve_label=curve_label)
+
+
+def format_table(summary):
+    """One text table: dataset, n, SRCC, PLCC raw, KRCC, PLCC logistic4/5, parse failures, unreadable.
+
+    summary: {dataset: metrics} as returned by evaluate or read back from summary.json
+    (where NaN is null); undefined values print as "nan". A note under it says which PLCC is which.
+    """
+    header = ("dataset", "n", *(title for title, _ in TABLE_COLUMNS), "parse failures", "unreadable")
+    lines = [header] + [
+        (name, str(m["n"]), *(_number(m[key]) for _, key in TABLE_COLUMNS),
+         str(m["parse_failures"]), str(m.get("unreadable", 0)))
+        for name, m in summary.items()]
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    text = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                      for c, (cell, w) in enumerate(zip(line, widths))) for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    return "\n".join(text + [TABLE_NOTE])

@@ -1,0 +1,579 @@
+"""Run-keeping for grpo.py: everything around the GRPO step that a run needs but the paper does not.
+
+- the data order (BatchSampler: which images each step trains on, a pure function of seed and step)
+  and picture loading that skips unreadable files;
+- setting a run up (prepare): the output folder, the training and held-out data, the policy and
+  its frozen reference, the optimizer and schedule, the seeds, or all of these from a checkpoint;
+- held-out evaluation along the way, metrics.jsonl / eval.jsonl / curves.png, final/;
+- checkpoints and exact resume, and Ctrl-C / SIGTERM (Stop).
+
+Every checkpoint is an ordinary Hugging Face folder (from_pretrained loads it) plus
+trainer_state.pt: optimizer, scheduler, the RNG states of every rank, step, counters, the data
+position and the config. `--resume` continues from the newest complete one and gives the same
+weights and metrics as a run that never stopped. Folders are written into a temporary sibling and
+renamed into place (files.atomic_folder), so a crash, a kill or a full disk never leaves a damaged one.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+import data
+import evaluate
+import plots
+import preresq
+import presets
+from distributed import (SINGLE, Dist, all_reduce, broadcast, call, check_global_batch, full_optimizer_state, full_weights,
+                         is_sharded, load_optimizer_state, rank_seed, shard_model, unwrap)
+from files import atomic_folder
+
+CHECKPOINT_STATE = "trainer_state.pt"
+# A run stops when this many steps in a row give non-finite rewards, losses or gradients.
+MAX_NONFINITE_STEPS = 5
+# Flags that may change between a run and its resumption; all others must match (or --force).
+RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
+                     "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp"}
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says what happened, what is intact and how to continue."""
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's GPU only: asking for every GPU's would open a context on each, from each rank
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.random.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, optimizer, scheduler, cfg,
+                    extra: dict, dist: Dist = SINGLE) -> Path:
+    """Write OUT/checkpoint-<step>/ atomically, then prune to the newest cfg.keep_last.
+
+    Under torchrun every rank calls it (to gather the RNG states, and under --fsdp the weights and
+    optimizer state) and rank 0 writes.
+    """
+    final = out / f"checkpoint-{step}"
+    weights, optimizer_state = full_weights(model), full_optimizer_state(model, optimizer)
+    ranks = [rng_states()]
+    if dist.world > 1:
+        ranks = [None] * dist.world
+        tdist.all_gather_object(ranks, rng_states())
+    if not dist.main:
+        return final
+    save_folder(final, unwrap(model), tokenizer, image_processor,
+                {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                 "rng": ranks[0], **({"rng_ranks": ranks} if dist.world > 1 else {}), "world_size": dist.world,
+                 "config": asdict(cfg), **extra}, weights=weights)
+    if cfg.keep_last:  # only now: the new checkpoint is complete
+        for old in checkpoints(out)[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_folder(final: Path, model, tokenizer, image_processor, state: dict | None = None,
+                weights: dict | None = None) -> None:
+    """A model folder (and trainer_state.pt), written atomically. weights: the state dict to write
+    (--fsdp: gathered from the shards); default the model's own."""
+    try:
+        with atomic_folder(final, replace=True) as tmp:
+            model.save_pretrained(tmp, state_dict=weights)
+            tokenizer.save_pretrained(tmp)
+            image_processor.save_pretrained(tmp)
+            if state is not None:
+                torch.save(state, tmp / CHECKPOINT_STATE)
+    except Exception as e:  # a full disk: OSError, RuntimeError (torch.save) or SafetensorError, vaguely worded
+        free = shutil.disk_usage(final.parent).free / 2**20
+        raise RunError(f"could not write {final}: {e} ({free:,.0f} MiB free on that disk). The earlier "
+                       f"checkpoints in {final.parent} are intact. Free some space, then continue with "
+                       "--resume.") from e
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in OUT, oldest first (temporary folders of interrupted saves are ignored)."""
+    found = [p for p in out.glob("checkpoint-*") if (p / CHECKPOINT_STATE).exists() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def saved_config(out: Path) -> dict | None:
+    """The configuration in OUT's newest complete checkpoint (None when there is none)."""
+    found = checkpoints(out)
+    # mmap: only the small config is read, not the optimizer state.
+    return torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False, mmap=True)["config"] if found else None
+
+
+def config_differences(state: dict, cfg, world: int) -> list[str]:
+    """The flags that differ from the checkpoint's (outside RESUMABLE_CHANGES). Across a change in
+    the number of processes what must match is the global batch: the data order hangs on it."""
+    saved, now = state["config"], asdict(cfg)
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
+             for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    saved_world = state.get("world_size", 1)
+    if saved_world != world:
+        diffs = [d for d in diffs if not d.startswith("--images-per-step:")]
+        then, later = saved["images_per_step"] * saved_world, cfg.images_per_step * world
+        if then != later:
+            diffs.append(f"global batch (--images-per-step x processes): checkpoint {then} with {saved_world} "
+                         f"process(es), now {later} with {world}"
+                         + (f" (--images-per-step {then // world} keeps it)" if then % world == 0 else ""))
+    return diffs
+
+
+def open_run(cfg, resume: bool, force: bool, dist: Dist = SINGLE) -> tuple[Path, dict | None]:
+    """The run folder, checked and created (rank 0), and the checkpoint state to resume from (or None)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out.")
+    state = None
+    if resume:
+        found = checkpoints(out)
+        if not found:
+            raise SystemExit(f"error: --resume: no complete checkpoint in {out}; start without --resume.")
+        state = torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False)
+        diffs = config_differences(state, cfg, dist.world)
+        if diffs and not force:
+            raise SystemExit(f"error: --resume from {found[-1]} with a different configuration:\n  "
+                             + "\n  ".join(diffs) + "\nDrop those flags (--resume takes every flag not given "
+                             "from the checkpoint), or add --force to resume with them anyway.")
+    elif out.exists() and checkpoints(out):
+        raise SystemExit(f"error: {out} already holds checkpoints; add --resume to continue that run, "
+                         "or choose another --out.")
+    try:
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").touch()
+            (out / ".write-test").unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
+    if not resume and dist.main:  # logs of an earlier attempt that never reached a checkpoint
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    return out, state
+
+
+def data_fingerprint(sets: dict) -> str:
+    """A digest of the training items (set, file name, MOS, in order): a resumed run must see the same data."""
+    h = hashlib.sha1()
+    for name, items in sets.items():
+        for it in items:
+            h.update(f"{name}\t{os.path.basename(it.path)}\t{it.mos!r}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def check_same_data(state: dict | None, sets: dict, force: bool) -> None:
+    if state and not force and state["data"].get("fingerprint") != data_fingerprint(sets):
+        raise SystemExit(f"error: --resume: the training data differ from the checkpoint's "
+                         f"({state['data'].get('items')} items then, {sum(map(len, sets.values()))} now): the "
+                         "label files or images under --data-root changed. Restore them, or add --force to "
+                         "resume on the new data.")
+
+
+def restore(state: dict, out: Path, model, optimizer, scheduler, cfg, dist: Dist = SINGLE) -> None:
+    """Optimizer, scheduler and RNG states from a checkpoint; the logs cut back to its step."""
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ranks = state.get("rng_ranks", [state["rng"]])
+    if len(ranks) == dist.world:
+        set_rng_states(ranks[dist.rank])
+    else:  # another number of processes: rank 0's generators, a new sampling seed on the others
+        set_rng_states(state["rng"])
+        if dist.rank:
+            torch.manual_seed(rank_seed(cfg.seed + state["step"], dist.rank))
+    if dist.main:
+        truncate_log(out / "metrics.jsonl", state["step"])
+        truncate_log(out / "eval.jsonl", state["step"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step`: later ones were written after the checkpoint we
+    resume from, and a line torn by a kill is dropped too."""
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        path.write_text("".join(l + "\n" for l in kept))
+
+
+def log_json(path: Path, record: dict) -> None:
+    """One JSON line; a non-finite number is written as null (JSON has no NaN)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(clean) + "\n")
+
+
+class Stop:
+    """Ctrl-C / SIGTERM: the first asks the loop to checkpoint and stop after the current step;
+    the second exits at once. Use as a context manager around the loop (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(press Ctrl-C again to quit at once).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# --------------------------------------------------------------------------- data
+
+class BatchSampler:
+    """Which images each step trains on: a pure function of (seed, step, global batch), so resuming
+    needs only the step.
+
+    Each step draws one dataset (in proportion to its size) and takes that set's next B x world
+    images (the global batch) from a seeded permutation that is redrawn every epoch of that set;
+    rank r keeps images r*B .. r*B+B-1 of them. Every rank computes the same global batch.
+    """
+
+    def __init__(self, sets: dict[str, list], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.sets, self.batch_size, self.seed = sets, batch_size * world, seed
+        self.per_rank, self.rank = batch_size, rank
+        self.names = list(sets)
+        sizes = np.array([len(v) for v in sets.values()], dtype=float)
+        self.weights = sizes / sizes.sum()
+        self.choices: list[int] = []
+
+    def choice(self, step: int) -> int:
+        while len(self.choices) <= step:
+            rng = np.random.default_rng([self.seed, len(self.choices)])
+            self.choices.append(int(rng.choice(len(self.names), p=self.weights)))
+        return self.choices[step]
+
+    def batch(self, step: int) -> tuple[str, list]:
+        k = self.choice(step)
+        seen = sum(1 for s in range(step) if self.choice(s) == k) * self.batch_size
+        items, n = self.sets[self.names[k]], len(self.sets[self.names[k]])
+        picks = [(seen + i) for i in range(min(self.batch_size, n))]
+        mine = picks[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        order = lambda epoch: np.random.default_rng([self.seed, k, epoch]).permutation(n)
+        return self.names[k], [items[order(p // n)[p % n]] for p in mine]
+
+    def epoch(self, step: int) -> float:
+        """Passes over all training images completed before `step`."""
+        return step * self.batch_size / sum(len(v) for v in self.sets.values())
+
+
+    def dataset(self, step: int) -> str:
+        """The training set that step `step` draws from (the same on every rank)."""
+        return self.names[self.choice(step)]
+
+    def is_video(self, step: int) -> bool:
+        return self.sets[self.dataset(step)][0].is_video
+
+
+class Prefetch:
+    """Loads the next step's pictures in worker threads while the current step trains."""
+
+    def __init__(self, run: "Run", max_pixels: int | None, workers: int):
+        self.sampler, self.steps, self.max_pixels = run.sampler, run.steps, max_pixels
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.pending = {run.start: self.pool.submit(load_visuals, self.sampler.batch(run.start)[1], max_pixels)}
+
+    def load(self, step: int) -> tuple[list, list, list[str]]:
+        """(items, visuals, problems) of `step`; starts loading step + 1's."""
+        if step + 1 < self.steps:
+            self.pending[step + 1] = self.pool.submit(load_visuals, self.sampler.batch(step + 1)[1], self.max_pixels)
+        return self.pending.pop(step).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def load_visuals(items: list, max_pixels: int | None) -> tuple[list, list, list[str]]:
+    """Read each item's picture(s); an unreadable one is skipped and reported, never fatal."""
+    kept, visuals, problems = [], [], []
+    for item in items:
+        try:
+            v = data.read_visual(item.path, max_pixels=max_pixels)
+        except data.DataError as e:
+            problems.append(str(e))
+            continue
+        kept.append(item)
+        visuals.append(v if isinstance(v, list) else [v])
+    return kept, visuals, problems
+
+
+# --------------------------------------------------------------------------- setting a run up
+
+def load_training_data(cfg) -> tuple[dict, list]:
+    """Training sets by name, and the held-out items (a fixed seeded subset of --eval-split)."""
+    sets = data.load_datasets(cfg.data, cfg.data_root, cfg.split, labels=cfg.labels, seed=cfg.seed)
+    for name, items in sets.items():
+        if not items:
+            raise data.DataError(f"dataset {name!r} has no items in split {cfg.split!r}; choose another --split.")
+    held = []
+    if cfg.eval_split != "none":
+        try:
+            held = [it for items in data.load_datasets(cfg.data, cfg.data_root, cfg.eval_split, labels=cfg.labels,
+                                                       seed=cfg.seed).values() for it in items]
+        except data.DataError as e:
+            print(f"warning: no held-out evaluation: {e}", file=sys.stderr)
+    if held and cfg.eval_size:
+        held = [held[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(held))[:cfg.eval_size])]
+    return sets, held
+
+
+def load_models(cfg, source: str, device, dist: Dist):
+    """(policy, frozen reference or None, tokenizer, image processor), placed and sharded as configured.
+    The reference is the initial model: a copy, or --model again when resuming from `source`."""
+    if not dist.main:  # rank 0 loads first: a preset missing from the cache is built once, not by every rank
+        tdist.barrier()
+    model, tokenizer, image_processor = preresq.load_model(presets.model_path(source), device, cfg.dtype)
+    if dist.main and dist.world > 1:
+        tdist.barrier()
+    reference = None
+    if cfg.beta or cfg.reasoning_beta:
+        reference = (preresq.load_model(presets.model_path(cfg.model), device, cfg.dtype)[0] if source != cfg.model
+                     else copy.deepcopy(model))
+        reference.requires_grad_(False).eval().to(cfg.reference_device or model.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.fsdp and dist.world > 1:
+        reference = shard_model(reference, str(model.device)) if reference is not None else None
+        model = shard_model(model, str(model.device))
+    elif cfg.fsdp and dist.main:
+        print("note: --fsdp with one process: nothing to shard, the model stays whole.", file=sys.stderr)
+    if dist.world > 1 and dist.main:
+        print(f"{dist.world} processes ({tdist.get_backend()}): global batch {cfg.images_per_step} x {dist.world} = "
+              f"{cfg.images_per_step * dist.world} images per step; "
+              + ("model, gradients and optimizer state sharded (FSDP2)" if is_sharded(model) else
+                 "gradients summed over processes"), flush=True)
+    return model, reference, tokenizer, image_processor
+
+
+def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = SINGLE) -> dict | None:
+    """Held-out metrics, computed on rank 0 while the other ranks wait (None there); under --fsdp
+    every rank runs the same sharded passes."""
+    metrics = None
+    if dist.main or is_sharded(model):
+        metrics, _ = call(model, evaluate.evaluate, tokenizer, image_processor, items, samples=cfg.eval_samples,
+                            seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
+                            max_pixels=cfg.max_pixels, progress=False)
+    if dist.world > 1:
+        tdist.barrier()
+    return {k: metrics[k] for k in ("n", "srcc", "plcc", "krcc", "parse_failures")} if dist.main else None
+
+
+@dataclass
+class Run:
+    """What the loop needs besides the config: the run folder, data, models and optimizer."""
+    out: Path
+    dist: Dist
+    sets: dict
+    held: list
+    sampler: BatchSampler
+    steps: int
+    start: int
+    model: object
+    reference: object
+    tokenizer: object
+    image_processor: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    counters: dict
+    nonfinite_in_a_row: int = 0
+
+
+def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
+    """Open (or resume) the run folder, load data and models, build the optimizer; seed the run."""
+    default = f"runs/{cfg.data.replace(',', '+')}-{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.out = broadcast(cfg.out or default, dist)  # the default name holds the time: rank 0's
+    out, state = open_run(cfg, resume, force, dist)
+    sets, held = load_training_data(cfg)
+    check_same_data(state, sets, force)
+    check_global_batch(sets, cfg.images_per_step, dist.world)
+    sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed, dist.rank, dist.world)
+    steps = cfg.total_steps(sum(map(len, sets.values())), dist.world)
+    source = str(checkpoints(out)[-1]) if state else cfg.model
+    model, reference, tokenizer, image_processor = load_models(cfg, source, device, dist)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
+    # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
+    # global generators, and whether that happens must not change the run. Sampling differs per rank.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(rank_seed(cfg.seed, dist.rank))
+    start = state["step"] if state else 0
+    if state:
+        restore(state, out, model, optimizer, scheduler, cfg, dist)
+    if dist.main:
+        if state:
+            print(f"resumed from {source} at step {start} (stage {cfg.stage(start)})")
+        if cfg.schedule == "explore-stable":
+            print(f"schedule: stage 1 (prompt pool, G {cfg.stage1_generations}) steps 1-{cfg.stage1_steps}, "
+                  f"stage 2 (fixed prompt, G {cfg.stage2_generations}) steps {cfg.stage1_steps + 1}-{steps}")
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    counters = {"skipped_items": 0, "nonfinite_steps": 0, **(state.get("counters", {}) if state else {})}
+    return Run(out, dist, sets, held, sampler, steps, start, model, reference, tokenizer, image_processor,
+               optimizer, scheduler, counters)
+
+
+# --------------------------------------------------------------------------- logs, evaluation, the end
+
+def step_metrics(terms: dict, scores, valid, mos, rollout, dist: Dist = SINGLE) -> dict:
+    """A step's line in metrics.jsonl: reward (mean, std, each term), groups with no spread, parse
+    failures, answer lengths and the batch SRCC, over the global batch."""
+    reward = terms["total"]
+    tokens, sequences = all_reduce([rollout.mask.sum().item() if rollout.mask is not None else 0,
+                                    len(rollout.texts)], dist)
+    return {"reward": reward.mean().item(), "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
+            **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
+            "zero_std_groups": (reward.std(1) < 1e-6).float().mean().item() if reward.shape[1] > 1 else 1.0,
+            "parse_failure_rate": 1 - valid.float().mean().item(),
+            "completion_length": tokens / sequences, "completion_tokens": int(tokens),
+            "batch_srcc": batch_srcc(scores, valid, mos)}
+
+
+def batch_srcc(scores: torch.Tensor, valid: torch.Tensor, mos: torch.Tensor) -> float:
+    """SRCC between each image's mean parsed prediction and its MOS, within one training batch.
+
+    scores: (B, G, A); valid: (B, G); mos: (B,). A cheap, noisy learning signal (B is small);
+    NaN when fewer than three images have a parsed answer or the predictions are constant.
+    """
+    from scipy.stats import spearmanr
+
+    n = valid.sum(1)
+    keep = n > 0
+    p = (scores.mean(-1) * valid).sum(1)[keep] / n[keep]
+    if keep.sum() < 3 or p.unique().numel() < 2 or mos[keep].unique().numel() < 2:
+        return float("nan")
+    return float(spearmanr(p.numpy(), mos[keep].numpy()).statistic)
+
+
+def log_step(cfg, run: Run, step: int, record: dict, problems: list[str], seconds: float) -> dict:
+    """After a step: the learning-rate schedule, the counters, metrics.jsonl (rank 0), and a RunError
+    after MAX_NONFINITE_STEPS non-finite steps in a row. Returns the full record."""
+    for p in problems:
+        tqdm.write(f"warning: skipped an unreadable item: {p}", file=sys.stderr)
+    run.counters["skipped_items"] += int(all_reduce([len(problems)], run.dist)[0])
+    record = {"step": step + 1, "stage": cfg.stage(step), "epoch": round(run.sampler.epoch(step + 1), 4), **record}
+    with warnings.catch_warnings():
+        # A skipped step still advances the schedule, which is keyed to the step number;
+        # PyTorch warns when that happens before the first optimizer step.
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
+    run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if record.get("nonfinite") else 0
+    if record.get("nonfinite"):
+        run.counters["nonfinite_steps"] += 1
+        if run.dist.main:
+            tqdm.write(f"warning: step {step + 1}: non-finite {record['nonfinite']}; step skipped", file=sys.stderr)
+    record.update(run.counters, lr=run.scheduler.get_last_lr()[0], seconds=round(seconds, 3))
+    if "completion_tokens" in record:
+        record["tokens_per_second"] = round(record["completion_tokens"] / max(record["seconds"], 1e-9), 1)
+    if run.dist.main:
+        log_json(run.out / "metrics.jsonl", record)
+    if run.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+        raise RunError(nonfinite_message(run.out, step, run.nonfinite_in_a_row, record["nonfinite"]))
+    return record
+
+
+def checkpoint_if_due(cfg, run: Run, done: int, stop: Stop) -> bool:
+    """Save a checkpoint every --save-every steps, and when Ctrl-C asked to stop (then True: stop now).
+    A signal may reach the ranks at different steps: they stop together, at the first that saw one."""
+    stopping = bool(all_reduce([stop.requested], run.dist, "max")[0])
+    if done >= run.steps or not ((cfg.save_every and done % cfg.save_every == 0) or stopping):
+        return False
+    saved = save(cfg, run, done)
+    if stopping and run.dist.main:
+        print(f"stopped after step {done} of {run.steps}; checkpoint {saved}. Continue with:\n"
+              f"  python grpo.py --out {run.out} --resume", file=sys.stderr, flush=True)
+    return stopping
+
+
+def nonfinite_message(out: Path, step: int, count: int, what: str) -> str:
+    found = checkpoints(out)
+    return (f"steps {step + 2 - count}-{step + 1} all gave a non-finite {what} (see {out / 'metrics.jsonl'}); "
+            f"stopping. The newest checkpoint is {found[-1] if found else 'none (none saved yet)'}. Try a lower "
+            "--lr or --dtype float32, or check the data, then continue with --resume --force.")
+
+
+def draw_run_curves(out: Path) -> None:
+    """curves.png: mean reward per step and the held-out SRCC / PLCC, from the run's logs."""
+    read = lambda name: [json.loads(l) for l in (out / name).read_text().splitlines()] if (out / name).exists() else []
+    steps, evals = read("metrics.jsonl"), read("eval.jsonl")
+    series = {"mean reward": [(m["step"], m["reward"]) for m in steps if m.get("reward") is not None],
+              "held-out SRCC": [(e["step"], e["srcc"]) for e in evals if e.get("srcc") is not None],
+              "held-out PLCC": [(e["step"], e["plcc"]) for e in evals if e.get("plcc") is not None]}
+    plots.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
+
+
+def evaluate_and_log(cfg, run: Run, step: int) -> dict | None:
+    metrics = held_out(cfg, run.model, run.tokenizer, run.image_processor, run.held, run.dist)
+    if run.dist.main:
+        log_json(run.out / "eval.jsonl", {"step": step, **metrics})
+        if step:
+            draw_run_curves(run.out)
+    return metrics
+
+
+def save(cfg, run: Run, done: int) -> Path:
+    total = sum(map(len, run.sets.values()))
+    return save_checkpoint(
+        run.out, done, run.model, run.tokenizer, run.image_processor, run.optimizer, run.scheduler, cfg,
+        {"stage": cfg.stage(done), "counters": run.counters,
+         "data": {"seed": cfg.seed, "next_step": done, "epoch": run.sampler.epoch(done), "items": total,
+                  "fingerprint": data_fingerprint(run.sets)}}, run.dist)
+
+
+def finish(cfg, run: Run, first_eval: dict | None, last_eval: dict | None) -> Path:
+    """Write final/, evaluate once more unless the last step just did, print the summary."""
+    out, dist = run.out, run.dist
+    weights = full_weights(run.model)
+    if dist.main:
+        save_folder(out / "final", unwrap(run.model), run.tokenizer, run.image_processor, weights=weights)
+    if run.held and (not cfg.eval_every or run.steps % cfg.eval_every):
+        last_eval = evaluate_and_log(cfg, run, run.steps)
+    if not dist.main:
+        return out
+    draw_run_curves(out)
+    if first_eval and last_eval:
+        print(f"held-out {cfg.eval_split} ({first_eval['n']} items): SRCC {first_eval['srcc']:.3f} -> "
+              f"{last_eval['srcc']:.3f}, PLCC {first_eval['plcc']:.3f} -> {last_eval['plcc']:.3f}")
+    print(f"final model: {out / 'final'}   metrics: {out / 'metrics.jsonl'}   curves: {out / 'curves.png'}")
+    return out
