@@ -33,10 +33,12 @@ from typing import Callable, Iterator
 import numpy as np
 import scipy.io
 
+from cli import InputError
+
 SPLITS = ("train", "val", "test", "all")
 
 
-class DataError(Exception):
+class DataError(InputError):
     """Bad input: the message says what is wrong, where, and what to do. Raised for every bad
     label row, missing file or undecodable picture (data.DataError is this class)."""
 
@@ -603,3 +605,21 @@ def known_datasets() -> str:
     width = max(map(len, DATASETS))
     return "\n".join(f"  {n:<{width}}  {i.download}\n  {'':<{width}}  layout: {i.layout}"
                      for n, i in DATASETS.items())
+
+
+def pair_sets(names: str, roots: str | None = None, labels: str | None = None) -> list[tuple]:
+    """The `--data a,b --data-root A,B [--labels F1,F2]` flags -> [(name, root or None, label file
+    or None)]: one root per set, in order (an empty entry for the synthetic sets), one label file
+    per "labels" entry. A count that does not pair up raises DataError."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    root_list = [r.strip() for r in roots.split(",")] if roots else [""] * len(wanted)
+    if len(root_list) != len(wanted):
+        raise DataError(f"--data lists {len(wanted)} sets ({','.join(wanted)}) but --data-root gives "
+                        f"{len(root_list)} folder(s); give one per set, comma-separated in the same "
+                        "order (an empty entry for synthetic sets)")
+    label_list = [x.strip() for x in labels.split(",")] if labels else []
+    if len(label_list) != wanted.count("labels"):
+        raise DataError(f"--data names 'labels' {wanted.count('labels')} time(s) but --labels gives "
+                        f"{len(label_list)} file(s); give one per 'labels' entry, in order")
+    files = iter(label_list)
+    return [(n, r or None, next(files) if n == "labels" else None) for n, r in zip(wanted, root_list)]

@@ -10,7 +10,10 @@ field, help that shows each default once, and one voice for errors and warnings.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import field, fields
+from pathlib import Path
 
 
 def flag(default, type_, help: str, group: str, **argparse_options):
@@ -41,3 +44,140 @@ def add_flags(parser: argparse.ArgumentParser, config_class, default_text=lambda
             continue
         shown = default_text(f.name) or (f" (default: {f.default})" if f.default is not None else "")
         group.add_argument(name, type=m["type"], default=f.default, choices=m.get("choices"), help=m["help"] + shown)
+
+
+# --------------------------------------------------------------------------- one voice
+
+class InputError(Exception):
+    """Bad usage or input (a flag, a file, a folder, a model): the message says what, where and the fix.
+    The tool exits 2 and has created nothing."""
+
+
+class Failure(RuntimeError):
+    """The work itself failed part way (a full disk, a diverging run): the message says what is intact
+    and how to continue. The tool exits 1."""
+
+
+class Warnings:
+    """Warnings about skipped inputs through one counted, rate-limited path: a line each the first
+    `limit` times, then only the count; `total` is kept for the summary and the logs."""
+
+    def __init__(self, tool: str, limit: int = 5):
+        self.tool, self.limit, self.total = tool, limit, 0
+
+    def __call__(self, message: str) -> None:
+        self.total += 1
+        if self.total <= self.limit:
+            print(f"{self.tool}: warning: {message}", file=sys.stderr, flush=True)
+        if self.total == self.limit:
+            print(f"{self.tool}: warning: further warnings of this run are counted, not shown", file=sys.stderr)
+
+    def summary(self, what: str = "inputs skipped") -> None:
+        if self.total:
+            print(f"{self.tool}: {self.total} {what} (see the warnings above)", file=sys.stderr)
+
+
+def run(tool: str, main, argv=None) -> int:
+    """main(argv) in the voice every tool shares: errors print as "<tool>: error: ..." without a
+    traceback and exit 2 for bad usage or input (InputError), 1 for a failure during the work
+    (Failure), 130 on Ctrl-C. argparse's own usage errors already read "<tool>: error:" and exit 2."""
+    try:
+        return main(argv) or 0
+    except InputError as e:
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 2
+    except Failure as e:
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{tool}: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- plain argparse tools
+
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype's choices in every tool
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with each flag's real default shown once, after its help: " (default: X)" is added
+    unless the help already says its default, or there is none to show (None, a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = (action.option_strings and default is not None and not isinstance(default, bool)
+                 and default != argparse.SUPPRESS)
+        return text + " (default: %(default)s)" if shown and "default" not in text else text
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser whose errors read "<prog>: error: ..." however the tool was started."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model_help: str, model_default: str | None = None) -> None:
+    """--model, --device and --dtype, spelled and explained alike in every tool that loads a model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=model_default, required=model_default is None, help=model_help)
+    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    group.add_argument("--dtype", choices=DTYPES, help="weights and activations (default: bfloat16 on CUDA, "
+                       "float32 on the CPU)")
+
+
+def at_least(parser: argparse.ArgumentParser, args, **least) -> None:
+    """A usage error (exit 2) for the first flag given below its least value: at_least(p, args, grid=1)."""
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse --device cuda where torch has no GPU, before anything is built or loaded."""
+    import torch  # only the tools that take --device pay for torch
+
+    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU"
+        raise InputError(f"--device {device}, but {why}. Use --device cpu, or a machine with a GPU and a CUDA "
+                         "build of torch.")
+
+
+def check_out(path, flag: str = "--out") -> Path:
+    """Refuse an output folder that cannot be made before any work: a file, a path below a file, or
+    no write access where it would be created. Creates nothing; returns the path."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {path} is a file, not a folder; choose another {flag}.")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"cannot create {flag} {path}: {existing} is a file, not a folder; choose another {flag}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {flag} {path} ({existing} is not writable); choose a writable folder.")
+    return out
+
+
+def make_out(out: Path, flag: str = "--out") -> Path:
+    """Create the folder check_out accepted, once the work is about to write into it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Failure(f"cannot create {flag} {out}: {e.strerror or e}") from None
+    return out
+
+
+def readable(paths: list[str], check, warn: Warnings) -> list[str]:
+    """The paths that pass check(path) (raising InputError when not), each other one warned about;
+    InputError when none passes, so a run of nothing but bad inputs stops before its model loads."""
+    good = []
+    for path in paths:
+        try:
+            check(path)
+            good.append(path)
+        except InputError as e:
+            if len(paths) == 1:
+                raise
+            warn(f"skipping {path}: {e}")
+    if not good:
+        raise InputError(f"none of the {len(paths)} files can be read (see the warnings above)")
+    return good

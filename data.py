@@ -12,7 +12,7 @@ Paper map (arXiv 2511.05393, its data and evaluation protocol):
     load_datasets("synthetic,koniq", ",~/koniq10k")  # the --data / --data-root flags
     load_image(path, max_pixels)    # an image file -> upright 8-bit RGB, at most max_pixels
     read_visual(path, max_pixels)   # an image, or a video's views [global mosaic, local frames]
-    python data.py NAME --data-root DIR    # items per split, score ranges, problems found
+    python data.py --data NAME --data-root DIR   # items per split, score ranges, problems found
 
 Each benchmark's own label format and the table of set names (DATASETS) are in benchmarks.py;
 the generated sets ("synthetic", "synthetic-video") in synthetic.py; video views in video.py.
@@ -36,14 +36,15 @@ import sys
 import zlib
 from dataclasses import dataclass
 
-import av
 import numpy as np
 from PIL import Image, ImageOps
 
+import cli
 import synthetic
 import video
 # DataError, DATASETS and read_labels are part of this module's interface too (data.DataError ...).
-from benchmarks import DATASETS, DataError, DatasetInfo, LabelRow, known_datasets, read_labels
+from benchmarks import DATASETS, DataError, DatasetInfo, LabelRow, known_datasets, pair_sets, read_labels
+from frames import check_video
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp")
 RANDOM_TEST_FRACTION = 0.2
@@ -66,7 +67,11 @@ class Item:
 
     @property
     def is_video(self) -> bool:
-        return os.path.splitext(self.path)[1].lower() in VIDEO_EXTS
+        return is_video(self.path)
+
+
+def is_video(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTS
 
 
 # --------------------------------------------------------------------------- rescaling and splits
@@ -240,29 +245,13 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", *,
 
 def load_datasets(names: str, roots: str | None = None, split: str = "train", *,
                   labels: str | None = None, seed: int = 42) -> dict[str, list[Item]]:
-    """The `--data a,b --data-root A,B [--labels F1,F2]` flags: {set name: items}.
-
-    names and roots are comma-separated and paired in order, one root per set (an empty
-    entry for the synthetic sets, e.g. `--data synthetic,koniq --data-root ,~/koniq10k`).
-    labels: comma-separated, one per "labels" entry in names, in order; such a set is keyed
-    by its label file's stem. Keeping the sets apart lets a trainer draw each step's batch
-    from one set.
+    """The `--data a,b --data-root A,B [--labels F1,F2]` flags (paired by pair_sets, e.g.
+    `--data synthetic,koniq --data-root ,~/koniq10k`): {set name: items}. A "labels" set is keyed
+    by its label file's stem. Keeping the sets apart lets a trainer draw each step's batch from one set.
     """
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    root_list = [r.strip() for r in roots.split(",")] if roots else [""] * len(wanted)
-    if len(root_list) != len(wanted):
-        raise DataError(f"--data lists {len(wanted)} sets ({','.join(wanted)}) but --data-root gives "
-                        f"{len(root_list)} folder(s); give one per set, comma-separated in the same "
-                        "order (an empty entry for synthetic sets)")
-    label_list = [x.strip() for x in labels.split(",")] if labels else []
-    if len(label_list) != wanted.count("labels"):
-        raise DataError(f"--data names 'labels' {wanted.count('labels')} time(s) but --labels gives "
-                        f"{len(label_list)} file(s); give one per 'labels' entry, in order")
     out: dict[str, list[Item]] = {}
-    files = iter(label_list)
-    for name, root in zip(wanted, root_list):
-        label = next(files) if name == "labels" else None
-        items = load_dataset(name, root or None, split, labels=label, seed=seed)
+    for name, root, label in pair_sets(names, roots, labels):
+        items = load_dataset(name, root, split, labels=label, seed=seed)
         key = items[0].dataset if items else name
         if key in out:
             raise DataError(f"set {key!r} appears twice in --data")
@@ -316,7 +305,7 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
         raise DataError(f"image {path} does not exist") from None
     except _DECODE_ERRORS as e:
         raise DataError(f"cannot decode image {path} ({type(e).__name__}: {e}); the file is truncated "
-                        "or corrupt: re-download it or remove it from the label file") from None
+                        "or corrupt: re-download or re-save it") from None
     if max_pixels and im.width * im.height > max_pixels:
         s = math.sqrt(max_pixels / (im.width * im.height))
         size = (max(1, int(im.width * s)), max(1, int(im.height * s)))
@@ -328,7 +317,7 @@ def read_visual(path: str, max_pixels: int | None = None) -> Image.Image | list[
     """What the model is shown of one file: an image file -> its RGB picture (load_image); a video
     file -> its views [global mosaic, local 1..3] (video.video_views), the local frames capped at
     max_pixels (default video.LOCAL_MAX_PIXELS). Raises DataError (VideoError is one)."""
-    if os.path.splitext(path)[1].lower() in VIDEO_EXTS:
+    if is_video(path):
         return video.video_views(path, local_max_pixels=max_pixels or video.LOCAL_MAX_PIXELS)
     return load_image(path, max_pixels=max_pixels)
 
@@ -358,31 +347,34 @@ def synthetic_video_dataset(root: str | None = None, split: str = "train", *, se
 
 # --------------------------------------------------------------------------- command line
 
-def _check_file(path: str) -> str | None:
-    """None if the file decodes, else the reason."""
-    if os.path.splitext(path)[1].lower() in VIDEO_EXTS:
-        try:
-            with av.open(path) as container:
-                next(container.decode(video=0))
-            return None
-        except (av.error.FFmpegError, OSError, StopIteration, IndexError) as e:
-            return f"{type(e).__name__}: {e}"
+def check_readable(path: str) -> None:
+    """The cheap check before a model loads: `path` is a file whose header opens as an image, or as a
+    container with a video stream (frames.check_video). Raises DataError naming the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
+    if is_video(path):
+        return check_video(path)
     try:
-        load_image(path, max_pixels=256 * 256)
-        return None
+        Image.open(path).close()
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__}: {e}); pass an image "
+                        "or a video file") from None
+
+
+def _check_file(path: str) -> str | None:
+    """None if the file decodes (an image in full, a video's first frame), else the reason."""
+    try:
+        check_video(path, decode=True) if is_video(path) else load_image(path, max_pixels=256 * 256)
     except DataError as e:
         return str(e)
+    return None
 
 
 def summary(name: str, root: str | None, split: str | None, labels: str | None, seed: int,
             check_images: bool) -> int:
-    """Print items per split, score ranges before and after rescaling, and problems found;
-    return a process exit code (1 when there are problems)."""
-    try:
-        info, root, rows, dataset = _open(name, root, labels, seed)
-    except DataError as e:
-        print(f"problem: {e}")
-        return 1
+    """Print items per split, score ranges before and after rescaling, and problems found; return a
+    process exit code (1 when there are problems). A set that cannot be opened raises DataError."""
+    info, root, rows, dataset = _open(name, root, labels, seed)
     print(f"{name}: {info.what}\nroot: {root}")
     print(f"{'split':<11} {'items':>7}  {'raw min':>10} {'raw max':>10}  {'mos min':>7} {'mos max':>7}")
     problems = 0
@@ -406,17 +398,26 @@ def summary(name: str, root: str | None, split: str | None, labels: str | None, 
     return 1 if problems else 0
 
 
+def command(argv: list[str] | None = None) -> int:
+    p = cli.parser("data.py", "Summarise a quality dataset: items per split, score ranges before and "
+                   "after rescaling, problems found.")
+    p.add_argument("name", nargs="?", help=argparse.SUPPRESS)  # the older spelling, `data.py NAME`
+    p.add_argument("--data", help=f"the dataset, one of {', '.join(DATASETS)}")
+    p.add_argument("--data-root", help="the folder it unpacks to (none for the synthetic sets)")
+    p.add_argument("--split", help="only this split (default: every split the set has)")
+    p.add_argument("--labels", help="the label file of --data labels")
+    p.add_argument("--seed", type=int, default=42, help="seed of the random 80/20 splits and synthetic sets")
+    p.add_argument("--check-images", action="store_true", help="also decode every file")
+    args = p.parse_args(argv)
+    if bool(args.name) == bool(args.data):
+        p.error("name one dataset: --data NAME")
+    return summary(args.data or args.name, args.data_root, args.split, args.labels, args.seed, args.check_images)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Summarise a quality dataset: items per split, "
-                                     "score ranges before and after rescaling, problems found.")
-    parser.add_argument("name", help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument("--data-root", help="folder the dataset unpacks to (see DATASETS)")
-    parser.add_argument("--split", help="only this split (default: every split the set has)")
-    parser.add_argument("--labels", help="label file for --data labels")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--check-images", action="store_true", help="decode every file")
-    args = parser.parse_args(argv)
-    return summary(args.name, args.data_root, args.split, args.labels, args.seed, args.check_images)
+    """`python data.py --data NAME`: exit 0 when no problem was found, 1 when some were (listed),
+    2 for bad usage or a set that cannot be opened (an unknown name, a missing --data-root)."""
+    return cli.run("data.py", command, argv)
 
 
 if __name__ == "__main__":

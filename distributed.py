@@ -23,6 +23,7 @@ import torch
 import torch.distributed as tdist
 
 import preresq
+from cli import InputError
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
@@ -56,10 +57,10 @@ def init_distributed(device: str | None) -> tuple[Dist, str | None]:
     device = device or preresq.default_device()
     if device.startswith("cuda"):
         if device != "cuda":
-            raise SystemExit(f"error: --device {device} under torchrun: give --device cuda; each process "
+            raise InputError(f"--device {device} under torchrun: give --device cuda; each process "
                              "takes the GPU of its LOCAL_RANK.")
         if local >= torch.cuda.device_count():
-            raise SystemExit(f"error: LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s): "
+            raise InputError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s): "
                              "--nproc_per_node must not exceed the GPUs per node.")
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
@@ -86,8 +87,8 @@ def check_global_batch(sets: dict, images_per_step: int, world: int) -> None:
             fewer, smaller = len(items) // images_per_step, len(items) // world
             advice = ([f"at most {fewer} process{'es' if fewer > 1 else ''}"] if fewer else []) + \
                      ([f"--images-per-step {smaller} or less"] if smaller else []) + ["more training data"]
-            raise SystemExit(
-                f"error: {world} processes x --images-per-step {images_per_step} = {need} images per step, "
+            raise InputError(
+                f"{world} processes x --images-per-step {images_per_step} = {need} images per step, "
                 f"but training set {name!r} has only {len(items)} images: every process needs its own. "
                 f"Use {', or '.join(advice)}.")
 

@@ -15,7 +15,7 @@ Deliberate deviations from the authors' evaluation code:
 - An answer that cannot be parsed is counted (`parse_failures`) and left out of the
   correlations; the authors' script substitutes a random integer 1..5 for it.
 - The logistic fits are bounded to increase with the prediction: a free fit turns over for
-  predictions that run against the MOS and reports PLCC +0.99 for SRCC -0.97.
+  predictions that run against the MOS and reports a strong positive PLCC (+0.97 for SRCC -0.96).
 - An unreadable file is counted (`unreadable`), warned about with its path, and skipped.
 - Constant predictions, or fewer than 3 scored items, give NaN correlations (two points always
   correlate perfectly): NaN in the table, null in summary.json, never 0. A logistic fit that
@@ -23,12 +23,10 @@ Deliberate deviations from the authors' evaluation code:
 
     python evaluate.py --model tiny --data synthetic                  # synthetic test split
     python evaluate.py --model runs/kadid/final --data koniq,spaq \
-        --data-root ~/iqa/koniq10k,~/iqa/SPAQ --split all --samples 8 [--protocol authors]
+        --data-root ~/iqa/koniq10k,~/iqa/SPAQ --split all --samples 8     # or: --protocol authors
 """
 
-import argparse
 import math
-import os
 import re
 import sys
 import warnings
@@ -39,6 +37,7 @@ import scipy.special
 import scipy.stats
 from tqdm import tqdm
 
+import cli
 import data
 import preresq
 import presets
@@ -164,9 +163,9 @@ def fitted_curve(metrics):
 # --------------------------------------------------------------------------- scoring a labelled set
 
 def authors_score(text):
-    """The authors' parser: the first number (regex \\d+(\\.\\d+)?) of the last <answer>...</answer>,
-    or of the whole text when it has none; unclipped. None where their script substitutes
-    random.randint(1, 5)."""
+    """The authors' parser: the first number (regex \\d+(\\.\\d+)?) of the last <answer>...</answer>, or
+    of the whole text when it has none (of a five-aspect answer: the saturation rating), unclipped.
+    None where their script substitutes random.randint(1, 5)."""
     answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
     found = re.search(r"\d+(\.\d+)?", answers[-1].strip() if answers else text.strip())
     return float(found.group()) if found else None
@@ -183,7 +182,7 @@ def _row(item, judgement, aspect_names, protocol):
 
 
 def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", samples=None, temperature=1.0,
-             top_k=0, seed=0, batch_size=8, max_new_tokens=None, max_pixels=None, progress=True):
+             top_k=0, seed=0, batch_size=8, max_new_tokens=None, max_pixels=None, progress=True, warn=None):
     """Score `items` (list of data.Item) with the judge and correlate the scores with MOS.
 
     Items are read with data.read_visual and judged `batch_size` at a time (the batch starting at
@@ -191,7 +190,8 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
     the training parser's aspect mean of a greedy answer (samples=None) or of K answers sampled
     at `temperature` and `top_k` (0: all tokens). "authors": `authors_score` of one answer decoded
     as AUTHORS_DECODING (then leave samples, temperature, top_k, max_new_tokens unset). Unreadable
-    files and unparsed answers are counted, never given a score.
+    files and unparsed answers are counted, never given a score; warn(message) is told of each such
+    file (default: a cli.Warnings, a counted line on stderr).
 
     Returns (metrics, rows): metrics = dict(protocol, n, `correlations`' keys, parse_failures,
     unreadable), where n counts the parsed predictions the correlations use; rows = one dict per
@@ -207,7 +207,7 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
     if protocol not in ("ours", "authors"):
         raise ValueError(f"evaluate: protocol must be 'ours' or 'authors', got {protocol!r}")
     decoding = AUTHORS_DECODING if protocol == "authors" else decoding
-    rows, unreadable = [], 0
+    warn, rows, unreadable = warn or cli.Warnings("evaluate"), [], 0
     bar = tqdm(total=len(items), desc=items[0].dataset if items else "evaluate", unit="item",
                disable=not progress)
     for start in range(0, len(items), batch_size):
@@ -217,7 +217,7 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
                 readable.append((item, data.read_visual(item.path, max_pixels=max_pixels)))
             except data.DataError as err:
                 unreadable += 1
-                warnings.warn(f"skipping unreadable file {item.path}: {err}", stacklevel=2)
+                warn(f"skipping unreadable file {item.path}: {err}")
         judged = {}
         # Images and videos get different prompts, so each kind is judged in its own call.
         for video, aspect_names in ((False, preresq.IMAGE_ASPECTS), (True, preresq.VIDEO_ASPECTS)):
@@ -249,46 +249,29 @@ def default_split(name):
     return "test" if data.DATASETS[name].split in ("official", "kadid") else "all"
 
 
-def _pair_flags(names, roots, labels):
-    """--data/--data-root/--labels -> [(name, root or None, label file or None)], as data.py pairs
-    them: one root per set in order (empty for synthetic sets), one label file per "labels" set."""
-    root_list = [r.strip() for r in roots.split(",")] if roots else [""] * len(names)
-    if len(root_list) != len(names):
-        raise ValueError(f"--data lists {len(names)} sets but --data-root gives {len(root_list)} "
-                         "folders; give one per set, comma-separated in the same order "
-                         "(an empty entry for synthetic sets)")
-    label_list = [f.strip() for f in labels.split(",")] if labels else []
-    if len(label_list) != names.count("labels"):
-        raise ValueError(f"--data names 'labels' {names.count('labels')} time(s) but --labels "
-                         f"gives {len(label_list)} file(s); give one per 'labels' entry, in order")
-    files = iter(label_list)
-    return [(n, r or None, next(files) if n == "labels" else None)
-            for n, r in zip(names, root_list)]
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Score labelled image/video sets with a PreResQ model and "
-                                "report SRCC, PLCC and KRCC.")
-    p.add_argument("--model", required=True, help="checkpoint folder, hub id or preset name (e.g. tiny)")
-    p.add_argument("--data", required=True, help="comma-separated dataset names, from: " + ", ".join(data.DATASETS))
-    p.add_argument("--data-root", help="one folder per set, comma-separated in the order of --data (empty: synthetic)")
-    p.add_argument("--labels", help="label file(s) for the 'labels' set(s): 'name mos [std]', "
+    p = cli.parser("evaluate.py", "Score labelled image/video sets with a PreResQ model and report SRCC, PLCC "
+                   "and KRCC.")
+    cli.add_model_flags(p, "preset (tiny, small), checkpoint folder or hub id")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="comma-separated dataset names, from: " + ", ".join(data.DATASETS))
+    g.add_argument("--data-root", help="one folder per set, comma-separated in the order of --data (empty: synthetic)")
+    g.add_argument("--labels", help="label file(s) for the 'labels' set(s): 'name mos [std]', "
                    "'ref dist mos', 'path, mos' or a training jsonl")
-    p.add_argument("--split", help="one split for every set, or one per set, comma-separated "
+    g.add_argument("--split", help="one split for every set, or one per set, comma-separated "
                    "(default: 'test' for sets with a prescribed test split, else 'all')")
-    p.add_argument("--out", default="eval", help="folder for summary.json, CSVs and scatter plots")
-    p.add_argument("--protocol", choices=("ours", "authors"), default="ours",
+    g.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--protocol", choices=("ours", "authors"), default="ours",
                    help="ours: aspect mean of a greedy answer (or --samples K), 256 tokens; authors: the "
                    "first number of one answer sampled at top_k 50, temperature 1.0, 512 tokens")
-    p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: 0, all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 256)")
-    p.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: bfloat16 on GPU)")
+    g.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
+    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: 0, all)")
+    g.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 256)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
+    g.add_argument("--batch-size", type=int, default=8, help="items judged at once")
+    p.add_argument("--out", default="eval", help="folder for summary.json, CSVs and scatter plots")
     args = p.parse_args(argv)
     args.names = [n.strip() for n in args.data.split(",") if n.strip()]
     unknown = [n for n in args.names if n not in data.DATASETS]
@@ -297,17 +280,15 @@ def parse_args(argv=None):
                 f"known: {', '.join(data.DATASETS)}")
     if args.temperature is not None and args.temperature <= 0:
         p.error(f"--temperature must be positive, got {args.temperature}")
-    for flag, least in (("samples", 1), ("top_k", 0), ("batch_size", 1), ("max_new_tokens", 1), ("max_pixels", 1)):
-        if getattr(args, flag) is not None and getattr(args, flag) < least:
-            p.error(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
+    cli.at_least(p, args, samples=1, top_k=0, batch_size=1, max_new_tokens=1, max_pixels=1)
     args.decoding = {k: getattr(args, k) for k in ("samples", "temperature", "top_k", "max_new_tokens")
                      if getattr(args, k) is not None}
     if args.protocol == "authors" and args.decoding:
         p.error("--protocol authors fixes the decoding (one answer sampled at top_k 50, temperature "
                 "1.0, 512 tokens): drop --" + ", --".join(k.replace("_", "-") for k in args.decoding))
     try:
-        args.sets = _pair_flags(args.names, args.data_root, args.labels)
-    except ValueError as err:
+        args.sets = data.pair_sets(args.data, args.data_root, args.labels)
+    except data.DataError as err:
         p.error(str(err))
     splits = [x.strip() for x in args.split.split(",")] if args.split else [None]
     if len(splits) not in (1, len(args.names)):
@@ -318,42 +299,53 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # Read every label file before loading the model, so that a wrong path fails in seconds.
+def load_sets(args):
+    """{set name: items} of every --data set (name-split unless the split is "all"); DataError for a
+    missing folder, a bad label row, an empty or repeated set."""
     sets = {}
-    try:
-        for (name, root, labels), split in zip(args.sets, args.splits):
-            items = data.load_dataset(name, root, split, labels=labels)
-            if not items:
-                raise data.DataError(f"{name} ({split} split) has no items; check --data-root, "
-                                     "--labels and --split")
-            key = items[0].dataset if split == "all" else f"{items[0].dataset}-{split}"
-            if key in sets:
-                raise data.DataError(f"{key} appears twice in --data")
-            sets[key] = items
-    except data.DataError as err:
-        sys.exit(f"evaluate.py: {err}")
-    os.makedirs(args.out, exist_ok=True)
-    try:
-        model, tokenizer, image_processor = preresq.load_model(presets.model_path(args.model), args.device, args.dtype)
-    except preresq.ModelLoadError as err:
-        sys.exit(f"evaluate.py: {err}")
+    for (name, root, labels), split in zip(args.sets, args.splits):
+        items = data.load_dataset(name, root, split, labels=labels)
+        if not items:
+            raise data.DataError(f"{name} ({split} split) has no items; check --data-root, --labels and --split")
+        key = items[0].dataset if split == "all" else f"{items[0].dataset}-{split}"
+        if key in sets:
+            raise data.DataError(f"{key} appears twice in --data")
+        sets[key] = items
+    return sets
+
+
+def command(argv=None):
+    args = parse_args(argv)
+    # Everything is checked before anything is made: the device, where the model is, the output
+    # folder, then the data (the synthetic sets are generated); the preset is built last.
+    cli.check_device(args.device)
+    model_line = presets.describe_model(args.model)
+    out = cli.check_out(args.out)
+    sets = load_sets(args)
+    print(model_line, file=sys.stderr)
+    model, tokenizer, image_processor = preresq.load_model(presets.model_path(args.model), args.device, args.dtype)
+    cli.make_out(out)
     decoding = AUTHORS_DECODING if args.protocol == "authors" else args.decoding or "greedy"
-    print(f"model {args.model}; protocol {args.protocol}; decoding {decoding}; seed {args.seed}", file=sys.stderr)
-    summary = {}
+    print(f"protocol {args.protocol}; decoding {decoding}; seed {args.seed}", file=sys.stderr)
+    summary, warn = {}, cli.Warnings("evaluate.py")
     for name, items in sets.items():
-        metrics, rows = evaluate(model, tokenizer, image_processor, items, protocol=args.protocol,
-                                 seed=args.seed, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                                 **args.decoding)
+        metrics, rows = evaluate(model, tokenizer, image_processor, items, protocol=args.protocol, seed=args.seed,
+                                 batch_size=args.batch_size, max_pixels=args.max_pixels, warn=warn, **args.decoding)
         summary[name] = metrics
-        reports.write_dataset_files(args.out, name, metrics, rows, fitted_curve(metrics))
-        reports.write_summary(os.path.join(args.out, "summary.json"), summary)  # kept current per set
+        reports.write_dataset_files(out, name, metrics, rows, fitted_curve(metrics))
+        reports.write_summary(out / "summary.json", summary)  # kept current per set
         if metrics["logistic_note"]:
             print(f"{name}: {metrics['logistic_note']}", file=sys.stderr)
     print(reports.format_table(summary))
-    print(f"files in {args.out}/: summary.json, predictions-<set>.csv, scatter-<set>.png", file=sys.stderr)
+    warn.summary("unreadable files skipped (counted as unreadable)")
+    print(f"files in {out}/: summary.json, predictions-<set>.csv, scatter-<set>.png", file=sys.stderr)
+
+
+def main(argv=None):
+    """`python evaluate.py --model M --data SETS`: exit 0 with the table printed, 2 for bad usage or input
+    (nothing is created), 1 when the work fails part way, 130 on Ctrl-C."""
+    return cli.run("evaluate.py", command, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -97,6 +97,17 @@ def _open(path: str) -> Iterator[tuple[av.container.InputContainer, av.video.str
         yield container, streams[0]
 
 
+def check_video(path: str, decode: bool = False) -> None:
+    """The cheap check before any work: `path` opens as a container with a video stream (reading the
+    header only) and, with decode=True, its first frame decodes. Raises VideoError naming the file."""
+    with _open(path) as (container, stream):
+        try:
+            if decode and next(container.decode(stream), None) is None:
+                raise VideoError(f"{path}: no frame decodes. The file is damaged; re-encode it.")
+        except av.error.FFmpegError as error:
+            raise VideoError(f"{path}: the first frame does not decode ({error}); re-encode it.") from None
+
+
 @dataclass(frozen=True)
 class _Clip:
     """What the container says before decoding (any field can be missing or wrong)."""

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 import data
 import distributed as D
-from cli import add_flags, flag
+from cli import InputError, add_flags, flag, run
+import lora
 import preresq
 import rewards
 import runs
@@ -211,6 +212,8 @@ class Config:
     epsilon: float = flag(0.2, float, "PPO clip range", "GRPO")
     num_iterations: int = flag(1, int, "mu, updates per batch (the ratio differs from 1 only when mu > 1)", "GRPO")
     temperature: float = flag(1.0, float, "sampling temperature", "GRPO")
+    top_k: int = flag(0, int, "sample among the k likeliest tokens; 0: the whole distribution, whose "
+                      "log-probs GRPO computes (the authors' code most likely sampled with top_k 50)", "GRPO")
     max_new_tokens: int = flag(None, int, "answer length limit in tokens", "GRPO")
     loss_type: str = flag("grpo", str, "loss aggregation", "GRPO", choices=["grpo", "dapo", "dr_grpo"])
     scale_rewards: str = flag("group", str, "advantage std scaling", "GRPO", choices=["group", "batch", "none"])
@@ -231,12 +234,21 @@ class Config:
     max_grad_norm: float = flag(1.0, float, "gradient-norm clip", "GRPO")
     seed: int = flag(42, int, "seed of the data order, sampling and evaluation", "run")
     device: str = flag(None, str, "cpu or cuda (default: cuda when available)", "model")
-    dtype: str = flag(None, str, "float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)", "model")
+    dtype: str = flag(None, str, "weights and activations (default: bfloat16 on CUDA, float32 on the CPU)",
+                      "model", choices=["float32", "bfloat16", "float16"])
     micro_batch_size: int = flag(None, int, "completions per forward/backward (default: all)", "scale")
     gradient_checkpointing: bool = flag(None, bool, "trade compute for activation memory", "scale")
     fsdp: bool = flag(False, bool, "under torchrun: shard model, gradients and optimizer state (FSDP2)", "scale")
     reference_device: str = flag(None, str, "where the frozen reference model lives (e.g. cpu to save GPU "
                                  "memory; default: with the policy)", "scale")
+    lora_rank: int = flag(None, int, "train low-rank adapters of this rank, not every weight (lora.py); the "
+                          "reference is then the policy with its adapters off, not a copy", "LoRA")
+    lora_alpha: float = flag(None, float, "the adapters' output is scaled by alpha / rank (default alpha: 2 x rank)",
+                             "LoRA")
+    lora_dropout: float = flag(0.0, float, "dropout on the adapters' input (0 keeps GRPO's log-probs those of the "
+                               "distribution sampled from)", "LoRA")
+    lora_targets: str = flag("language", str, "where adapters go, comma-separated: language (its q, k, v, o, gate, "
+                             "up, down projections), vision (the vision tower's), merger", "LoRA")
     shared_vision: bool = flag(True, bool, "run the vision tower once per answer, not once per picture (the "
                                  "naive path, for comparison)", "scale")
     max_pixels: int = flag(None, int, "pixel budget per picture (default: the processor's)", "data")
@@ -271,7 +283,7 @@ class Config:
 
     def check(self) -> None:
         need = [("images_per_step", 1, ""), ("num_iterations", 1, ""), ("steps", 1, ""), ("micro_batch_size", 1, ""),
-                ("max_new_tokens", 8, " (an answer needs room)")] + [
+                ("max_new_tokens", 8, " (an answer needs room)"), ("top_k", 0, "")] + [
             (k, 2, " (a group advantage compares the answers to one image: with one, every advantage is 0 and "
                    "nothing is learned)") for k in ("num_generations", "stage1_generations", "stage2_generations")]
         errors = [f"--{k.replace('_', '-')} must be at least {low}{why}" for k, low, why in need
@@ -286,8 +298,21 @@ class Config:
             errors.append("--temperature must be > 0 (GRPO needs sampled answers)")
         if self.fsdp and self.reference_device:
             errors.append("--fsdp shards the reference model with the policy; drop --reference-device")
+        if self.lora_rank is not None:
+            errors += lora_errors(self)
         if errors:
-            raise SystemExit("error: " + "; ".join(errors))
+            raise InputError("; ".join(errors))
+
+
+def lora_errors(cfg: Config) -> list[str]:
+    unknown = set(cfg.lora_targets.split(",")) - set(lora.TARGETS)
+    return [m for bad, m in [
+        (cfg.lora_rank < 1, "--lora-rank must be at least 1"),
+        (bool(unknown), f"--lora-targets: unknown {', '.join(sorted(unknown))} (known: {', '.join(lora.TARGETS)})"),
+        (cfg.fsdp, "--fsdp with --lora-rank is not supported: the frozen weights are not sharded here; a 7B with "
+                   "adapters fits one GPU (README, LoRA)"),
+        (bool(cfg.reference_device), "--reference-device with --lora-rank: there is no reference copy to place "
+                                     "(the reference is the policy with its adapters off); drop it")] if bad]
 
 
 def default_text(name: str) -> str:
@@ -361,7 +386,7 @@ def sample_rollout(cfg: Config, model, tokenizer, image_processor, items, visual
                                      video=video)
     model.eval()
     comp = D.call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
-                  max_new_tokens=cfg.max_new_tokens)
+                  max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k)
     mask = preresq.completion_mask(comp, tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN))
     texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     reasoning = preresq.reasoning_mask(tokenizer, comp, mask) if cfg.reasoning_beta is not None else None
@@ -439,7 +464,8 @@ def policy_update(model, rollout: Rollout, advantages, old_logp, ref_logp, cfg: 
     comp, mask, g = rollout.completions, rollout.mask, rollout.num_generations
     prompts = rollout.prompts.to(comp.device)
     feats = D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
-    leaves = [f.detach().requires_grad_() for f in feats] if feats is not None else None
+    # Features of a frozen vision tower (LoRA on the language model) need no gradient.
+    leaves = [f.detach().requires_grad_(f.requires_grad) for f in feats] if feats is not None else None
     num_tokens = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1)).float()
     real = len(micro_batches(comp.shape[0], cfg.micro_batch_size))
     total, stats = 0.0, {"kl": 0.0, "clip_fraction": 0.0}
@@ -460,7 +486,7 @@ def policy_update(model, rollout: Rollout, advantages, old_logp, ref_logp, cfg: 
         share = mask[r].sum().item() / num_tokens.item()
         total += loss.item()
         stats = {k: stats[k] + v * share for k, v in st.items()}
-    if feats is not None:
+    if feats is not None and feats[0].requires_grad:
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         torch.autograd.backward(feats, grads)
     return {"loss": total, **stats}
@@ -497,7 +523,8 @@ def update(cfg: Config, model, reference, optimizer, rollout: Rollout, advantage
     t1 = time.time()
     ref_logp = old_logp = None
     if reference is not None and rollout.completions is not None:
-        ref_logp = reference_logprobs(reference, rollout, cfg, rounds)
+        with lora.adapters_off(reference):  # under LoRA the reference *is* the policy, adapters off
+            ref_logp = reference_logprobs(reference, rollout, cfg, rounds)
     if cfg.num_iterations > 1 and rollout.completions is not None:
         old_logp = reference_logprobs(model, rollout, cfg, rounds)
     record = {"reference_seconds": round(time.time() - t1, 3)}
@@ -567,23 +594,22 @@ def loop(cfg: Config, run: runs.Run) -> Path:
     return runs.finish(cfg, run, first_eval, last_eval)
 
 
-def main(argv=None) -> int:
+def command(argv=None) -> None:
     cfg, resume, force = parse_args(argv)
     try:
         train(cfg, resume=resume, force=force)
-    except (data.DataError, preresq.ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except runs.RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # the second Ctrl-C (Stop), or one before training began
+    except KeyboardInterrupt:  # the second Ctrl-C (runs.Stop), or one before training began
         found = runs.checkpoints(Path(cfg.out)) if cfg.out else []
-        print("\ninterrupted. " + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
-                                    f"  python grpo.py --out {cfg.out} --resume" if found else
-                                    "No checkpoint was saved yet."), file=sys.stderr)
-        return 130
-    return 0
+        print("\n" + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
+                      f"  python grpo.py --out {cfg.out} --resume" if found else "No checkpoint was saved yet."),
+              file=sys.stderr)
+        raise
+
+
+def main(argv=None) -> int:
+    """`python grpo.py ...`: exit 0 when trained, 2 for bad usage or input (nothing is created), 1 when
+    the run failed part way (what is intact is said), 130 on Ctrl-C."""
+    return run("grpo.py", command, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Figures as PNG files, drawn with Pillow only (no matplotlib).
 
-    draw_scatter(path, pred, mos, curve, title)   # evaluate.py: predicted score against MOS
+    draw_scatter(path, pred, mos, curve, title)   # evaluate.py (reports.py): predicted score against MOS
     draw_curves(path, {name: [(step, value)]})    # grpo.py: mean reward and held-out correlations
 
 Both draw on a _Frame, a plot area that maps data coordinates to pixels, with round ticks
@@ -81,8 +81,8 @@ def draw_scatter(path, pred, mos, curve=None, title="", size=(640, 480), curve_l
     """Scatter of predicted score (x) against MOS (y) as a PNG, with an optional fitted curve.
 
     pred, mos: (N,) floats. curve: a function of an array of predicted scores (e.g. the fitted
-    logistic, evaluate.logistic4 with its parameters), drawn across the plot and labelled
-    `curve_label`; None draws none. title: the heading (evaluate puts n and the correlations there).
+    increasing logistic, evaluate.fitted_curve(metrics)), drawn across the plot and labelled
+    `curve_label`; None draws none. title: the heading (reports.py puts n and the correlations there).
     """
     pred, mos = np.asarray(pred, float).ravel(), np.asarray(mos, float).ravel()
     if len(pred) != len(mos):

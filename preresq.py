@@ -2,22 +2,21 @@
 
 Paper: arXiv 2511.05393 (PreResQ-R1). A GRPO step shows the policy a picture with the quality
 prompt, samples G answers ("<think>...</think><answer>five aspect scores</answer>"), rewards
-them (rewards.py) and updates the policy on the per-token log-probs of what it sampled. This
-file holds the policy's side of that loop, in the order a step uses it:
+them (rewards.py) and updates the policy on the per-token log-probs of what it sampled. Here is
+the policy's side of that loop, in the order a step uses it:
   load_model(...)            -> model, tokenizer, image processor (a checkpoint folder or a hub id)
   encode_prompts(...)        -> PromptBatch: B left-padded prompts with their pictures
   sample_completions(...)    -> (B*G, C) completion tokens, every sampling setting explicit
   completion_mask(...)       -> tokens up to and including the first end-of-turn token
   completion_logprobs(...)   -> (B*G, C) log pi_theta(o_t | q, o_<t) of the distribution sampled from
   judge(...) / score(...)    -> inference: parsed aspect scores and the quality score (their mean)
-and `python preresq.py FILE... --model FOLDER` scores image and video files. The laptop presets
-(`tiny`, `small`) are built by presets.py: `preresq.load_model(presets.model_path("tiny"))`.
+`python preresq.py FILE... --model FOLDER` scores image and video files. presets.py builds the
+laptop presets: `preresq.load_model(presets.model_path("tiny"))`.
 
 Traps avoided, each of which silently changes what is trained:
 - Sampling passes a complete GenerationConfig (do_sample, temperature, top_k=0, top_p=1,
-  repetition_penalty=1): Qwen's shipped generation_config.json has top_k=1, which would make all
-  G samples identical, and a repetition penalty, which would make the sampled distribution differ
-  from the one we compute log-probs of.
+  repetition_penalty=1): Qwen's shipped generation_config.json has top_k=1 (all G samples
+  identical) and a repetition penalty (a sampled distribution other than the one scored).
 - Special and vision tokens are suppressed while sampling and excluded from the log-softmax
   normalisation, so recomputed log-probs equal the sampled distribution's.
 - `mm_token_type_ids` is passed to every forward; without it Qwen2.5-VL silently falls back to
@@ -30,10 +29,7 @@ Traps avoided, each of which silently changes what is trained:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,49 +37,46 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
+import cli
 import data
+import hub
+import reports
 import rewards
 
 IMAGE_ASPECTS = ("saturation", "granularity", "sharpness", "foreground", "background")
 VIDEO_ASPECTS = ("global", "local")
 
 IMAGE_PROMPT = (
-    "Describe the quality of this image in five parts: saturation, granularity (noise and grain), "
-    "sharpness, foreground and background. Rate each part with a float between 1 and 5 with two "
-    "decimals (1 = very poor, 5 = excellent). Think inside <think> </think>, then give the five "
-    "ratings, one per line, inside <answer> </answer>."
+    "Describe the quality of this image in five parts: saturation, granularity (noise and grain), sharpness, "
+    "foreground and background. Rate each part with a float between 1 and 5 with two decimals (1 = very poor, 5 = "
+    "excellent). Think inside <think> </think>, then give the five ratings, one per line, inside <answer> "
+    "</answer>."
 )
-
 # Stage 1 of the Exploration-to-Stability schedule draws each sample's prompt from this pool
 # (paper §4: "several paraphrased prompts"); stage 2 and inference use IMAGE_PROMPT.
 IMAGE_PROMPT_POOL = (
     IMAGE_PROMPT,
-    "Judge this picture's quality in five aspects: saturation, granularity (noise, grain), sharpness, "
-    "foreground and background. Give each a float from 1 (very poor) to 5 (excellent) with two "
-    "decimals. Reason inside <think> </think> and put the five scores, one per line, inside "
-    "<answer> </answer>.",
-    "How good is this image? Assess saturation, granularity (noise and grain), sharpness, foreground "
-    "and background, each as a number between 1 and 5 with two decimals, where 1 is very poor and 5 "
-    "is excellent. Write your reasoning in <think> </think> and the five numbers, one per line, in "
-    "<answer> </answer>.",
-    "Rate the visual quality of the picture on five aspects (saturation, granularity, sharpness, "
-    "foreground, background) with floats between 1 and 5, two decimals each (1 = very poor, "
-    "5 = excellent). First think in <think> </think>; then answer with the five scores, one per "
-    "line, in <answer> </answer>.",
-    "Look at this image and score its quality: saturation, granularity (noise and grain), sharpness, "
-    "foreground and background, each from 1 (very poor) to 5 (excellent) with two decimals. Think "
-    "step by step inside <think> </think>, then list the five scores, one per line, inside "
-    "<answer> </answer>.",
+    "Judge this picture's quality in five aspects: saturation, granularity (noise, grain), sharpness, foreground "
+    "and background. Give each a float from 1 (very poor) to 5 (excellent) with two decimals. Reason inside "
+    "<think> </think> and put the five scores, one per line, inside <answer> </answer>.",
+    "How good is this image? Assess saturation, granularity (noise and grain), sharpness, foreground and "
+    "background, each as a number between 1 and 5 with two decimals, where 1 is very poor and 5 is excellent. "
+    "Write your reasoning in <think> </think> and the five numbers, one per line, in <answer> </answer>.",
+    "Rate the visual quality of the picture on five aspects (saturation, granularity, sharpness, foreground, "
+    "background) with floats between 1 and 5, two decimals each (1 = very poor, 5 = excellent). First think in "
+    "<think> </think>; then answer with the five scores, one per line, in <answer> </answer>.",
+    "Look at this image and score its quality: saturation, granularity (noise and grain), sharpness, foreground "
+    "and background, each from 1 (very poor) to 5 (excellent) with two decimals. Think step by step inside <think> "
+    "</think>, then list the five scores, one per line, inside <answer> </answer>.",
 )
-
 VIDEO_PROMPT = (
-    "The first picture is a global multiframe picture: frames sampled across the whole video, in "
-    "time order. The other pictures are local single frame pictures from different moments. Rate "
-    "the video's quality in two parts: a global score (motion, stutter, temporal consistency) and a "
-    "local score (sharpness, noise, compression), each a float between 1 and 5 with two decimals "
-    "(1 = very poor, 5 = excellent). Think inside <think> </think>, then give the two scores, one "
-    "per line, inside <answer> </answer>."
+    "The first picture is a global multiframe picture: frames sampled across the whole video, in time order. The "
+    "other pictures are local single frame pictures from different moments. Rate the video's quality in two parts: "
+    "a global score (motion, stutter, temporal consistency) and a local score (sharpness, noise, compression), "
+    "each a float between 1 and 5 with two decimals (1 = very poor, 5 = excellent). Think inside <think> </think>, "
+    "then give the two scores, one per line, inside <answer> </answer>."
 )
 VIDEO_LABELS = ("global multiframe picture:", "local single frame picture:")
 
@@ -92,9 +85,10 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 # Qwen's special tokens (same strings as the real tokenizer), and the ones never to be sampled.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-SUPPRESSED_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>",
-                     "<|image_pad|>", "<|video_pad|>")
 END_OF_TURN = "<|im_end|>"
+SUPPRESSED_TOKENS = tuple(t for t in SPECIAL_TOKENS if t != END_OF_TURN)  # all but the end of the answer
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------- loading
@@ -107,33 +101,39 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(cli.InputError):
     """A model could not be loaded; the message says what to do."""
+
+
+def locate_model(path_or_hub_id: str) -> str:
+    """The folder load_model reads: a local checkpoint folder (it must hold config.json) or a hub
+    id's local snapshot (hub.local_snapshot). Raises ModelLoadError saying what to do; loads nothing."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is not a model folder: it has no config.json. Give a folder "
+                                 f"written by save_pretrained (e.g. runs/.../final), a preset or a hub id.")
+        return str(path)
+    try:
+        return hub.local_snapshot(str(path_or_hub_id))
+    except OSError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def load_model(path_or_hub_id: str, device: str | None = None, dtype: torch.dtype | str | None = None):
     """Load a Qwen2.5-VL checkpoint -> (model, tokenizer, image_processor), model in eval mode.
 
     path_or_hub_id: a local checkpoint folder (one written by save_pretrained: a run's `final`,
-    a laptop preset's presets.model_path(name)), or a Hugging Face hub id (used from the local
-    hub cache; downloaded only when the hub is reachable). Every case ends in `from_pretrained`
-    on a folder. dtype: default bfloat16 on CUDA, float32 on the CPU.
+    a laptop preset's presets.model_path(name)), or a Hugging Face hub id (hub.local_snapshot).
+    Every case ends in `from_pretrained` on a folder. dtype: a torch dtype or a DTYPES name;
+    default bfloat16 on CUDA, else float32.
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     device = device or default_device()
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-    dtype = dtype or default_dtype(device)
-    if Path(path_or_hub_id).expanduser().exists():
-        source = str(Path(path_or_hub_id).expanduser())
-        if not (Path(source) / "config.json").exists():
-            raise ModelLoadError(f"{source} is not a model folder: it has no config.json. Give a folder "
-                                 f"written by save_pretrained (e.g. runs/.../final) or a hub id.")
-    else:
-        source = _resolve_hub_id(str(path_or_hub_id))
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or default_dtype(device)
+    source = locate_model(path_or_hub_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         # The PIL image processor, not AutoImageProcessor's default: no torchvision is needed.
@@ -144,31 +144,6 @@ def load_model(path_or_hub_id: str, device: str | None = None, dtype: torch.dtyp
                              "Check that the folder is complete (re-download or re-save it).") from e
     tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer, image_processor
-
-
-def _resolve_hub_id(name: str) -> str:
-    """A hub id -> a local snapshot folder, failing within seconds when it is not downloaded."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(name, local_files_only=True)
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        pass
-    advice = (f"Download it first (`hf download {name}` on a machine with network) or pass a local "
-              "folder with --model; a laptop preset needs no download: `python presets.py tiny` "
-              "builds it and prints its folder.")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise ModelLoadError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set. {advice}")
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError:
-        raise ModelLoadError(f"model {name!r} is not in the local hub cache and the hub cannot be "
-                             f"reached. {advice}") from None
-    try:
-        return snapshot_download(name)
-    except Exception as e:  # network errors come in many types; all end the same way
-        raise ModelLoadError(f"could not download {name!r}: {e}. {advice}") from e
 
 
 # --------------------------------------------------------------------------- prompts
@@ -190,12 +165,9 @@ def render_prompt(images_per_visual: list[int], prompt: str, video: bool = False
 
 @dataclass
 class PromptBatch:
-    """B prompts, left-padded, with their pictures.
-
-    input_ids, attention_mask: (B, P). pixel_values: (sum of patches, C*T*14*14), pictures in prompt
-    order. image_grid_thw: (num_pictures, 3). pictures_per_prompt: B ints (1 for an image, 1+K for
-    a video's views).
-    """
+    """B prompts, left-padded, with their pictures. input_ids, attention_mask: (B, P).
+    pixel_values: (sum of patches, C*T*14*14), pictures in prompt order. image_grid_thw:
+    (num_pictures, 3). pictures_per_prompt: B ints (1 for an image, 1+K for a video's views)."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
@@ -237,30 +209,38 @@ def suppressed_ids(tokenizer) -> list[int]:
 
 
 def sampling_config(tokenizer, *, num_generations: int = 1, temperature: float = 1.0, max_new_tokens: int = 256,
-                    greedy: bool = False):
-    """A complete GenerationConfig, so nothing comes from the checkpoint's generation_config.json."""
+                    greedy: bool = False, top_k: int = 0):
+    """A complete GenerationConfig, so nothing comes from the checkpoint's generation_config.json.
+
+    top_k: sample among the k likeliest tokens; 0 (default): the whole distribution. Training keeps
+    0: GRPO's log-probs (completion_logprobs) are of the untruncated softmax, which a truncated
+    sampler does not draw from. The authors' inference most likely sampled with transformers'
+    default top_k=50 (evaluate.py --protocol authors). Ignored when greedy.
+    """
     from transformers import GenerationConfig
 
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (off) or a positive number of tokens, got {top_k}")
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    common = dict(num_return_sequences=num_generations, max_new_tokens=max_new_tokens, eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
-                  suppress_tokens=suppressed_ids(tokenizer), repetition_penalty=1.0,
-                  no_repeat_ngram_size=0, use_cache=True)
+    common = dict(num_return_sequences=num_generations, max_new_tokens=max_new_tokens, eos_token_id=end,
+                  pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppressed_ids(tokenizer),
+                  repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
     if greedy:
         return GenerationConfig(do_sample=False, top_k=None, top_p=None, temperature=None, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0, min_p=None, **common)
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, batch: PromptBatch, num_generations: int, *, temperature: float = 1.0,
-                       max_new_tokens: int = 256, greedy: bool = False) -> torch.Tensor:
-    """Sample G completions per prompt -> (B*G, C) token ids (rows grouped by prompt; pad after the end)."""
-    device = model.device
-    batch = batch.to(device)
+                       max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0) -> torch.Tensor:
+    """Sample G completions per prompt -> (B*G, C) token ids (rows grouped by prompt; pad after the end).
+    Settings as in sampling_config (top_k=0: the whole distribution, as GRPO needs)."""
+    batch = batch.to(model.device)
     out = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm_token_type_ids(model, batch.input_ids),
         generation_config=sampling_config(tokenizer, num_generations=num_generations, temperature=temperature,
-                                          max_new_tokens=max_new_tokens, greedy=greedy))
+                                          max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k))
     return out[:, batch.input_ids.shape[1]:]
 
 
@@ -273,14 +253,14 @@ def completion_mask(completion_ids: torch.Tensor, end_id: int) -> torch.Tensor:
 
 def reasoning_mask(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, close: str = "</think>") -> torch.Tensor:
     """(N, C) -> (N, C) bool: the reasoning tokens, from the first up to the one that completes
-    `close`; all False in a row that never closes its reasoning.
+    `close`; all False in a row that never closes its reasoning. For grpo.py's --reasoning-beta
+    (a KL coefficient of their own; the `tiny` preset's default, not the paper's).
 
     Byte-level tokens spell ASCII as itself, so the boundary is found in the joined token strings.
     """
     out = torch.zeros_like(mask, dtype=torch.bool)
     for i, row in enumerate(completion_ids.tolist()):
-        n = int(mask[i].sum())
-        pieces = tokenizer.convert_ids_to_tokens(row[:n])
+        pieces = tokenizer.convert_ids_to_tokens(row[:int(mask[i].sum())])
         at = "".join(pieces).find(close)
         if at < 0:
             continue
@@ -342,15 +322,13 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
     attention = torch.cat([prompts.attention_mask[prompt_of_row], completion_attention.to(prompts.attention_mask)], 1)
     first_picture = np.cumsum([0] + prompts.pictures_per_prompt)
     pictures = [k for b in prompt_of_row for k in range(first_picture[b], first_picture[b + 1])]
-    grid = prompts.image_grid_thw[pictures]
-    kwargs = dict(input_ids=input_ids, attention_mask=attention, image_grid_thw=grid,
+    kwargs = dict(input_ids=input_ids, attention_mask=attention, image_grid_thw=prompts.image_grid_thw[pictures],
                   mm_token_type_ids=mm_token_type_ids(model, input_ids))
     if shared_vision:
         features = features if features is not None else image_features(model, prompts)
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in pictures))}
     else:
-        patches = prompts.image_grid_thw.prod(-1).tolist()
-        chunks = prompts.pixel_values.split(patches)
+        chunks = prompts.pixel_values.split(prompts.image_grid_thw.prod(-1).tolist())
         kwargs["pixel_values"] = torch.cat([chunks[k] for k in pictures])
     hidden = model.model(**kwargs).last_hidden_state
     c = completion_ids.shape[1]
@@ -367,113 +345,95 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
 
 @dataclass
 class Judgement:
-    """The model's verdict on one item.
-
-    score: mean over the parsed samples of the mean aspect score, clipped to [1, 5] (the authors
-    do not clip; we do, for reporting); None when no sample parsed — never an invented score.
-    aspects: per-aspect means over the parsed samples; texts: every sampled answer; parsed: how
-    many of them parsed.
-    """
+    """The model's verdict on one item. score: the mean over parsed samples of their mean aspect score,
+    clipped to [1, 5] for reporting (the authors do not clip); None when no sample parsed, never an
+    invented score. aspects: per-aspect means over parsed samples; texts: every answer; parsed: how many parsed."""
     score: float | None
     aspects: list[float] | None
     texts: list[str]
     parsed: int
 
 
+def _judgement(answers: list[str], num_aspects: int) -> Judgement:
+    parsed = [a for a in (rewards.parse_answer(t, num_aspects) for t in answers) if a is not None]
+    if not parsed:
+        return Judgement(None, None, answers, 0)
+    score = float(np.clip(np.mean([np.mean(a) for a in parsed]), 1.0, 5.0))
+    return Judgement(score, np.mean(parsed, axis=0).tolist(), answers, len(parsed))
+
+
 @torch.no_grad()
 def judge(model, tokenizer, image_processor, visuals: list, *, video: bool = False, samples: int | None = None,
-          temperature: float = 1.0, max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 8,
-          progress: bool = False, prompt: str | None = None) -> list[Judgement]:
-    """Score items with the training prompt and parser.
+          temperature: float = 1.0, top_k: int = 0, max_new_tokens: int | None = None, seed: int = 0,
+          batch_size: int = 8, progress: bool = False, prompt: str | None = None) -> list[Judgement]:
+    """Score items with the training prompt and parser -> one Judgement per item.
 
     visuals: one entry per item: a PIL image, or (video=True) the list of view pictures.
-    samples=None: greedy decoding (reproducible); samples=K: K answers sampled at `temperature`
-    and averaged. The same seed gives the same numbers.
+    samples=None: greedy decoding (reproducible); samples=K: K answers sampled at `temperature` and
+    `top_k` (0: the whole distribution, as in training; see sampling_config), averaged. Answers
+    have at most max_new_tokens (default 256) tokens. The same seed gives the same numbers.
     """
-    from tqdm import tqdm
-
     num_aspects = len(VIDEO_ASPECTS if video else IMAGE_ASPECTS)
     prompt = prompt or (VIDEO_PROMPT if video else IMAGE_PROMPT)
-    max_new_tokens = max_new_tokens or 256
     k = samples or 1
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     results = []
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU random stream is left as it was
+        torch.manual_seed(seed)
         for start in tqdm(range(0, len(visuals), batch_size), desc="judging", disable=not progress, leave=False):
             chunk = [v if isinstance(v, (list, tuple)) else [v] for v in visuals[start:start + batch_size]]
             batch = encode_prompts(tokenizer, image_processor, chunk, [prompt] * len(chunk), video=video)
-            ids = sample_completions(model, tokenizer, batch, k, temperature=temperature,
-                                     max_new_tokens=max_new_tokens, greedy=samples is None)
+            ids = sample_completions(model, tokenizer, batch, k, temperature=temperature, top_k=top_k,
+                                     max_new_tokens=max_new_tokens or 256, greedy=samples is None)
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            for i in range(len(chunk)):
-                answers = texts[i * k:(i + 1) * k]
-                parsed = [a for a in (rewards.parse_answer(t, num_aspects) for t in answers) if a is not None]
-                if parsed:
-                    aspects = np.mean(parsed, axis=0).tolist()
-                    score = float(np.clip(np.mean([np.mean(a) for a in parsed]), 1.0, 5.0))
-                    results.append(Judgement(score, aspects, answers, len(parsed)))
-                else:
-                    results.append(Judgement(None, None, answers, 0))
-    finally:
-        torch.random.set_rng_state(generator_state)
+            results += [_judgement(texts[i * k:(i + 1) * k], num_aspects) for i in range(len(chunk))]
     return results
 
 
 def score(model, processor, image_or_frames) -> Judgement:
-    """Score one image (PIL image or path) or one video (path or list of view pictures).
+    """Score one image (PIL image or path) or one video (path or list of view pictures), greedily.
 
     processor: the (tokenizer, image_processor) pair that load_model returned, e.g.
-    `model, *processor = load_model("runs/demo/final")`. Greedy decoding: the same input, the
-    same score.
-    """
+    `model, *processor = load_model("runs/demo/final")`."""
     tokenizer, image_processor = processor
     visual = data.read_visual(str(image_or_frames)) if isinstance(image_or_frames, (str, os.PathLike)) else image_or_frames
-    is_video = isinstance(visual, (list, tuple))
-    return judge(model, tokenizer, image_processor, [visual], video=is_video)[0]
+    return judge(model, tokenizer, image_processor, [visual], video=isinstance(visual, (list, tuple)))[0]
+
+
+def score_files(argv=None) -> int:
+    p = cli.parser("preresq.py", "Score the quality of images and videos with a PreResQ model: the score "
+                   "(1..5), the aspect scores and the reasoning of each file.")
+    p.add_argument("files", nargs="+", help="image or video files")
+    cli.add_model_flags(p, "checkpoint folder (e.g. runs/<run>/final) or hub id; a laptop preset's folder is "
+                        "printed by `python presets.py tiny`")
+    p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all of them")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    args = p.parse_args(argv)
+    cli.at_least(p, args, samples=1, top_k=0, max_new_tokens=1)
+    warn = cli.Warnings("preresq.py")
+    files = cli.readable(args.files, data.check_readable, warn)  # in seconds, before a model loads in minutes
+    cli.check_device(args.device)
+    print(f"model: {args.model} (from {locate_model(args.model)})", file=sys.stderr)
+    model, tokenizer, image_processor = load_model(args.model, args.device, args.dtype)
+    for path in files:
+        try:
+            visual = data.read_visual(path)
+        except data.DataError as e:  # a header that opened over a damaged body
+            warn(f"skipping {path}: {e}")
+            continue
+        video = isinstance(visual, list)
+        j = judge(model, tokenizer, image_processor, [visual], video=video, samples=args.samples,
+                  top_k=args.top_k, max_new_tokens=args.max_new_tokens)[0]
+        print(reports.judgement_text(path, j, VIDEO_ASPECTS if video else IMAGE_ASPECTS, args.json))
+    warn.summary("files not scored")
+    return 1 if warn.total else 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Score the visual quality of images and videos with a PreResQ model: prints the score "
-                    "(1..5), the aspect scores and the model's reasoning for each file.")
-    parser.add_argument("files", nargs="+", help="image or video files")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint folder (e.g. runs/<run>/final) or hub id; `python presets.py tiny` "
-                             "prints the folder of the laptop preset")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--samples", type=int, default=None, help="average K sampled answers (default: greedy)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--json", action="store_true", help="one JSON object per file")
-    args = parser.parse_args(argv)
-    try:
-        model, tokenizer, image_processor = load_model(args.model, args.device, args.dtype)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    failed = 0
-    for path in args.files:
-        try:
-            visual = data.read_visual(path)
-        except data.DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        is_video = isinstance(visual, list)
-        j = judge(model, tokenizer, image_processor, [visual], video=is_video, samples=args.samples,
-                  max_new_tokens=args.max_new_tokens)[0]
-        names = VIDEO_ASPECTS if is_video else IMAGE_ASPECTS
-        aspects = dict(zip(names, j.aspects)) if j.aspects else None
-        if args.json:
-            print(json.dumps({"file": path, "score": j.score, "aspects": aspects, "parsed": j.parsed,
-                              "answers": j.texts}))
-        elif j.score is None:
-            print(f"{path}: no parsable answer (the model did not answer in the expected format)\n  {j.texts[0]!r}")
-        else:
-            print(f"{path}: score {j.score:.2f}  " + "  ".join(f"{k} {v:.2f}" for k, v in aspects.items())
-                  + f"\n  {j.texts[0].strip()}")
-    return 1 if failed else 0
+    """`python preresq.py FILE... --model FOLDER`: exit 0 when every file was scored, 1 when some could
+    not be (each is warned about), 2 for bad usage or input (no model is loaded), 130 on Ctrl-C."""
+    return cli.run("preresq.py", score_files, argv)
 
 
 if __name__ == "__main__":

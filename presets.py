@@ -36,6 +36,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
+import cli
 import files
 import preresq
 import synthetic
@@ -83,6 +84,17 @@ def model_path(name_or_path: str) -> str:
     if not (path / "config.json").exists():
         build_preset(name_or_path, path)
     return str(path)
+
+
+def describe_model(name: str) -> str:
+    """The line a tool prints before it loads its model: which model and why. A preset is described
+    without being built; anything else must be there (preresq.locate_model, else ModelLoadError)."""
+    if name in PRESETS:
+        return (f"model: the {name} preset, a laptop stand-in built from a recipe (presets.py); for the paper's "
+                "model pass --model Qwen/Qwen2.5-VL-7B-Instruct")
+    folder = preresq.locate_model(name)
+    return f"model: {name} " + ("(a local checkpoint folder)" if Path(name).expanduser().exists()
+                                else f"(from the hub cache: {folder})")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -416,16 +428,20 @@ _RECIPE_CODE = "".join(inspect.getsource(f) for f in (
     neutral_opinion))
 
 
-def main(argv=None) -> int:
-    """`python presets.py tiny [small]`: build the named presets if needed and print their folders."""
-    names = sys.argv[1:] if argv is None else argv
-    unknown = [n for n in names if n not in PRESETS]
-    if not names or unknown:
-        print(f"usage: python presets.py NAME... (NAME: {', '.join(PRESETS)})", file=sys.stderr)
-        return 2
-    for name in names:
+def command(argv=None) -> int:
+    p = cli.parser("presets.py", "Build the named laptop presets if needed (once, minutes each) and print their "
+                   "folders, e.g. for preresq.py --model; grpo.py, evaluate.py and ablation.py take the name itself.")
+    p.add_argument("names", nargs="+", choices=list(PRESETS), metavar="NAME", help=f"one of {', '.join(PRESETS)}")
+    for name in p.parse_args(argv).names:
+        if not (preset_path(name) / "config.json").exists():
+            print(f"presets.py: building the {name} preset once into {preset_path(name)} (minutes)", file=sys.stderr)
         print(model_path(name))
     return 0
+
+
+def main(argv=None) -> int:
+    """`python presets.py tiny [small]`: exit 0 with the folders printed, 2 for an unknown name, 130 on Ctrl-C."""
+    return cli.run("presets.py", command, argv)
 
 
 if __name__ == "__main__":

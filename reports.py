@@ -80,3 +80,15 @@ def format_table(summary):
                       for c, (cell, w) in enumerate(zip(line, widths))) for line in lines]
     text.insert(1, "-" * len(text[0]))
     return "\n".join(text + [TABLE_NOTE])
+
+
+def judgement_text(path, judgement, aspect_names, as_json=False):
+    """What preresq.py prints for one file: a JSON object, or the score, the aspect scores and the answer."""
+    j = judgement
+    aspects = dict(zip(aspect_names, j.aspects)) if j.aspects else None
+    if as_json:
+        return json.dumps({"file": path, "score": j.score, "aspects": aspects, "parsed": j.parsed, "answers": j.texts})
+    if j.score is None:
+        return f"{path}: no parsable answer (the model did not answer in the expected format)\n  {j.texts[0]!r}"
+    return (f"{path}: score {j.score:.2f}  " + "  ".join(f"{k} {v:.2f}" for k, v in aspects.items())
+            + f"\n  {j.texts[0].strip()}")

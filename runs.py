@@ -43,6 +43,7 @@ import preresq
 import presets
 from distributed import (SINGLE, Dist, all_reduce, broadcast, call, check_global_batch, full_optimizer_state, full_weights,
                          is_sharded, load_optimizer_state, rank_seed, shard_model, unwrap)
+from cli import Failure, InputError
 from files import atomic_folder
 
 CHECKPOINT_STATE = "trainer_state.pt"
@@ -53,7 +54,7 @@ RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_
                      "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp"}
 
 
-class RunError(RuntimeError):
+class RunError(Failure):
     """The run cannot go on; the message says what happened, what is intact and how to continue."""
 
 
@@ -146,36 +147,44 @@ def config_differences(state: dict, cfg, world: int) -> list[str]:
     return diffs
 
 
-def open_run(cfg, resume: bool, force: bool, dist: Dist = SINGLE) -> tuple[Path, dict | None]:
-    """The run folder, checked and created (rank 0), and the checkpoint state to resume from (or None)."""
+def check_run_folder(cfg, resume: bool, force: bool, dist: Dist = SINGLE) -> dict | None:
+    """Refuse a run folder that cannot work, before anything is created: a file, one with checkpoints
+    but no --resume, --resume without a checkpoint or with another configuration, no write access.
+    Returns the checkpoint state to resume from (or None)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out.")
+        raise InputError(f"--out {out} is a file, not a folder; choose another --out.")
     state = None
     if resume:
         found = checkpoints(out)
         if not found:
-            raise SystemExit(f"error: --resume: no complete checkpoint in {out}; start without --resume.")
+            raise InputError(f"--resume: no complete checkpoint in {out}; start without --resume.")
         state = torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False)
         diffs = config_differences(state, cfg, dist.world)
         if diffs and not force:
-            raise SystemExit(f"error: --resume from {found[-1]} with a different configuration:\n  "
+            raise InputError(f"--resume from {found[-1]} with a different configuration:\n  "
                              + "\n  ".join(diffs) + "\nDrop those flags (--resume takes every flag not given "
                              "from the checkpoint), or add --force to resume with them anyway.")
     elif out.exists() and checkpoints(out):
-        raise SystemExit(f"error: {out} already holds checkpoints; add --resume to continue that run, "
+        raise InputError(f"{out} already holds checkpoints; add --resume to continue that run, "
                          "or choose another --out.")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to --out {out} ({existing} is not writable). Choose a writable folder.")
+    return state
+
+
+def create_run_folder(out: Path, resume: bool, dist: Dist = SINGLE) -> None:
+    """Make the run folder (rank 0); a fresh run drops the logs of an attempt that never reached a checkpoint."""
+    if not dist.main:
+        return
     try:
-        if dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ".write-test").touch()
-            (out / ".write-test").unlink()
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
-    if not resume and dist.main:  # logs of an earlier attempt that never reached a checkpoint
+        raise InputError(f"cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
+    if not resume:
         for name in ("metrics.jsonl", "eval.jsonl"):
             (out / name).unlink(missing_ok=True)
-    return out, state
 
 
 def data_fingerprint(sets: dict) -> str:
@@ -189,7 +198,7 @@ def data_fingerprint(sets: dict) -> str:
 
 def check_same_data(state: dict | None, sets: dict, force: bool) -> None:
     if state and not force and state["data"].get("fingerprint") != data_fingerprint(sets):
-        raise SystemExit(f"error: --resume: the training data differ from the checkpoint's "
+        raise InputError(f"--resume: the training data differ from the checkpoint's "
                          f"({state['data'].get('items')} items then, {sum(map(len, sets.values()))} now): the "
                          "label files or images under --data-root changed. Restore them, or add --force to "
                          "resume on the new data.")
@@ -359,6 +368,23 @@ def load_training_data(cfg) -> tuple[dict, list]:
     return sets, held
 
 
+def check_device(device: str | None) -> None:
+    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU"
+        raise InputError(f"--device {device}, but {why}. Use --device cpu, or a machine with a GPU and a CUDA "
+                         "build of torch.")
+
+
+def describe_model(name: str) -> str:
+    """The line every run prints: which model it trains and why. Refuses a model that is not there."""
+    if name in presets.PRESETS:
+        return (f"model: the {name} preset, a laptop stand-in built from a recipe (presets.py); for the paper's "
+                "model pass --model Qwen/Qwen2.5-VL-7B-Instruct")
+    folder = preresq.locate_model(name)
+    return f"model: {name} " + ("(a local checkpoint folder)" if Path(name).expanduser().exists()
+                                else f"(from the hub cache: {folder})")
+
+
 def load_models(cfg, source: str, device, dist: Dist):
     """(policy, frozen reference or None, tokenizer, image processor), placed and sharded as configured.
     The reference is the initial model: a copy, or --model again when resuming from `source`."""
@@ -424,10 +450,16 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     """Open (or resume) the run folder, load data and models, build the optimizer; seed the run."""
     default = f"runs/{cfg.data.replace(',', '+')}-{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.out = broadcast(cfg.out or default, dist)  # the default name holds the time: rank 0's
-    out, state = open_run(cfg, resume, force, dist)
+    out = Path(cfg.out)
+    check_device(device)
+    model_line = describe_model(cfg.model)  # refused here when it is not there: before any data is made
+    state = check_run_folder(cfg, resume, force, dist)
     sets, held = load_training_data(cfg)
     check_same_data(state, sets, force)
     check_global_batch(sets, cfg.images_per_step, dist.world)
+    create_run_folder(out, resume, dist)
+    if dist.main:
+        print(model_line, flush=True)
     sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed, dist.rank, dist.world)
     steps = cfg.total_steps(sum(map(len, sets.values())), dist.world)
     source = str(checkpoints(out)[-1]) if state else cfg.model

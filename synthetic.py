@@ -143,14 +143,18 @@ def _cached(kind: str, root: str | None, params: dict, build: Callable[[str], No
     """
     root = os.path.expanduser(root) if root else str(cache_dir("-".join([kind, *map(str, params.values())])))
     marker = os.path.join(root, "params.json")
+    if not os.path.isfile(marker) and os.path.isdir(root) and os.listdir(root):
+        raise DataError(f"--data-root {root} is not a synthetic set (it holds other files and no params.json): "
+                        f"the synthetic data are generated, they need no --data-root. To train or evaluate on "
+                        f"your own pictures, use --data labels --labels FILE --data-root {root} (a label file "
+                        "of 'name mos' lines), or --data NAME for a known benchmark.")
     if not os.path.isfile(marker):
         with atomic_folder(root) as tmp:
             build(str(tmp))
             with open(tmp / "params.json", "w") as f:
                 json.dump(params, f, sort_keys=True)
         if not os.path.isfile(marker):  # the rename found a folder that is not ours
-            raise DataError(f"{root} exists and is not a synthetic set; remove it or choose "
-                            "another folder")
+            raise DataError(f"{root} is not a synthetic set; choose another folder")
     with open(marker) as f:
         found = json.load(f)
     if found != json.loads(json.dumps(params, sort_keys=True)):

@@ -25,9 +25,7 @@ how frames are decoded is in frames.py):
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +35,8 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-from frames import SEEK_THRESHOLD, VideoError, display_image, fit_size, native_array, read_frames
+import cli
+from frames import SEEK_THRESHOLD, VideoError, check_video, display_image, fit_size, native_array, read_frames
 
 LOCAL_MAX_PIXELS = 448 * 448
 TILE_SIZE = 128
@@ -187,31 +186,33 @@ def sample_frames(path: str, num_frames: int, *, max_side: int | None = None,
 
 # ---------------------------------------------------------------- command line
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write the views PreResQ-R1 sees of a clip as PNG files.")
-    parser.add_argument("clip")
-    parser.add_argument("--out", required=True, help="folder for global.png, local-1.png, ...")
-    parser.add_argument("--grid", type=int, default=4, help="mosaic is grid × grid frames")
-    parser.add_argument("--num-local", type=int, default=3, help="number of local views")
-    parser.add_argument("--tile-size", type=int, default=TILE_SIZE, help="longer side of a mosaic tile")
-    parser.add_argument("--local-max-pixels", type=int, default=LOCAL_MAX_PIXELS,
-                        help="pixel cap of a local frame (0: native resolution)")
-    parser.add_argument("--fragments", action="store_true", help="local views as FAST-VQA fragments")
-    parser.add_argument("--seed", type=int, default=0, help="fragment positions")
-    args = parser.parse_args(argv)
+def command(argv: list[str] | None = None) -> int:
+    p = cli.parser("video.py", "Write the views PreResQ-R1 sees of a clip as PNG files.")
+    p.add_argument("clip", help="a video file")
+    p.add_argument("--out", required=True, help="folder for global.png, local-1.png, ...")
+    p.add_argument("--grid", type=int, default=4, help="the mosaic is grid × grid frames")
+    p.add_argument("--num-local", type=int, default=3, help="number of local views")
+    p.add_argument("--tile-size", type=int, default=TILE_SIZE, help="longer side of a mosaic tile, in pixels")
+    p.add_argument("--local-max-pixels", type=int, default=LOCAL_MAX_PIXELS,
+                   help="pixel cap of a local frame; 0: native resolution")
+    p.add_argument("--fragments", action="store_true", help="local views as FAST-VQA fragments")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fragment positions")
+    args = p.parse_args(argv)
+    cli.at_least(p, args, grid=1, num_local=1, tile_size=1, local_max_pixels=0)
+    check_video(args.clip)
+    out = cli.check_out(args.out)
     start = time.perf_counter()
-    try:
-        views = sample_views(args.clip, grid=args.grid, num_local=args.num_local, tile_size=args.tile_size,
-                             local_max_pixels=args.local_max_pixels or None, fragments=args.fragments, seed=args.seed)
-    except VideoError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    views = sample_views(args.clip, grid=args.grid, num_local=args.num_local, tile_size=args.tile_size,
+                         local_max_pixels=args.local_max_pixels or None, fragments=args.fragments, seed=args.seed)
     seconds = time.perf_counter() - start
-    os.makedirs(args.out, exist_ok=True)
     names = ["global.png"] + [f"{'fragments' if args.fragments else 'local'}-{k + 1}.png"
                               for k in range(len(views.local))]
-    for name, image in zip(names, views.images):
-        image.save(os.path.join(args.out, name))
+    folder = cli.make_out(out)
+    try:
+        for name, image in zip(names, views.images):
+            image.save(folder / name)
+    except OSError as e:
+        raise cli.Failure(f"cannot write {folder / name}: {e.strerror or e}") from None
     print(f"{args.clip}: {views.num_frames} frames, decoded ({views.mode}) in {seconds:.2f} s")
     print(f"global {args.grid}x{args.grid} {views.mosaic.size[0]}x{views.mosaic.size[1]}: "
           f"frames {views.global_indices}")
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{views.local[0].size[1]}: frames {views.local_indices}")
     print(f"wrote {', '.join(names)} to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python video.py CLIP --out DIR`: exit 0 when written, 2 for bad usage or an unreadable clip
+    (nothing is written), 1 when writing fails part way, 130 on Ctrl-C."""
+    return cli.run("video.py", command, argv)
 
 
 if __name__ == "__main__":

@@ -612,7 +612,7 @@ def test_cli_summary_and_problems(tmp_path, capsys):
     os.remove(tmp_path / "images" / "I19_01_01.png")
     assert data.main(["kadid", "--data-root", str(tmp_path), "--split", "test"]) == 1
     assert "1 of 32 labelled files" in capsys.readouterr().out
-    assert data.main(["nope"]) == 1 and "unknown dataset" in capsys.readouterr().out
+    assert data.main(["nope"]) == 2 and "data.py: error: unknown dataset" in capsys.readouterr().err
 
 
 def test_cli_check_images_reports_undecodable(tmp_path, capsys):

@@ -23,6 +23,7 @@ from PIL import Image
 
 import distributed
 import grpo
+from cli import InputError
 import preresq
 import runs
 import presets
@@ -182,12 +183,12 @@ def test_too_few_images_for_the_processes_is_refused_with_the_numbers():
     sets = {"koniq": list(range(30)), "spaq": list(range(100))}
     distributed.check_global_batch(sets, 8, 3)  # 24 <= 30
     distributed.check_global_batch(sets, 64, 1)  # one process: a short set gives a short batch, as always
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         distributed.check_global_batch(sets, 8, 4)
     message = str(e.value)
     assert "4 processes x --images-per-step 8 = 32" in message and "'koniq' has only 30" in message
     assert message.endswith("Use at most 3 processes, or --images-per-step 7 or less, or more training data.")
-    with pytest.raises(SystemExit) as e:  # a set smaller than B: only a smaller B (or more data) helps
+    with pytest.raises(InputError) as e:  # a set smaller than B: only a smaller B (or more data) helps
         distributed.check_global_batch({"tid": list(range(5))}, 8, 2)
     assert str(e.value).endswith("Use --images-per-step 2 or less, or more training data.")
 
@@ -252,13 +253,13 @@ def test_torchrun_two_processes_rank_0_alone_writes(ddp_run):
 
 
 @pytest.mark.slow
-def test_checkpoints_move_between_two_ranks_and_one_with_the_same_global_batch(ddp_run, tmp_path):
+def test_checkpoints_move_between_two_ranks_and_one_with_the_same_global_batch(ddp_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(ddp_run[0], out)
     # The data order hangs on the global batch (4 images): one process must take all 4 ...
-    with pytest.raises(SystemExit) as refused:
-        grpo.main(["--out", str(out), "--resume", "--steps", "3"])
-    assert "global batch" in str(refused.value) and "--images-per-step 4 keeps it" in str(refused.value)
+    assert grpo.main(["--out", str(out), "--resume", "--steps", "3"]) == 2
+    refused = capsys.readouterr().err
+    assert "global batch" in refused and "--images-per-step 4 keeps it" in refused
     # ... and then it continues from step 1, where the two ranks' checkpoint left off.
     assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
     steps = metrics(out)

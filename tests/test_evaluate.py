@@ -1,4 +1,5 @@
-"""evaluate.py: metrics against scipy, the logistic fit, the figures, the files and the table."""
+"""evaluate.py: metrics against scipy, the logistic fits, both protocols; plots.py and reports.py: the
+figures, the files and the table."""
 
 import csv
 import json
@@ -11,6 +12,7 @@ import pytest
 import scipy.ndimage
 import scipy.optimize
 import scipy.stats
+import torch
 from PIL import Image
 
 import data
@@ -18,6 +20,7 @@ import evaluate
 import plots
 import preresq
 import presets
+import reports
 
 # ---------------------------------------------------------------------------------------
 # correlations
@@ -34,8 +37,11 @@ def test_correlations_equal_scipy_on_the_same_vectors():
     assert got["srcc"] == pytest.approx(scipy.stats.spearmanr(pred, mos).statistic, abs=1e-12)
     assert got["plcc"] == pytest.approx(scipy.stats.pearsonr(pred, mos).statistic, abs=1e-12)
     assert got["krcc"] == pytest.approx(scipy.stats.kendalltau(pred, mos).statistic, abs=1e-12)
-    fitted = evaluate.logistic4(pred, *got["logistic_params"])
-    assert got["plcc_logistic"] == pytest.approx(
+    fitted = evaluate.logistic4(pred, *got["logistic4_params"])
+    assert got["plcc_logistic4"] == pytest.approx(
+        scipy.stats.pearsonr(fitted, mos).statistic, abs=1e-12)
+    fitted = evaluate.logistic5(pred, *got["logistic5_params"])
+    assert got["plcc_logistic5"] == pytest.approx(
         scipy.stats.pearsonr(fitted, mos).statistic, abs=1e-12)
     assert got["logistic_note"] == ""
 
@@ -67,15 +73,67 @@ def test_logistic_fit_improves_plcc_on_a_saturating_relation():
     mos = evaluate.logistic4(x, 5.0, 1.0, 5.0, 0.5)
     got = evaluate.correlations(x, mos)
     assert got["plcc"] < 0.95
-    assert got["plcc_logistic"] == pytest.approx(1.0, abs=1e-6)
+    assert got["plcc_logistic4"] == pytest.approx(1.0, abs=1e-6)
+    assert got["plcc_logistic5"] > got["plcc"]
+
+
+def test_negated_predictions_never_get_a_strong_positive_logistic_plcc():
+    """An unbounded 4-parameter fit turns over (b1 < b2) and reported PLCC +0.97 here for an
+    SRCC of -0.96; the fits are increasing maps, so predictions against the MOS stay negative."""
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(1, 5, 200)
+    pred = -(mos + rng.normal(0, 0.3, 200))
+    got = evaluate.correlations(pred, mos)
+    assert got["srcc"] < -0.9 and got["plcc"] < -0.9
+    assert got["plcc_logistic4"] <= 1e-9 and got["plcc_logistic5"] <= 1e-9
+    xs = np.linspace(pred.min(), pred.max(), 400)
+    for parameters, curve in ((4, evaluate.logistic4), (5, evaluate.logistic5)):
+        fitted = curve(xs, *evaluate.fit_logistic(pred, mos, parameters))
+        assert np.all(np.diff(fitted) >= -1e-12), parameters  # never decreasing
+
+
+@pytest.mark.parametrize("parameters", [4, 5])
+def test_increasing_fits_still_recover_a_monotone_relation(parameters):
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 10, 300)
+    for mos in (evaluate.logistic4(x, 4.8, 1.2, 5.0, 1.0), evaluate.logistic5(x, 3.0, 1.5, 5.0, 0.05, 2.5)):
+        mos = mos + rng.normal(0, 0.03, 300)
+        got = evaluate.correlations(x, mos)
+        assert got[f"plcc_logistic{parameters}"] > max(0.99, got["plcc"])
+        # the scale and offset of the predictions do not matter
+        again = evaluate.correlations(10 * x + 3, mos)
+        assert again[f"plcc_logistic{parameters}"] == pytest.approx(got[f"plcc_logistic{parameters}"], abs=1e-4)
+
+
+def test_logistic5_hand_worked_values():
+    b = (2.0, 1.5, 3.0, 0.25, 1.0)
+    assert evaluate.logistic5(3.0, *b) == pytest.approx(0.25 * 3 + 1.0)  # midpoint: the logistic is 0
+    # 2 (0.5 - 1 / (1 + e^1.5)) + 0.25 * 4 + 1
+    assert evaluate.logistic5(4.0, *b) == pytest.approx(2 * (0.5 - 1 / (1 + math.exp(1.5))) + 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = evaluate.logistic5(np.array([-1e6, 1e6]), 2.0, 1.5, 3.0, 0.0, 1.0)
+    assert far.tolist() == pytest.approx([0.0, 2.0])
+
+
+def test_constant_predictions_get_no_logistic_plcc_and_no_crash():
+    mos = np.linspace(1, 5, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = evaluate.correlations([2.5] * 20, mos)
+    assert math.isnan(got["plcc_logistic4"]) and math.isnan(got["plcc_logistic5"])
+    assert got["logistic4_params"] is None and got["logistic5_params"] is None
+    for parameters in (4, 5):
+        with pytest.raises(RuntimeError, match="constant"):
+            evaluate.fit_logistic([2.5] * 20, mos, parameters)
 
 
 def test_too_few_points_for_the_fit_fall_back_to_raw_plcc_with_a_note():
     pred, mos = [1.0, 2.0, 3.5, 3.0], [1.2, 2.5, 3.1, 4.0]
     got = evaluate.correlations(pred, mos)
     assert got["plcc"] == pytest.approx(scipy.stats.pearsonr(pred, mos).statistic)
-    assert got["plcc_logistic"] == got["plcc"]
-    assert got["logistic_params"] is None
+    assert got["plcc_logistic4"] == got["plcc_logistic5"] == got["plcc"]
+    assert got["logistic4_params"] is None and got["logistic5_params"] is None
     assert "more than 4 points" in got["logistic_note"]
     assert "raw PLCC" in got["logistic_note"]
 
@@ -90,9 +148,9 @@ def test_failing_fit_falls_back_to_raw_plcc_with_the_reason(monkeypatch):
     mos = rng.uniform(1, 5, 50)
     pred = mos + rng.normal(0, 0.5, 50)
     got = evaluate.correlations(pred, mos)
-    assert got["plcc_logistic"] == got["plcc"] == pytest.approx(
+    assert got["plcc_logistic4"] == got["plcc_logistic5"] == got["plcc"] == pytest.approx(
         scipy.stats.pearsonr(pred, mos).statistic)
-    assert got["logistic_params"] is None
+    assert got["logistic4_params"] is None and got["logistic5_params"] is None
     assert "maxfev" in got["logistic_note"] and "raw PLCC" in got["logistic_note"]
 
 
@@ -106,9 +164,9 @@ def test_undefined_correlations_are_nan_without_warnings(pred, mos):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = evaluate.correlations(pred, mos)
-    for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
+    for key in ("srcc", "plcc", "krcc", "plcc_logistic4", "plcc_logistic5"):
         assert math.isnan(got[key]), key
-    assert got["logistic_params"] is None and got["logistic_note"]
+    assert got["logistic4_params"] is None and got["logistic5_params"] is None and got["logistic_note"]
 
 
 def test_bad_inputs_are_refused_with_a_message():
@@ -152,8 +210,7 @@ def test_scatter_draws_the_logistic_curve(tmp_path):
     mos = evaluate.logistic4(pred, 4.8, 1.2, 3.0, 0.5) + rng.normal(0, 0.1, 100)
     got = evaluate.correlations(pred, mos)
     path = tmp_path / "scatter.png"
-    plots.draw_scatter(path, pred, mos, lambda x: evaluate.logistic4(x, *got["logistic_params"]),
-                       size=(500, 400))
+    plots.draw_scatter(path, pred, mos, evaluate.fitted_curve(got), size=(500, 400))
     img = Image.open(path).convert("RGB")
     assert img.size == (500, 400)
     red = np.all(np.asarray(img) == plots.PALETTE[3], axis=-1)
@@ -216,7 +273,7 @@ def _fake_judge(calls):
     """A judge whose score is read off the image (red / 50), and unparsed for one colour."""
 
     def judge(model, tokenizer, image_processor, visuals, *, video=False, samples=None,
-              temperature=1.0, max_new_tokens=None, seed=0, batch_size=8, progress=False):
+              temperature=1.0, top_k=0, max_new_tokens=None, seed=0, batch_size=8, progress=False):
         calls.append(dict(n=len(visuals), video=video, samples=samples, seed=seed,
                           temperature=temperature))
         out = []
@@ -255,10 +312,10 @@ def fake_set(tmp_path, monkeypatch):
 
 def test_evaluate_counts_parse_failures_and_unreadable_files(fake_set):
     items, calls = fake_set
-    with pytest.warns(UserWarning) as caught:
-        metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=4, seed=5,
-                                          progress=False)
-    warned = " ".join(str(w.message) for w in caught)
+    caught = []
+    metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=4, seed=5,
+                                      progress=False, warn=caught.append)
+    warned = " ".join(caught)
     assert "corrupt.png" in warned and "missing.jpg" in warned
     assert metrics["unreadable"] == 2
     assert metrics["parse_failures"] == 1
@@ -281,12 +338,11 @@ def test_evaluate_counts_parse_failures_and_unreadable_files(fake_set):
 
 def test_files_agree_with_each_other_and_with_a_recomputation(fake_set, tmp_path):
     items, _ = fake_set
-    with pytest.warns(UserWarning):
-        metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=3, progress=False)
+    metrics, rows = evaluate.evaluate(None, None, None, items, batch_size=3, progress=False, warn=[].append)
     out = tmp_path / "out"
     out.mkdir()
-    evaluate.write_summary(out / "summary.json", {"toy": metrics})
-    evaluate.write_dataset_files(str(out), "toy", metrics, rows)
+    reports.write_summary(out / "summary.json", {"toy": metrics})
+    reports.write_dataset_files(str(out), "toy", metrics, rows, evaluate.fitted_curve(metrics))
     summary = json.loads((out / "summary.json").read_text())["toy"]
     with open(out / "predictions-toy.csv", newline="") as f:
         lines = list(csv.DictReader(f))
@@ -297,10 +353,83 @@ def test_files_agree_with_each_other_and_with_a_recomputation(fake_set, tmp_path
     assert all(line["score"] == "" for line in lines if line["parsed"] == "no")
     again = evaluate.correlations([float(line["score"]) for line in parsed],
                                   [float(line["mos"]) for line in parsed])
-    for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
+    for key in ("srcc", "plcc", "krcc", "plcc_logistic4", "plcc_logistic5"):
         assert summary[key] == pytest.approx(again[key], abs=1e-12), key
     scatter = Image.open(out / "scatter-toy.png").convert("RGB")
     assert len(_blobs(scatter, plots.PALETTE[0])) == 7
+
+
+# Hand-written answers -> (our score: aspect mean, the authors' score: first number); None: unparsed
+HAND_WRITTEN = [
+    ("<think>sharp</think><answer>3.25\n4.00\n2.50\n3.00\n4.25</answer>", 3.4, 3.25),
+    ("<think>soft</think><answer>1.5\n2\n1\n2.5\n1</answer>", 1.6, 1.5),
+    ("<think>7 of 10</think><answer>Quality: 4.5</answer>", None, 4.5),     # one number, not five
+    ("<think>no tags</think> I would say 2 out of 5", None, 2.0),           # no <answer>: whole text
+    ("<think>hmm</think><answer>good</answer>", None, None),                # authors: a random 1..5
+    ("<answer>2\n3\n4\n5\n1</answer>", 3.0, 2.0),
+    ("<think>great</think><answer>7.5</answer>", None, 7.5),                # not clipped
+]
+HAND_MOS = [3.3, 1.4, 4.4, 2.2, 3.0, 2.5, 4.9]
+
+
+@pytest.fixture
+def hand_written(monkeypatch):
+    """preresq.judge with generation replaced: item k's answer is HAND_WRITTEN[k]'s text."""
+    calls = []
+
+    def sample_completions(model, tokenizer, batch, num_generations, **settings):
+        calls.append(dict(num_generations=num_generations, **settings))
+        return torch.tensor([[k] for (k,) in batch for _ in range(num_generations)])
+
+    class Tokenizer:
+        def batch_decode(self, ids, skip_special_tokens=False):
+            return [HAND_WRITTEN[k][0] for k in ids[:, 0].tolist()]
+
+    monkeypatch.setattr(data, "read_visual", lambda path, max_pixels=None: int(path[1:-4]))
+    monkeypatch.setattr(preresq, "encode_prompts", lambda tok, ip, visuals, prompts, video=False: visuals)
+    monkeypatch.setattr(preresq, "sample_completions", sample_completions)
+    items = [data.Item(path=f"/{k}.png", mos=m, raw=m, dataset="hand") for k, m in enumerate(HAND_MOS)]
+    return items, Tokenizer(), calls
+
+
+@pytest.mark.parametrize("protocol", ["ours", "authors"])
+def test_both_protocols_score_hand_written_answers(hand_written, protocol):
+    items, tokenizer, calls = hand_written
+    metrics, rows = evaluate.evaluate(None, tokenizer, None, items, protocol=protocol, batch_size=4,
+                                      progress=False)
+    expected = [ours if protocol == "ours" else authors for _, ours, authors in HAND_WRITTEN]
+    assert [r["score"] for r in rows] == pytest.approx(expected)
+    assert [r["parsed"] for r in rows] == [e is not None for e in expected]
+    assert metrics["protocol"] == protocol
+    assert metrics["n"] == (3 if protocol == "ours" else 6)
+    assert metrics["parse_failures"] == (4 if protocol == "ours" else 1)  # never a random score
+    pred = [e for e in expected if e is not None]
+    mos = [m for e, m in zip(expected, HAND_MOS) if e is not None]
+    assert metrics["srcc"] == pytest.approx(scipy.stats.spearmanr(pred, mos).statistic)
+    assert metrics["plcc"] == pytest.approx(scipy.stats.pearsonr(pred, mos).statistic)
+    if protocol == "ours":
+        assert rows[0]["saturation"] == 3.25 and rows[0]["background"] == 4.25
+        settings = dict(num_generations=1, temperature=1.0, top_k=0, max_new_tokens=256, greedy=True)
+    else:  # one number per answer: no aspects
+        assert all(r[a] is None for r in rows for a in preresq.IMAGE_ASPECTS)
+        settings = dict(num_generations=1, temperature=1.0, top_k=50, max_new_tokens=512, greedy=False)
+    assert calls == [settings, settings]  # two batches of 4 and 3
+
+
+def test_authors_protocol_fixes_the_decoding(hand_written):
+    items, tokenizer, _ = hand_written
+    with pytest.raises(ValueError, match="fixes the decoding"):
+        evaluate.evaluate(None, tokenizer, None, items, protocol="authors", samples=4, progress=False)
+    with pytest.raises(ValueError, match="protocol must be"):
+        evaluate.evaluate(None, tokenizer, None, items, protocol="theirs", progress=False)
+    assert evaluate.authors_score("<answer>3</answer> then <answer>x 4.25 and 2</answer>") == 4.25
+
+
+def test_sampling_settings_reach_the_sampler(hand_written):
+    items, tokenizer, calls = hand_written
+    evaluate.evaluate(None, tokenizer, None, items[:2], samples=3, temperature=0.7, top_k=5,
+                      max_new_tokens=32, progress=False)
+    assert calls == [dict(num_generations=3, temperature=0.7, top_k=5, max_new_tokens=32, greedy=False)]
 
 
 def test_evaluate_judges_images_and_videos_separately_keeping_order(monkeypatch):
@@ -333,25 +462,28 @@ def test_constant_predictions_stay_nan_through_json_and_table(tmp_path, monkeypa
              for k, p in enumerate(paths)]
     metrics, _ = evaluate.evaluate(None, None, None, items, progress=False)
     assert math.isnan(metrics["srcc"]) and metrics["n"] == 5
-    evaluate.write_summary(tmp_path / "summary.json", {"flat": metrics})
+    reports.write_summary(tmp_path / "summary.json", {"flat": metrics})
     text = (tmp_path / "summary.json").read_text()
     assert json.loads(text)["flat"]["srcc"] is None and "NaN" not in text
-    row = evaluate.format_table(json.loads(text)).splitlines()[2].split()
-    assert row[:6] == ["flat", "5", "nan", "nan", "nan", "nan"]
+    row = reports.format_table(json.loads(text)).splitlines()[2].split()
+    assert row[:7] == ["flat", "5", "nan", "nan", "nan", "nan", "nan"]
 
 
 def test_format_table_hand_built():
-    summary = {"koniq": dict(n=2015, srcc=0.91234, plcc=0.9, krcc=0.75, plcc_logistic=0.92345,
-                             parse_failures=3, unreadable=0),
+    summary = {"koniq": dict(n=2015, srcc=0.91234, plcc=0.9, krcc=0.75, plcc_logistic4=0.92345,
+                             plcc_logistic5=0.93456, parse_failures=3, unreadable=0),
                "spaq": dict(n=10, srcc=math.nan, plcc=math.nan, krcc=math.nan,
-                            plcc_logistic=math.nan, parse_failures=0, unreadable=1)}
-    lines = evaluate.format_table(summary).splitlines()
-    assert lines[0].split() == ["dataset", "n", "SRCC", "PLCC", "raw", "KRCC", "PLCC",
-                                "logistic", "parse", "failures", "unreadable"]
+                            plcc_logistic4=math.nan, plcc_logistic5=math.nan, parse_failures=0, unreadable=1)}
+    lines = reports.format_table(summary).splitlines()
+    assert lines[0].split() == ["dataset", "n", "SRCC", "PLCC", "raw", "KRCC", "PLCC", "logistic4",
+                                "PLCC", "logistic5", "parse", "failures", "unreadable"]
     assert set(lines[1]) == {"-"}
-    assert lines[2].split() == ["koniq", "2015", "0.9123", "0.9000", "0.7500", "0.9234", "3", "0"]
-    assert lines[3].split() == ["spaq", "10", "nan", "nan", "nan", "nan", "0", "1"]
+    assert lines[2].split() == ["koniq", "2015", "0.9123", "0.9000", "0.7500", "0.9234", "0.9346", "3", "0"]
+    assert lines[3].split() == ["spaq", "10", "nan", "nan", "nan", "nan", "nan", "0", "1"]
     assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
+    # the note under the table says which PLCC is which
+    assert "PLCC raw: Pearson on the scores as predicted" in lines[4]
+    assert "logistic4 / logistic5" in lines[4] and "5-parameter" in lines[4]
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,6 +506,11 @@ def no_model(monkeypatch):
     (["--data", "koniq", "--samples", "0"], "--samples must be at least 1"),
     (["--data", "koniq", "--temperature", "0"], "--temperature must be positive"),
     (["--data", "koniq", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--data", "koniq", "--top-k", "-1"], "--top-k must be at least 0"),
+    (["--data", "koniq", "--protocol", "authors", "--samples", "4", "--top-k", "5"],
+     "--protocol authors fixes the decoding (one answer sampled at top_k 50, temperature 1.0, 512 "
+     "tokens): drop --samples, --top-k"),
+    (["--data", "koniq", "--protocol", "greedy"], "invalid choice: 'greedy'"),
     (["--data", "koniq,spaq,kadid", "--split", "test,all"], "--split gives 2 splits for 3 sets"),
 ])
 def test_bad_arguments_are_refused_with_a_message(argv, message, no_model, capsys):
@@ -383,11 +520,11 @@ def test_bad_arguments_are_refused_with_a_message(argv, message, no_model, capsy
     assert message in capsys.readouterr().err
 
 
-def test_missing_dataset_folder_fails_before_loading_the_model(tmp_path, no_model):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--model", "tiny", "--data", "koniq", "--data-root", str(tmp_path / "nope"),
-                       "--out", str(tmp_path / "out")])
-    assert "koniq" in str(exit_info.value.code) and "nope" in str(exit_info.value.code)
+def test_missing_dataset_folder_fails_before_loading_the_model(tmp_path, no_model, capsys):
+    assert evaluate.main(["--model", "tiny", "--data", "koniq", "--data-root", str(tmp_path / "nope"),
+                          "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "koniq" in message and "nope" in message
 
 
 def test_splits_pair_with_sets_in_order(no_model):
@@ -399,11 +536,17 @@ def test_splits_pair_with_sets_in_order(no_model):
     assert args.splits == ["all", "all"]
 
 
-def test_unknown_split_fails_before_loading_the_model(tmp_path, no_model):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--model", "tiny", "--data", "synthetic", "--split", "holdout",
-                       "--out", str(tmp_path / "out")])
-    assert "holdout" in str(exit_info.value.code)
+def test_decoding_flags_go_to_our_protocol_only(no_model):
+    args = evaluate.parse_args(["--model", "tiny", "--data", "koniq", "--samples", "2", "--top-k", "5"])
+    assert args.protocol == "ours" and args.decoding == dict(samples=2, top_k=5)
+    args = evaluate.parse_args(["--model", "tiny", "--data", "koniq", "--protocol", "authors"])
+    assert args.protocol == "authors" and args.decoding == {}
+
+
+def test_unknown_split_fails_before_loading_the_model(tmp_path, no_model, capsys):
+    assert evaluate.main(["--model", "tiny", "--data", "synthetic", "--split", "holdout",
+                          "--out", str(tmp_path / "out")]) == 2
+    assert "holdout" in capsys.readouterr().err
 
 
 def test_default_split_is_test_only_where_a_set_prescribes_one():
@@ -459,7 +602,7 @@ def test_end_to_end_files_agree_and_the_seed_fixes_the_numbers(tiny, synthetic_h
     assert len(parsed) == s["n"]
     again = evaluate.correlations([float(line["score"]) for line in parsed],
                                   [float(line["mos"]) for line in parsed])
-    for key in ("srcc", "plcc", "krcc", "plcc_logistic"):
+    for key in ("srcc", "plcc", "krcc", "plcc_logistic4", "plcc_logistic5"):
         assert (s[key] is None and math.isnan(again[key])) or s[key] == pytest.approx(again[key])
     shown = "nan" if s["srcc"] is None else f"{s['srcc']:.4f}"
     assert any(row.split()[:3] == ["handful", str(s["n"]), shown] for row in table.splitlines())

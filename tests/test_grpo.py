@@ -9,6 +9,7 @@ from PIL import Image
 
 import grpo
 import preresq
+from cli import InputError
 
 
 def test_group_advantages_hand_worked():
@@ -268,7 +269,7 @@ def test_stage_two_drops_the_spread_penalty():
 def test_impossible_flags_fail_before_any_model_loads(capsys):
     for flags in (["--num-generations", "0"], ["--reward", "threshold", "--no-response-branch"],
                   ["--temperature", "0"], ["--no-response-branch", "--no-preference-branch"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(InputError):
             grpo.parse_args(flags)
 
 

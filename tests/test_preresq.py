@@ -156,6 +156,62 @@ def test_shipped_generation_config_does_not_change_sampling(blank_dir, tmp_path)
     assert len({tuple(r.tolist()) for r in outs[0]}) > 1  # G samples differ (top_k=1 would make them equal)
 
 
+def test_top_k_is_explicit_in_the_generation_config(blank, monkeypatch):
+    """top_k=0 (the whole distribution, whose log-probs GRPO computes) is written into the config,
+    never left to a default; any other top_k reaches generate unchanged."""
+    model, tok, ip = blank
+    assert preresq.sampling_config(tok).top_k == 0
+    assert preresq.sampling_config(tok, top_k=50).top_k == 50
+    assert preresq.sampling_config(tok, top_k=50, greedy=True).top_k is None  # greedy: no sampling
+    with pytest.raises(ValueError, match="top_k must be 0"):
+        preresq.sampling_config(tok, top_k=-1)
+    seen = []
+
+    def generate(input_ids, generation_config, **kwargs):
+        seen.append(generation_config)
+        return torch.cat([input_ids, input_ids[:, -1:]], 1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    batch = preresq.encode_prompts(tok, ip, [pictures([(56, 56)])], [preresq.IMAGE_PROMPT])
+    preresq.sample_completions(model, tok, batch, 2)
+    preresq.sample_completions(model, tok, batch, 2, top_k=7)
+    preresq.judge(model, tok, ip, pictures([(56, 56)]), samples=2, top_k=9)
+    assert [(c.do_sample, c.top_k, c.top_p) for c in seen] == [(True, 0, 1.0), (True, 7, 1.0), (True, 9, 1.0)]
+
+
+def test_top_k_one_samples_the_greedy_answer(blank):
+    model, tok, ip = blank
+    batch = preresq.encode_prompts(tok, ip, [[p] for p in pictures([(56, 84), (84, 56)], seed=4)],
+                                   [preresq.IMAGE_PROMPT] * 2)
+    greedy = preresq.sample_completions(model, tok, batch, 1, max_new_tokens=16, greedy=True)
+    torch.manual_seed(0)
+    top1 = preresq.sample_completions(model, tok, batch, 3, temperature=1.5, top_k=1, max_new_tokens=16)
+    assert torch.equal(top1, greedy.repeat_interleave(3, 0))
+    torch.manual_seed(0)
+    full = preresq.sample_completions(model, tok, batch, 3, temperature=1.5, max_new_tokens=16)
+    assert not torch.equal(full, top1)  # top_k=0 samples the whole distribution
+    judged = preresq.judge(model, tok, ip, pictures([(56, 84)], seed=4), samples=2, top_k=1, max_new_tokens=16)
+    assert judged[0].texts == preresq.judge(model, tok, ip, pictures([(56, 84)], seed=4), max_new_tokens=16)[0].texts * 2
+
+
+def test_command_line_passes_top_k_to_the_judge(monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def judge(model, tokenizer, image_processor, visuals, **settings):
+        seen.append(settings)
+        return [preresq.Judgement(3.0, [3.0] * 5, ["<answer>3 3 3 3 3</answer>"], 1)]
+
+    monkeypatch.setattr(preresq, "locate_model", lambda name: name)  # "m" stands for a model that is there
+    monkeypatch.setattr(preresq, "load_model", lambda *a: (None, None, None))
+    monkeypatch.setattr(preresq, "judge", judge)
+    path = tmp_path / "photo.png"
+    pictures([(56, 56)])[0].save(path)
+    assert preresq.main([str(path), "--model", "m", "--samples", "2", "--top-k", "5", "--json"]) == 0
+    assert seen[0]["top_k"] == 5 and seen[0]["samples"] == 2
+    assert preresq.main([str(path), "--model", "m"]) == 0
+    assert seen[1]["top_k"] == 0 and seen[1]["samples"] is None
+
+
 def test_no_special_or_vision_token_is_ever_sampled(blank):
     model, tok, ip = blank
     batch = preresq.encode_prompts(tok, ip, [pictures([(56, 56)])], [preresq.IMAGE_PROMPT])

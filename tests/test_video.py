@@ -365,7 +365,7 @@ def test_cli_writes_views_and_prints_indices(clips, tmp_path, capsys):
     assert Image.open(out / "global.png").size == (128, 96)
     assert video.main([clips["mkv-ffv1"], "--out", str(out), "--fragments", "--num-local", "2"]) == 0
     assert Image.open(out / "fragments-2.png").size == (224, 224)
-    assert video.main([str(tmp_path / "nothing.mp4"), "--out", str(out)]) == 1
+    assert video.main([str(tmp_path / "nothing.mp4"), "--out", str(out)]) == 2
     assert "nothing.mp4: cannot open" in capsys.readouterr().err
 
 
