@@ -11,7 +11,6 @@ reward, and the Exploration-to-Stability schedule against a single stage (docs/m
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -19,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import cli
 import grpo
+import presets
 
 # name -> grpo.py flags that define the variant
 VARIANTS = {
@@ -66,24 +67,33 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3 for a std)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--out", default="runs/ablation")
+def command(argv=None) -> int:
+    p = cli.parser("ablation.py", "The reward ablation: one grpo.py run per variant and seed, then a table. "
+                   "Flags not listed here (e.g. --images-per-step) go to every run.")
+    p.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: all of them)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each (3 or more for a std)")
+    p.add_argument("--steps", type=int, help="steps per run (default: the preset's)")
+    p.add_argument("--model", default="tiny", help="preset (tiny, small), checkpoint folder or hub id")
+    p.add_argument("--out", default="runs/ablation", help="folder of the runs, ablation.md and ablation.json")
     args, extra = p.parse_known_args(argv)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = [v.strip() for v in (args.variants or ",".join(VARIANTS)).split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    if unknown or not names:
+        p.error(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {args.seeds!r}")
+    cli.at_least(p, args, steps=1)
     common = ["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []) + extra
-    steps = grpo.parse_args(common)[0].steps
+    # Every run's flags are checked before the first run starts, which may be hours before the last.
+    configs = [grpo.parse_args(common + VARIANTS[name])[0] for name in names]
+    cli.check_device(configs[0].device)
+    print(presets.describe_model(args.model))
+    out = cli.check_out(args.out)
+    steps = configs[0].steps
     common += ["--eval-every", str(steps), "--save-every", str(steps)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cli.make_out(out)
     start = time.time()
     results = {name: [run_variant(name, seed, common, out) for seed in seeds] for name in names}
     text = table(results)
@@ -92,6 +102,12 @@ def main(argv=None) -> int:
     (out / "ablation.md").write_text(text + "\n")
     (out / "ablation.json").write_text(json.dumps(results, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    """`python ablation.py`: exit 0 with the table written, 2 for bad usage or input (no run is started),
+    1 when a run fails part way (finished runs are kept and reused), 130 on Ctrl-C."""
+    return cli.run("ablation.py", command, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the scores, applies the splits and finds the files; this module only reads what 
     read_labels("Ground-truth/koniq_train.txt")
     read_xlsx(path, sheet)         # rows of a worksheet, read from the zipped XML
     read_mat(path, "dmos", "orgs") # flattened arrays of a MATLAB v5 file
+    pair_sets("koniq,labels", "~/koniq10k,~/mine", "gt.txt")  # the --data/--data-root/--labels flags, paired
 
 How each set is read (the choices are ours where the release leaves them open):
 - KonIQ score: `MOS_zscore` of koniq10k_scores_and_distributions.csv, or `MOS` of

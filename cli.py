@@ -1,11 +1,20 @@
 """The command-line conventions every PreResQ tool shares: flags declared once beside their config
-field, help that shows each default once, and one voice for errors and warnings.
+field, help that shows each default once, everything checked before anything is made, and one
+voice for errors and warnings.
 
     @dataclass
     class Config:
         lr: float = flag(None, float, "AdamW learning rate", "GRPO")
 
     add_flags(parser, Config, default_text)   # --lr, grouped, with its help and default
+    p = parser("video.py", "...")             # plain argparse tools: each default shown once
+    add_model_flags(p, "checkpoint folder or hub id")   # --model, --device, --dtype alike everywhere
+    check_device(args.device); out = check_out(args.out)  # refused (exit 2) before any work
+    sys.exit(run("video.py", command))        # "<tool>: error: ..." and exit 2 / 1 / 130, no traceback
+
+Exit status of every tool: 0 done; 1 the work failed part way, or some inputs were skipped where
+the tool says so (the message says what is intact); 2 bad usage or input, nothing was created;
+130 Ctrl-C.
 """
 from __future__ import annotations
 
@@ -177,7 +186,7 @@ def readable(paths: list[str], check, warn: Warnings) -> list[str]:
         except InputError as e:
             if len(paths) == 1:
                 raise
-            warn(f"skipping {path}: {e}")
+            warn(f"skipped: {e}")
     if not good:
         raise InputError(f"none of the {len(paths)} files can be read (see the warnings above)")
     return good

@@ -217,7 +217,7 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
                 readable.append((item, data.read_visual(item.path, max_pixels=max_pixels)))
             except data.DataError as err:
                 unreadable += 1
-                warn(f"skipping unreadable file {item.path}: {err}")
+                warn(f"skipped: {err}")
         judged = {}
         # Images and videos get different prompts, so each kind is judged in its own call.
         for video, aspect_names in ((False, preresq.IMAGE_ASPECTS), (True, preresq.VIDEO_ASPECTS)):

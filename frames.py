@@ -3,6 +3,7 @@
 read_frames(path, plan, convert) decodes the frames plan(n) asks for, n being the clip's real
 frame count, and passes each to convert; video.py plans segment centres and converts them to
 mosaic tiles and local frames. display_image turns a decoded frame into the picture shown.
+check_video(path) reads only the header: the tools' check of a clip before any work.
 
 Choices (the authors did not release their frame extraction):
 - Clips of up to SEEK_THRESHOLD frames are decoded in full and frames are picked by decoded

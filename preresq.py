@@ -114,6 +114,9 @@ def locate_model(path_or_hub_id: str) -> str:
             raise ModelLoadError(f"{path} is not a model folder: it has no config.json. Give a folder "
                                  f"written by save_pretrained (e.g. runs/.../final), a preset or a hub id.")
         return str(path)
+    if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a bare name is most likely a preset's
+        raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name). A laptop preset's "
+                             f"folder is printed by `python presets.py {path_or_hub_id}`; grpo.py takes its name.")
     try:
         return hub.local_snapshot(str(path_or_hub_id))
     except OSError as e:
@@ -408,9 +411,11 @@ def score_files(argv=None) -> int:
     p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all of them")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    p.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     args = p.parse_args(argv)
-    cli.at_least(p, args, samples=1, top_k=0, max_new_tokens=1)
+    cli.at_least(p, args, samples=1, top_k=0, max_new_tokens=1, max_pixels=1)
     warn = cli.Warnings("preresq.py")
     files = cli.readable(args.files, data.check_readable, warn)  # in seconds, before a model loads in minutes
     cli.check_device(args.device)
@@ -418,13 +423,13 @@ def score_files(argv=None) -> int:
     model, tokenizer, image_processor = load_model(args.model, args.device, args.dtype)
     for path in files:
         try:
-            visual = data.read_visual(path)
+            visual = data.read_visual(path, max_pixels=args.max_pixels)
         except data.DataError as e:  # a header that opened over a damaged body
-            warn(f"skipping {path}: {e}")
+            warn(f"skipped: {e}")
             continue
         video = isinstance(visual, list)
         j = judge(model, tokenizer, image_processor, [visual], video=video, samples=args.samples,
-                  top_k=args.top_k, max_new_tokens=args.max_new_tokens)[0]
+                  top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed)[0]
         print(reports.judgement_text(path, j, VIDEO_ASPECTS if video else IMAGE_ASPECTS, args.json))
     warn.summary("files not scored")
     return 1 if warn.total else 0

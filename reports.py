@@ -1,8 +1,10 @@
-"""What evaluate.py writes and prints: summary.json, predictions-<set>.csv, scatter-<set>.png, the table.
+"""What evaluate.py writes and prints: summary.json, predictions-<set>.csv, scatter-<set>.png, the table;
+and what preresq.py prints for each file it scores.
 
     write_summary(path, {set: metrics})                   # strict JSON, NaN written as null
     write_dataset_files(out, set, metrics, rows, curve)   # the predictions CSV and the scatter plot
     format_table({set: metrics})                          # the text table evaluate.py prints
+    judgement_text(path, judgement, aspect_names)         # one file's score, aspects and answer
 
 `metrics` and `rows` are what evaluate.evaluate returns; `curve` is a function of an array of
 predicted scores (evaluate.fitted_curve(metrics)), drawn over the scatter, or None.
