@@ -25,7 +25,9 @@ import hashlib
 import inspect
 import io
 import json
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,22 +70,72 @@ OPINION_LEVELS = np.linspace(1.5, 4.5, len(DEGRADATION_NAMES))
 
 # --------------------------------------------------------------------------- where presets live
 
-def preset_path(name: str) -> Path:
-    """Cache folder of a preset; its name changes whenever the recipe (settings, prompts, code) does."""
+# Presets shipped with the repository (models/<name>/, an ordinary Hugging Face folder) and the
+# digest of the recipe that built them: a fresh clone trains at once instead of building for minutes.
+SHIPPED = Path(__file__).resolve().parent / "models"
+RECIPE_FILE = "recipe-digest.txt"
+
+
+def recipe_digest(name: str) -> str:
+    """A digest of everything that decides a preset's weights: settings, prompts and the recipe's code."""
     recipe = [PRESETS[name], preresq.IMAGE_PROMPT_POOL, preresq.VIDEO_PROMPT, WARMUP_THOUGHTS, _RECIPE_CODE]
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    return files.cache_dir(f"preset-{name}-{digest}")
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def preset_path(name: str) -> Path:
+    """Cache folder of a preset built here; its name changes whenever the recipe does."""
+    return files.cache_dir(f"preset-{name}-{recipe_digest(name)}")
+
+
+def shipped_path(name: str) -> Path | None:
+    """models/<name> when the repository ships it built by the current recipe, else None."""
+    folder = SHIPPED / name
+    stamp = folder / RECIPE_FILE
+    return folder if stamp.exists() and stamp.read_text().strip() == recipe_digest(name) else None
 
 
 def model_path(name_or_path: str) -> str:
-    """What preresq.load_model takes: a preset name -> its folder, built on first use (minutes);
-    anything else (a checkpoint folder, a hub id) is returned as it is."""
+    """What preresq.load_model takes: a preset name -> its folder (the shipped one, else built once
+    into the cache: minutes); anything else (a checkpoint folder, a hub id) is returned as it is."""
     if name_or_path not in PRESETS:
         return str(name_or_path)
+    if shipped_path(name_or_path):
+        return str(shipped_path(name_or_path))
     path = preset_path(name_or_path)
     if not (path / "config.json").exists():
         build_preset(name_or_path, path)
     return str(path)
+
+
+def ship(name: str) -> Path:
+    """Copy the preset built by the current recipe (built now if needed) to models/<name>, stamped
+    with the recipe's digest. `python presets.py tiny --ship` after a change to the recipe."""
+    source = preset_path(name)
+    if not (source / "config.json").exists():
+        build_preset(name, source)
+    with files.atomic_folder(SHIPPED / name, replace=True) as tmp:
+        for f in source.iterdir():
+            shutil.copy2(f, tmp / f.name)
+        (tmp / RECIPE_FILE).write_text(recipe_digest(name) + "\n")
+    return SHIPPED / name
+
+
+def verify(name: str) -> list[str]:
+    """Build the preset from its recipe into a temporary folder and compare it with the shipped one:
+    every tensor bit for bit, and every other file. Returns the differences (none: it matches)."""
+    from safetensors.torch import load_file
+
+    shipped = shipped_path(name)
+    if shipped is None:
+        return [f"models/{name} is missing or was built by another recipe (python presets.py {name} --ship)"]
+    with tempfile.TemporaryDirectory() as tmp:
+        build_preset(name, Path(tmp) / name)
+        built = Path(tmp) / name
+        a, b = load_file(built / "model.safetensors"), load_file(shipped / "model.safetensors")
+        diffs = [f"tensor {k}" for k in sorted(set(a) | set(b)) if k not in a or k not in b or not torch.equal(a[k], b[k])]
+        diffs += [f"file {f.name}" for f in built.iterdir()
+                  if f.suffix != ".safetensors" and f.read_bytes() != (shipped / f.name).read_bytes()]
+    return diffs
 
 
 def describe_model(name: str) -> str:
@@ -432,10 +484,20 @@ def command(argv=None) -> int:
     p = cli.parser("presets.py", "Build the named laptop presets if needed (once, minutes each) and print their "
                    "folders, e.g. for preresq.py --model; grpo.py, evaluate.py and ablation.py take the name itself.")
     p.add_argument("names", nargs="+", choices=list(PRESETS), metavar="NAME", help=f"one of {', '.join(PRESETS)}")
-    for name in p.parse_args(argv).names:
-        if not (preset_path(name) / "config.json").exists():
+    p.add_argument("--ship", action="store_true", help="copy the preset built by the current recipe to models/NAME")
+    p.add_argument("--verify", action="store_true", help="rebuild from the recipe (minutes) and compare with "
+                   "models/NAME; exit 1 on any difference")
+    args = p.parse_args(argv)
+    for name in args.names:
+        if args.verify:
+            diffs = verify(name)
+            if diffs:
+                raise cli.Failure(f"models/{name} differs from a build of its recipe: {', '.join(diffs[:5])}")
+            print(f"models/{name} matches a build of its recipe ({recipe_digest(name)})")
+            continue
+        if not shipped_path(name) and not (preset_path(name) / "config.json").exists():
             print(f"presets.py: building the {name} preset once into {preset_path(name)} (minutes)", file=sys.stderr)
-        print(model_path(name))
+        print(ship(name) if args.ship else model_path(name))
     return 0
 
 

@@ -229,7 +229,7 @@ def test_inf_reward_skips_the_step_and_the_run_goes_on(tmp_path, monkeypatch):
     first, second = records(out)
     assert first["nonfinite"] == "reward" and first["nonfinite_steps"] == 1 and "loss" not in first
     assert "nonfinite" not in second and math.isfinite(second["loss"]) and second["nonfinite_steps"] == 1
-    initial = weights(presets.preset_path("tiny"))
+    initial = weights(presets.model_path("tiny"))
     assert same_weights(weights(out / "checkpoint-1"), initial)  # the skipped step changed nothing
     assert not same_weights(weights(out / "final"), initial)  # the next one did
 
@@ -248,7 +248,7 @@ def test_nan_loss_skips_the_step(tmp_path, monkeypatch):
     first, second = records(out)
     assert first["nonfinite"] == "loss" and first["nonfinite_steps"] == 1
     assert "nonfinite" not in second and math.isfinite(second["grad_norm"])
-    assert same_weights(weights(out / "checkpoint-1"), weights(presets.preset_path("tiny")))
+    assert same_weights(weights(out / "checkpoint-1"), weights(presets.model_path("tiny")))
 
 
 def test_a_run_that_keeps_producing_nan_stops_with_a_message(tmp_path, capsys, monkeypatch):

@@ -225,7 +225,7 @@ def test_preset_is_an_ordinary_checkpoint_that_knows_the_format(tiny):
     from transformers import AutoModelForImageTextToText
 
     model, tok, ip = tiny
-    path = presets.preset_path("tiny")
+    path = presets.model_path("tiny")
     again = AutoModelForImageTextToText.from_pretrained(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     rng = np.random.default_rng(5)
