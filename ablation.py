@@ -5,7 +5,7 @@
 
 Each run is an ordinary `grpo.py` run (synthetic data, preset `tiny` unless --model says otherwise)
 whose only difference is the reward; the table reports held-out SRCC/PLCC after the last step as
-mean ± std over the seeds, and the wall time. Paper: the dual reward (§2), its two branches
+mean ± std over the seeds, and the wall time. Paper: the dual reward, its two branches
 (response / preference), VisualQuality-R1's Thurstone fidelity reward and Q-Insight's threshold
 reward, and the Exploration-to-Stability schedule against a single stage (docs/method.md).
 """

@@ -4,6 +4,7 @@
     python bench.py step --model small --B 2 --G 8 --visual-tokens 529    # shared vs naive vision
     python bench.py step --model qwen2.5-vl-3b --device cuda --B 8 --G 8 --micro-batch-size 8  # the real 3B shapes
     python bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
+    python bench.py step --model small --lora-rank 8      # LoRA, then full fine-tuning on the same shapes
     python bench.py video                                 # decode a 10 s 1080p clip into its views
     python bench.py rewards                               # every reward in rewards.REWARDS, B=32, G=12, A=5
 
@@ -32,6 +33,10 @@ On a CPU that other jobs share, pass --threads 1: with torch's default of one th
 threads that wait for each other under load made steps up to 100x slower on a 2-core machine.
 - Both reference and policy passes run twice per step, shared and naive, in alternating order
   (against drift on a shared machine); only the shared-path gradients reach the optimizer.
+- --lora-rank R measures LoRA first (lora.add_adapters; the reference pass is the policy with
+  its adapters off), then full fine-tuning on a fresh copy of the same model and shapes, and
+  prints the ratios. LoRA goes first because on the CPU the peak is the process's resident set,
+  which memory freed by an earlier, larger run would inflate.
 """
 from __future__ import annotations
 
@@ -188,11 +193,12 @@ class WordTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
-def load_bench_model(name: str, device: str, dtype: torch.dtype):
+def load_bench_model(name: str, device: str, dtype: torch.dtype, folder: str | None = None):
     """--model -> (model, tokenizer, image_processor, description) for the step bench.
 
     tiny / small: the preset architecture without its warm-up, saved and loaded with
-    from_pretrained. qwen2.5-vl-3b / -7b: the published shapes, CUDA only. Anything else:
+    from_pretrained (built in `folder` when given, and loaded from there on the next call; else in
+    a temporary folder). qwen2.5-vl-3b / -7b: the published shapes, CUDA only. Anything else:
     preresq.load_model (a checkpoint folder or hub id).
     """
     import preresq
@@ -213,9 +219,11 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype):
         return model, tokenizer, processor, f"{name} architecture, random weights"
     if name in presets.PRESETS:
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-            torch.manual_seed(0)
-            presets.build_preset(name, Path(tmp) / "model", warmup_steps=0)
-            model, tokenizer, processor = preresq.load_model(str(Path(tmp) / "model"), device, dtype)
+            path = Path(folder or tmp) / f"{name}-model"
+            if not path.exists():
+                torch.manual_seed(0)
+                presets.build_preset(name, path, warmup_steps=0)
+            model, tokenizer, processor = preresq.load_model(str(path), device, dtype)
         return model, tokenizer, processor, f"{name} preset architecture, no warm-up"
     try:
         model, tokenizer, processor = preresq.load_model(name, device, dtype)
@@ -299,16 +307,20 @@ def size_for_visual_tokens(n: int) -> tuple[int, int]:
 def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int = 8, num_generations: int = 8,
                     completion_tokens: int = 64, image_size: tuple[int, int] = (448, 448), steps: int = 3,
                     warmup_steps: int = 1, beta: float = 0.04, micro_batch_size: int | None = None,
-                    gradient_checkpointing: bool = False, seed: int = 0, report=print) -> dict:
+                    gradient_checkpointing: bool = False, lora_rank: int | None = None, seed: int = 0,
+                    report=print) -> dict:
     """Time `steps` GRPO steps (after `warmup_steps` untimed ones) -> summary dict (seconds are means).
 
     Keys: visual_tokens, prompt_tokens (per prompt), generation, reference, policy, optimizer, step
     (seconds), reference_naive, policy_naive, reference_speedup, policy_speedup (naive / shared; the
     reference ones are None when beta = 0), generation_tokens_per_s, step_tokens_per_s
-    (B*G*completion_tokens / step), peak_bytes, peak_bytes_naive, steps (list of StepTimes).
+    (B*G*completion_tokens / step), peak_bytes, peak_bytes_naive, steps (list of StepTimes),
+    trained_parameters. lora_rank: adapters of that rank on the language model (the model is
+    changed in place); the reference pass is then the policy with its adapters off.
     Mutates image_processor's max_pixels when image_size is above it (reported).
     """
     import grpo
+    import lora
     import preresq
 
     device = model.device
@@ -322,10 +334,15 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
                       micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
                       lr=1e-6).resolve()
     torch.manual_seed(seed)
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if beta else None
+    if lora_rank:
+        lora.add_adapters(model, lora_rank, seed=seed)
+        reference = model if beta else None  # used with its adapters off
+    else:
+        reference = copy.deepcopy(model).requires_grad_(False).eval() if beta else None
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     prompts = preresq.encode_prompts(tokenizer, image_processor, [[p] for p in random_pictures(B, width, height, seed)],
                                      [preresq.IMAGE_PROMPT] * B)
     visual_tokens = int(prompts.image_grid_thw[0].prod()) // image_processor.merge_size ** 2
@@ -334,10 +351,13 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
     first_special = min(suppressed + [end_id])  # ids below it are ordinary text in Qwen-style vocabularies
     report(f"B={B} G={G}: {visual_tokens} visual tokens per picture ({width}x{height}), "
            f"{prompts.input_ids.shape[1]} prompt tokens, {C} completion tokens; beta={beta}, "
-           f"micro-batch {micro_batch_size or B * G}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}")
+           f"micro-batch {micro_batch_size or B * G}, "
+           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; "
+           f"{f'LoRA rank {lora_rank}' if lora_rank else 'full fine-tuning'}, "
+           f"{sum(p.numel() for p in trained) / 1e6:,.3f} M trained parameters")
 
     def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -357,8 +377,9 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
         ref_logp, t_ref, peak_ref, t_pol, peak_pol = {}, {True: 0.0, False: 0.0}, {True: 0, False: 0}, {}, {}
         if reference is not None:
             for shared in order:
-                ref_logp[shared], t_ref[shared], peak_ref[shared] = _measure(
-                    lambda: grpo.reference_logprobs(reference, rollout, run[shared]), device)
+                with lora.adapters_off(reference):
+                    ref_logp[shared], t_ref[shared], peak_ref[shared] = _measure(
+                        lambda: grpo.reference_logprobs(reference, rollout, run[shared]), device)
         for shared in order:
             optimizer.zero_grad(set_to_none=True)  # only the shared path's gradients are stepped
             _, t_pol[shared], peak_pol[shared] = _measure(
@@ -387,7 +408,7 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
         generation_tokens_per_s=sum(s.generated_tokens for s in measured) / sum(s.generation for s in measured),
         step_tokens_per_s=B * G * C / mean["step"],
         peak_bytes=max(s.peak for s in measured), peak_bytes_naive=max(s.peak_naive for s in measured),
-        steps=measured)
+        steps=measured, trained_parameters=sum(p.numel() for p in trained))
     ref_line = (f"{summary['reference']:.3f} s   naive {summary['reference_naive']:.3f} s   "
                 f"shared vision {summary['reference_speedup']:.2f}x faster" if reference is not None
                 else "skipped (beta = 0)")
@@ -424,26 +445,67 @@ def bench_step(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    try:
-        model, tokenizer, processor, what = load_bench_model(args.model, device, dtype)
-        params = sum(p.numel() for p in model.parameters())
-        where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else \
-            f"CPU, {torch.get_num_threads()} threads"
-        print(f"{what}: {params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {where}; "
-              f"load average {load[0]:.2f} before")
-        summary = bench_grpo_step(model, tokenizer, processor, images_per_step=args.B, num_generations=args.G,
-                                  completion_tokens=args.completion_tokens, image_size=size, steps=args.steps,
-                                  warmup_steps=args.warmup_steps, beta=args.beta,
-                                  micro_batch_size=args.micro_batch_size,
-                                  gradient_checkpointing=args.gradient_checkpointing)
-    except torch.OutOfMemoryError:
-        gpu = torch.cuda.get_device_properties(device)
-        raise SystemExit(f"out of memory on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) with --model "
-                         f"{args.model} --B {args.B} --G {args.G}: try --gradient-checkpointing, a smaller "
-                         f"--micro-batch-size, --beta 0 (no reference model), a smaller --B or --G, or several "
-                         f"GPUs (README, Scaling).") from None
-    print(f"load average {os.getloadavg()[0]:.2f} after")
-    return summary
+    summaries = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:  # a preset is built once for both runs
+        for rank in ([args.lora_rank, None] if args.lora_rank else [None]):  # LoRA first: see the docstring
+            try:
+                summaries[rank] = bench_one(args, device, dtype, size, rank, folder)
+            except torch.OutOfMemoryError:
+                gpu = torch.cuda.get_device_properties(device)
+                message = (f"out of memory on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) with --model "
+                           f"{args.model} --B {args.B} --G {args.G}")
+                if rank is not None or not summaries:
+                    raise SystemExit(f"{message}: try --gradient-checkpointing, a smaller --micro-batch-size, "
+                                     f"--beta 0 (no reference model), a smaller --B or --G, --lora-rank, or "
+                                     f"several GPUs (README, Scaling).") from None
+                print(f"full fine-tuning: {message}; LoRA's numbers above stand")
+            _free(device)
+    print(f"load average {os.getloadavg()[0]:.2f} after (before: {load[0]:.2f})")
+    if not args.lora_rank:
+        return summaries[None]
+    if None not in summaries:
+        return summaries[args.lora_rank]
+    return {**summaries[args.lora_rank], **compare_lora(summaries[args.lora_rank], summaries[None], args.lora_rank)}
+
+
+def bench_one(args: argparse.Namespace, device, dtype, size, lora_rank: int | None, folder: str) -> dict:
+    """Load --model afresh and time its steps (LoRA of that rank, or full fine-tuning when None)."""
+    model, tokenizer, processor, what = load_bench_model(args.model, device, dtype, folder)
+    params = sum(p.numel() for p in model.parameters())
+    where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"{what}: {params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {where}; "
+          f"load average {os.getloadavg()[0]:.2f} before")
+    return bench_grpo_step(model, tokenizer, processor, images_per_step=args.B, num_generations=args.G,
+                           completion_tokens=args.completion_tokens, image_size=size, steps=args.steps,
+                           warmup_steps=args.warmup_steps, beta=args.beta, micro_batch_size=args.micro_batch_size,
+                           gradient_checkpointing=args.gradient_checkpointing, lora_rank=lora_rank)
+
+
+def _free(device) -> None:
+    import gc
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def compare_lora(lora_run: dict, full: dict, rank: int, report=print) -> dict:
+    """Print LoRA against full fine-tuning on the same shapes -> {"full_fine_tuning": full's summary,
+    "ratios": {key: LoRA / full}} for trained_parameters, step, generation, reference, policy,
+    optimizer and peak_bytes."""
+    seconds = lambda v: f"{v:.3f} s"
+    rows = [("trained parameters", "trained_parameters", lambda v: f"{v / 1e6:,.3f} M"), ("step", "step", seconds),
+            ("generation", "generation", seconds), ("reference pass", "reference", seconds),
+            ("policy fwd+bwd", "policy", seconds), ("optimizer", "optimizer", lambda v: f"{v:.4f} s"),
+            ("peak memory", "peak_bytes", lambda v: f"{v / 2**30:.2f} GiB")]
+    ratios, lines = {}, [f"LoRA rank {rank} against full fine-tuning on the same shapes (LoRA / full):"]
+    for label, key, show in rows:
+        ratios[key] = lora_run[key] / full[key] if full[key] else None
+        ratio = f"{ratios[key]:.3f}" if ratios[key] is not None else "-"
+        lines.append(f"  {label:<19}{show(lora_run[key])} / {show(full[key])} = {ratio}")
+    report("\n".join(lines))
+    return {"full_fine_tuning": full, "ratios": ratios}
 
 
 # --------------------------------------------------------------------------- video decoding
@@ -526,6 +588,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--micro-batch-size", type=int, default=None, help="completions per forward/backward")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference pass")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="measure LoRA adapters of this rank (language model), then full fine-tuning, and compare")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's); 1 on a machine other jobs load")
     p.set_defaults(run=bench_step)
@@ -547,7 +611,8 @@ def main(argv: list[str] | None = None):
     p.set_defaults(run=bench_rewards)
 
     args = parser.parse_args(argv)
-    for name in ("B", "G", "completion_tokens", "steps", "visual_tokens", "micro_batch_size", "repeats", "threads"):
+    for name in ("B", "G", "completion_tokens", "steps", "visual_tokens", "micro_batch_size", "repeats", "threads",
+                 "lora_rank"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,6 +1,6 @@
 """Benchmark evaluation: score a labelled set with the trained judge, report SRCC/PLCC/KRCC.
 
-Paper map (PreResQ-R1, arXiv 2511.05393, §6: SRCC and PLCC on each test set):
+Paper map (PreResQ-R1, arXiv 2511.05393: SRCC and PLCC on each test set):
 - `correlations`: SRCC (scipy.stats.spearmanr), PLCC (pearsonr) and KRCC (kendalltau) between
   predicted scores and MOS, and PLCC after VQEG's 4- and 5-parameter logistic maps (`logistic4`,
   `logistic5`, `fit_logistic`): the paper's public code reports raw PLCC, DeQA-Score and many IQA

@@ -241,14 +241,11 @@ class Config:
     fsdp: bool = flag(False, bool, "under torchrun: shard model, gradients and optimizer state (FSDP2)", "scale")
     reference_device: str = flag(None, str, "where the frozen reference model lives (e.g. cpu to save GPU "
                                  "memory; default: with the policy)", "scale")
-    lora_rank: int = flag(None, int, "train low-rank adapters of this rank, not every weight (lora.py); the "
-                          "reference is then the policy with its adapters off, not a copy", "LoRA")
-    lora_alpha: float = flag(None, float, "the adapters' output is scaled by alpha / rank (default alpha: 2 x rank)",
-                             "LoRA")
-    lora_dropout: float = flag(0.0, float, "dropout on the adapters' input (0 keeps GRPO's log-probs those of the "
-                               "distribution sampled from)", "LoRA")
-    lora_targets: str = flag("language", str, "where adapters go, comma-separated: language (its q, k, v, o, gate, "
-                             "up, down projections), vision (the vision tower's), merger", "LoRA")
+    lora_rank: int = flag(None, int, "train adapters of rank R, not the weights; no reference copy (lora.py)", "LoRA")
+    lora_alpha: float = flag(None, float, "adapter output scale alpha / R (default alpha: 2 x R)", "LoRA")
+    lora_dropout: float = flag(0.0, float, "dropout on the adapters' input (0: log-probs of what was sampled)", "LoRA")
+    lora_targets: str = flag("language", str, "where adapters go: language, vision, merger, comma-"
+                             "separated (lora.TARGETS)", "LoRA")
     shared_vision: bool = flag(True, bool, "run the vision tower once per answer, not once per picture (the "
                                  "naive path, for comparison)", "scale")
     max_pixels: int = flag(None, int, "pixel budget per picture (default: the processor's)", "data")
@@ -298,21 +295,9 @@ class Config:
             errors.append("--temperature must be > 0 (GRPO needs sampled answers)")
         if self.fsdp and self.reference_device:
             errors.append("--fsdp shards the reference model with the policy; drop --reference-device")
-        if self.lora_rank is not None:
-            errors += lora_errors(self)
+        errors += lora.config_errors(self)  # the --lora-* flags, and what LoRA does not combine with
         if errors:
             raise InputError("; ".join(errors))
-
-
-def lora_errors(cfg: Config) -> list[str]:
-    unknown = set(cfg.lora_targets.split(",")) - set(lora.TARGETS)
-    return [m for bad, m in [
-        (cfg.lora_rank < 1, "--lora-rank must be at least 1"),
-        (bool(unknown), f"--lora-targets: unknown {', '.join(sorted(unknown))} (known: {', '.join(lora.TARGETS)})"),
-        (cfg.fsdp, "--fsdp with --lora-rank is not supported: the frozen weights are not sharded here; a 7B with "
-                   "adapters fits one GPU (README, LoRA)"),
-        (bool(cfg.reference_device), "--reference-device with --lora-rank: there is no reference copy to place "
-                                     "(the reference is the policy with its adapters off); drop it")] if bad]
 
 
 def default_text(name: str) -> str:
@@ -456,15 +441,14 @@ def policy_update(model, rollout: Rollout, advantages, old_logp, ref_logp, cfg: 
     """Step 6: loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
 
     Shared vision: the picture features are computed once; each micro-batch back-propagates into
-    detached copies, whose summed gradients flow once through the vision tower at the end (exactly
-    one full-batch backward). num_sequences, num_tokens: the global batch's totals under torchrun;
-    grad_scale: world size under --fsdp, which averages gradients where we want their sum.
+    detached copies, whose summed gradients flow once through a trained vision tower at the end
+    (exactly one full-batch backward). num_sequences, num_tokens: the global batch's totals under
+    torchrun; grad_scale: world size under --fsdp, which averages gradients where we want their sum.
     """
     model.train()
     comp, mask, g = rollout.completions, rollout.mask, rollout.num_generations
     prompts = rollout.prompts.to(comp.device)
     feats = D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
-    # Features of a frozen vision tower (LoRA on the language model) need no gradient.
     leaves = [f.detach().requires_grad_(f.requires_grad) for f in feats] if feats is not None else None
     num_tokens = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1)).float()
     real = len(micro_batches(comp.shape[0], cfg.micro_batch_size))

@@ -37,8 +37,9 @@ class LoRALinear(torch.nn.Module):
 
     weight (out, in) and bias are the wrapped layer's own tensors, frozen, under their own names
     (the state dict still reads like the model's). lora_A (r, in) is drawn like nn.Linear's default
-    init, U(-1/sqrt(in), 1/sqrt(in)); lora_B (out, r) starts at zero. The adapters are float32
-    whatever the weights' dtype (bf16 on a GPU): their updates are small next to the weights.
+    init, U(-1/sqrt(in), 1/sqrt(in)); lora_B (out, r) starts at zero. The adapters and their AdamW
+    state are float32 whatever the weights' dtype (their updates are small next to the weights); on
+    a GPU they are used in bf16, the activations' dtype.
     """
 
     def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator):
@@ -57,8 +58,9 @@ class LoRALinear(torch.nn.Module):
         y = torch.nn.functional.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        low_rank = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T  # (..., r) first: cheap
-        return y + (self.scale * low_rank).to(y.dtype)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # as autocast would: no float32 copy of x is kept
+        h = (self.dropout(x) @ a.T) * self.scale  # s on the (..., r) tensor: a pass over (..., out) costs a matmul
+        return y + h @ b.T
 
     def merged_weight(self) -> torch.Tensor:
         """W + s B A (out, in), summed in float32, in W's dtype."""
@@ -68,10 +70,24 @@ class LoRALinear(torch.nn.Module):
 def targeted(name: str, targets: str) -> bool:
     """Whether the nn.Linear called `name` gets an adapter under --lora-targets `targets` (TARGETS keys)."""
     for key in targets.split(","):
-        prefix, names = TARGETS[key.strip()]
+        prefix, names = TARGETS[key]
         if name.startswith(prefix) and (names is None or name.rsplit(".", 1)[-1] in names):
             return True
     return False
+
+
+def config_errors(cfg) -> list[str]:
+    """What grpo.Config.check refuses about the --lora-* flags (none without --lora-rank)."""
+    if cfg.lora_rank is None:
+        return []
+    unknown = set(cfg.lora_targets.split(",")) - set(TARGETS)
+    return [message for bad, message in [
+        (cfg.lora_rank < 1, "--lora-rank must be at least 1"),
+        (unknown, f"--lora-targets: unknown {', '.join(sorted(unknown))} (known: {', '.join(TARGETS)})"),
+        (cfg.fsdp, "--fsdp with --lora-rank is not supported (the frozen weights are not sharded); a 7B with "
+                   "adapters fits one GPU (README, LoRA)"),
+        (cfg.reference_device, "--reference-device with --lora-rank: there is no reference copy to place (the "
+                               "reference is the policy with its adapters off); drop it")] if bad]
 
 
 def add_adapters(model: torch.nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
@@ -117,13 +133,14 @@ def adapter_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every adapter merged into its weight (W + s B A) and the adapters
-    dropped: the keys of the model as loaded, for save_pretrained(state_dict=...)."""
+    """The model's state dict with every adapter merged into its weight (W + s B A, moved to the CPU:
+    no second copy on the GPU) and the adapters dropped: the keys of the model as loaded, for
+    save_pretrained(state_dict=...)."""
     weights = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):
-                weights[f"{name}.weight"] = m.merged_weight()
+                weights[f"{name}.weight"] = m.merged_weight().cpu()
     return weights
 
 

@@ -3,7 +3,8 @@
 - the data order (BatchSampler: which images each step trains on, a pure function of seed and step)
   and picture loading that skips unreadable files;
 - setting a run up (prepare): the output folder, the training and held-out data, the policy and
-  its frozen reference, the optimizer and schedule, the seeds, or all of these from a checkpoint;
+  its frozen reference (under --lora-rank: the policy's adapters), the optimizer and schedule, the
+  seeds, or all of these from a checkpoint;
 - held-out evaluation along the way, metrics.jsonl / eval.jsonl / curves.png, final/;
 - checkpoints and exact resume, and Ctrl-C / SIGTERM (Stop).
 
@@ -12,6 +13,8 @@ trainer_state.pt: optimizer, scheduler, the RNG states of every rank, step, coun
 position and the config. `--resume` continues from the newest complete one and gives the same
 weights and metrics as a run that never stopped. Folders are written into a temporary sibling and
 renamed into place (files.atomic_folder), so a crash, a kill or a full disk never leaves a damaged one.
+Under --lora-rank a checkpoint holds the adapters (lora.ADAPTER_FILE) instead of the weights (the
+frozen ones are --model's), and final/ is the merged model, with the adapters beside its weights.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import lora
 import plots
 import preresq
 import presets
@@ -83,6 +87,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, opt
     """
     final = out / f"checkpoint-{step}"
     weights, optimizer_state = full_weights(model), full_optimizer_state(model, optimizer)
+    adapters_only = bool(lora.layers(unwrap(model)))  # LoRA: the frozen weights are --model's
     ranks = [rng_states()]
     if dist.world > 1:
         ranks = [None] * dist.world
@@ -92,7 +97,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, opt
     save_folder(final, unwrap(model), tokenizer, image_processor,
                 {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                  "rng": ranks[0], **({"rng_ranks": ranks} if dist.world > 1 else {}), "world_size": dist.world,
-                 "config": asdict(cfg), **extra}, weights=weights)
+                 "config": asdict(cfg), **extra}, weights=weights, adapters_only=adapters_only)
     if cfg.keep_last:  # only now: the new checkpoint is complete
         for old in checkpoints(out)[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -100,12 +105,16 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, opt
 
 
 def save_folder(final: Path, model, tokenizer, image_processor, state: dict | None = None,
-                weights: dict | None = None) -> None:
+                weights: dict | None = None, adapters_only: bool = False) -> None:
     """A model folder (and trainer_state.pt), written atomically. weights: the state dict to write
-    (--fsdp: gathered from the shards); default the model's own."""
+    (--fsdp: gathered from the shards; LoRA: merged); default the model's own. A model with
+    adapters gets lora.ADAPTER_FILE too, and with adapters_only no weights besides."""
     try:
         with atomic_folder(final, replace=True) as tmp:
-            model.save_pretrained(tmp, state_dict=weights)
+            if lora.layers(model):
+                lora.save_adapters(model, tmp / lora.ADAPTER_FILE)
+            if not adapters_only:
+                model.save_pretrained(tmp, state_dict=weights)
             tokenizer.save_pretrained(tmp)
             image_processor.save_pretrained(tmp)
             if state is not None:
@@ -134,6 +143,7 @@ def config_differences(state: dict, cfg, world: int) -> list[str]:
     """The flags that differ from the checkpoint's (outside RESUMABLE_CHANGES). Across a change in
     the number of processes what must match is the global batch: the data order hangs on it."""
     saved, now = state["config"], asdict(cfg)
+    saved = {**{f.name: f.default for f in fields(cfg)}, **saved}  # a flag newer than the checkpoint: its default
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
              for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
     saved_world = state.get("world_size", 1)
@@ -387,14 +397,19 @@ def describe_model(name: str) -> str:
 
 def load_models(cfg, source: str, device, dist: Dist):
     """(policy, frozen reference or None, tokenizer, image processor), placed and sharded as configured.
-    The reference is the initial model: a copy, or --model again when resuming from `source`."""
+    The reference is the initial model: a copy, or --model again when resuming from `source`.
+    Under --lora-rank the policy is --model with adapters (read from `source` when resuming) and
+    the reference is the policy itself: grpo.update switches its adapters off (lora.adapters_off)."""
     if not dist.main:  # rank 0 loads first: a preset missing from the cache is built once, not by every rank
         tdist.barrier()
-    model, tokenizer, image_processor = preresq.load_model(presets.model_path(source), device, cfg.dtype)
+    loaded = cfg.model if cfg.lora_rank else source  # a LoRA checkpoint holds only the adapters
+    model, tokenizer, image_processor = preresq.load_model(presets.model_path(loaded), device, cfg.dtype)
     if dist.main and dist.world > 1:
         tdist.barrier()
     reference = None
-    if cfg.beta or cfg.reasoning_beta:
+    if cfg.lora_rank:
+        reference = add_adapters(cfg, model, source, dist)
+    elif cfg.beta or cfg.reasoning_beta:
         reference = (preresq.load_model(presets.model_path(cfg.model), device, cfg.dtype)[0] if source != cfg.model
                      else copy.deepcopy(model))
         reference.requires_grad_(False).eval().to(cfg.reference_device or model.device)
@@ -413,10 +428,30 @@ def load_models(cfg, source: str, device, dist: Dist):
     return model, reference, tokenizer, image_processor
 
 
+def add_adapters(cfg, model, source: str, dist: Dist):
+    """--lora-rank: adapters on the freshly loaded --model (a resumed run's from its checkpoint) ->
+    the reference: the policy itself when the KL needs one, else None."""
+    wrapped = lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed)
+    if source != cfg.model:
+        try:
+            lora.load_adapters(model, Path(source) / lora.ADAPTER_FILE)
+        except (OSError, ValueError) as e:  # --resume --force with other --lora-* flags, or none before
+            raise InputError(f"--resume: {source} holds no adapters that fit --lora-rank {cfg.lora_rank} "
+                             f"--lora-targets {cfg.lora_targets} ({e}); resume with the checkpoint's LoRA flags.")
+    if dist.main:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"LoRA: rank {cfg.lora_rank} adapters on {len(wrapped)} layers ({cfg.lora_targets}): "
+              f"{trained / 1e6:.2f} M trained parameters of {total / 1e6:.2f} M ({100 * trained / total:.1f} %); "
+              "the reference is the policy with its adapters off", flush=True)
+    return model if cfg.beta or cfg.reasoning_beta else None
+
+
 def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = SINGLE) -> dict | None:
     """Held-out metrics, computed on rank 0 while the other ranks wait (None there); under --fsdp
     every rank runs the same sharded passes."""
     metrics = None
+    model.eval()  # the held-out answers are sampled without dropout (--lora-dropout), as in training
     if dist.main or is_sharded(model):
         metrics, _ = call(model, evaluate.evaluate, tokenizer, image_processor, items, samples=cfg.eval_samples,
                             seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
@@ -464,7 +499,8 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     steps = cfg.total_steps(sum(map(len, sets.values())), dist.world)
     source = str(checkpoints(out)[-1]) if state else cfg.model
     model, reference, tokenizer, image_processor = load_models(cfg, source, device, dist)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters under --lora-rank
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
     # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
     # global generators, and whether that happens must not change the run. Sampling differs per rank.
@@ -596,7 +632,8 @@ def save(cfg, run: Run, done: int) -> Path:
 def finish(cfg, run: Run, first_eval: dict | None, last_eval: dict | None) -> Path:
     """Write final/, evaluate once more unless the last step just did, print the summary."""
     out, dist = run.out, run.dist
-    weights = full_weights(run.model)
+    # LoRA: rank 0 merges W + s B A (on the CPU); --fsdp: every rank gathers the shards
+    weights = lora.merged_weights(run.model) if cfg.lora_rank and dist.main else full_weights(run.model)
     if dist.main:
         save_folder(out / "final", unwrap(run.model), run.tokenizer, run.image_processor, weights=weights)
     if run.held and (not cfg.eval_every or run.steps % cfg.eval_every):

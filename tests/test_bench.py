@@ -48,6 +48,28 @@ def test_step_bench_without_kl_skips_the_reference_pass(fresh_tiny):
     assert s["policy"] > 0 and any("skipped (beta = 0)" in line for line in lines)
 
 
+def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fine_tuning(fresh_tiny):
+    import lora
+
+    model, tok, ip = fresh_tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=2, completion_tokens=8,
+                              image_size=(56, 56), steps=1, warmup_steps=1, beta=0.04, lora_rank=4,
+                              report=lambda line: None)
+    assert s["reference"] > 0 and s["policy"] > 0  # the reference pass: the policy with its adapters off
+    adapters = lora.adapter_weights(model)
+    total = sum(p.numel() for p in before.values())
+    assert s["trained_parameters"] == sum(p.numel() for p in adapters.values()) < 0.2 * total
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # frozen
+    assert any(not torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) for m in lora.layers(model))
+    lines = []
+    full = {**s, "trained_parameters": 4 * s["trained_parameters"], "step": 2 * s["step"],
+            "peak_bytes": 2 * s["peak_bytes"]}
+    ratios = bench.compare_lora(s, full, 4, report=lines.append)["ratios"]
+    assert ratios["trained_parameters"] == 0.25 and ratios["step"] == 0.5 and ratios["peak_bytes"] == 0.5
+    assert "LoRA rank 4 against full fine-tuning" in lines[0] and "= 0.500" in lines[0]
+
+
 def test_image_processor_is_widened_only_when_the_size_needs_it(fresh_tiny):
     model, tok, ip = fresh_tiny
     limit = ip.size["longest_edge"]  # 224 * 224 for tiny

@@ -23,6 +23,7 @@ from PIL import Image
 
 import distributed
 import grpo
+import lora
 from cli import InputError
 import preresq
 import runs
@@ -41,6 +42,8 @@ CASES = {
     "ddp": (dict(GLOBAL, loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], False),
     "ddp_short": (dict(GLOBAL, loss_type="dapo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]], False),
     "ddp_empty": (dict(GLOBAL, loss_type="grpo", scale_rewards="batch"), [[0, 1], []], False),
+    "ddp_lora": (dict(GLOBAL, loss_type="grpo", scale_rewards="group", lora_rank=4, lora_targets="language,vision"),
+                 [[0, 1], [2, 3]], False),
     "fsdp": (dict(GLOBAL, loss_type="grpo", scale_rewards="group"), [[0, 1], [2, 3]], True),
     "fsdp_short": (dict(GLOBAL, loss_type="dr_grpo", scale_rewards="batch", micro_batch_size=4), [[0, 1], [2]],
                    True),
@@ -87,6 +90,10 @@ def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
     cfg = grpo.Config(model="tiny", images_per_step=2, max_grad_norm=1e9).resolve()
     for k, v in settings.items():
         setattr(cfg, k, v)
+    if cfg.lora_rank:  # only the adapters' gradients are summed; B random, so that A has one too
+        lora.add_adapters(model, cfg.lora_rank, targets=cfg.lora_targets, seed=0)
+        for m in lora.layers(model):
+            torch.nn.init.normal_(m.lora_B, std=0.02, generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     prompts, comp, attn, texts, mos = inputs(tok, ip, images) if images else (None, None, None, [], torch.zeros(0))
     rollout = grpo.Rollout(prompts, comp, attn, texts, mos, G, False, preresq.suppressed_ids(tok))
@@ -218,10 +225,10 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def weights(folder: Path) -> dict:
+def weights(folder: Path | str) -> dict:
     from safetensors.torch import load_file
 
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +255,7 @@ def test_torchrun_two_processes_rank_0_alone_writes(ddp_run):
     state = torch.load(out / "checkpoint-1" / runs.CHECKPOINT_STATE, weights_only=False)
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # ranks sample apart
-    initial = weights(presets.preset_path("tiny"))
+    initial = weights(presets.model_path("tiny"))
     assert any(not torch.equal(v, initial[k]) for k, v in weights(out / "checkpoint-1").items())
 
 
@@ -293,6 +300,18 @@ def test_torchrun_fsdp_trains_the_same_weights(ddp_run, tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), folder
     assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_lora_trains_the_adapters_and_resumes_on_one_process(tiny, tmp_path):
+    out = tmp_path / "run"
+    done = torchrun(FLAGS + ["--lora-rank", "4", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("LoRA: rank 4 adapters") == 1  # rank 0 alone reports
+    assert (out / "checkpoint-1" / lora.ADAPTER_FILE).exists() and not (out / "checkpoint-1" / "config.json").exists()
+    assert {lora.ADAPTER_FILE, "model.safetensors"} <= {p.name for p in (out / "final").iterdir()}
+    assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3] and metrics(out)[2]["kl"] > 0
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def straight(tiny, tmp_path_factory):
 
 def test_straight_run_learns_and_writes_a_complete_checkpoint(straight, tiny):
     # the weights moved (so equal weights below mean something) and the steps differ from each other
-    initial = weights(presets.preset_path("tiny"))
+    initial = weights(presets.model_path("tiny"))
     final = weights(straight / "final")
     assert any(not torch.equal(final[k], initial[k]) for k in final)
     assert len(set(metrics(straight))) == 4
