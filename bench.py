@@ -12,8 +12,8 @@
 preresq.sample_completions (generation), grpo.reference_logprobs (reference pass),
 grpo.policy_update (policy forward + backward), clip_grad_norm_ + AdamW (optimizer). It prints each
 phase's seconds per step, completion tokens per second, peak memory (resident set size on the CPU,
-torch.cuda.max_memory_allocated on CUDA) and how much faster the shared-vision reference and
-policy passes are than the naive ones (the vision tower run once per completion).
+torch.cuda.max_memory_allocated on CUDA) and how much faster the shared-prefix generation, reference and
+policy passes are than the path before prefix sharing (each prompt run once per answer).
 
 What the step bench does differently from a training step, and why:
 - The log-prob passes score random completions of exactly --completion-tokens tokens with no end
@@ -273,12 +273,14 @@ def _measure(fn, device: torch.device):
 
 @dataclass
 class StepTimes:
-    """One measured step: seconds per phase; *_naive: the same pass with the vision tower run per completion.
+    """One measured step: seconds per phase; *_naive: the same phase on the path before prefix sharing
+    (generate, and each prompt run once per answer; --no-shared-prefix).
 
-    peak: bytes during generation and the shared-vision passes and optimizer (a training step);
+    peak: bytes during generation and the shared-prefix passes and optimizer (a training step);
     peak_naive: bytes during the naive passes. reference and reference_naive are 0 when beta = 0.
     """
     generation: float
+    generation_naive: float
     reference: float
     reference_naive: float
     policy: float
@@ -361,14 +363,17 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    run = {True: cfg, False: replace(cfg, shared_vision=False)}
+    run = {True: cfg, False: replace(cfg, shared_prefix=False)}
     gen = torch.Generator().manual_seed(seed)
     measured = []
     for k in range(warmup_steps + steps):
         model.eval()
-        sampled, t_gen, peak_gen = _measure(
-            lambda: preresq.sample_completions(model, tokenizer, prompts, G, max_new_tokens=C), device)
-        generated = int(preresq.completion_mask(sampled, end_id).sum())
+        t_gen, peak_gen, sampled = {}, {}, {}
+        for shared in ((True, False) if k % 2 == 0 else (False, True)):
+            sampled[shared], t_gen[shared], peak_gen[shared] = _measure(
+                lambda: preresq.sample_completions(model, tokenizer, prompts, G, max_new_tokens=C,
+                                                   shared_prefix=shared), device)
+        generated = int(preresq.completion_mask(sampled[True], end_id).sum())
         comp = torch.randint(0, first_special, (B * G, C), generator=gen).to(device)
         attn = torch.ones_like(comp)
         advantages = torch.randn(B * G, generator=gen).to(device)
@@ -388,10 +393,10 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
             if shared:
                 _, t_opt, peak_opt = _measure(optimizer_step, device)
         optimizer.zero_grad(set_to_none=True)
-        st = StepTimes(generation=t_gen, reference=t_ref[True], reference_naive=t_ref[False], policy=t_pol[True],
+        st = StepTimes(generation=t_gen[True], generation_naive=t_gen[False], reference=t_ref[True], reference_naive=t_ref[False], policy=t_pol[True],
                        policy_naive=t_pol[False], optimizer=t_opt, generated_tokens=generated,
-                       peak=max(peak_gen, peak_ref[True], peak_pol[True], peak_opt),
-                       peak_naive=max(peak_ref[False], peak_pol[False]))
+                       peak=max(peak_gen[True], peak_ref[True], peak_pol[True], peak_opt),
+                       peak_naive=max(peak_gen[False], peak_ref[False], peak_pol[False]))
         label = "warm-up" if k < warmup_steps else f"step {k - warmup_steps + 1}"
         report(f"{label:>8}: generation {st.generation:7.3f} s | reference {st.reference:7.3f} s "
                f"(naive {st.reference_naive:7.3f}) | policy fwd+bwd {st.policy:7.3f} s (naive {st.policy_naive:7.3f})"
@@ -400,27 +405,33 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
             measured.append(st)
 
     mean = {f: statistics.fmean(getattr(s, f) for s in measured)
-            for f in ("generation", "reference", "reference_naive", "policy", "policy_naive", "optimizer", "step")}
+            for f in ("generation", "generation_naive", "reference", "reference_naive", "policy", "policy_naive",
+                      "optimizer", "step")}
+    naive_step = mean["generation_naive"] + mean["reference_naive"] + mean["policy_naive"] + mean["optimizer"]
     summary = dict(
         visual_tokens=visual_tokens, prompt_tokens=prompts.input_ids.shape[1], **mean,
         reference_speedup=mean["reference_naive"] / mean["reference"] if reference is not None else None,
         policy_speedup=mean["policy_naive"] / mean["policy"],
+        generation_speedup=mean["generation_naive"] / mean["generation"], step_naive=naive_step,
+        step_ratio=mean["step"] / naive_step,
         generation_tokens_per_s=sum(s.generated_tokens for s in measured) / sum(s.generation for s in measured),
         step_tokens_per_s=B * G * C / mean["step"],
         peak_bytes=max(s.peak for s in measured), peak_bytes_naive=max(s.peak_naive for s in measured),
         steps=measured, trained_parameters=sum(p.numel() for p in trained))
     ref_line = (f"{summary['reference']:.3f} s   naive {summary['reference_naive']:.3f} s   "
-                f"shared vision {summary['reference_speedup']:.2f}x faster" if reference is not None
+                f"shared prefix {summary['reference_speedup']:.2f}x faster" if reference is not None
                 else "skipped (beta = 0)")
     per_step = ", ".join(f"{s.policy_naive / s.policy:.2f}" for s in measured)
     report(f"mean of {len(measured)} steps:\n"
-           f"  generation        {summary['generation']:.3f} s   "
+           f"  generation        {summary['generation']:.3f} s   naive {summary['generation_naive']:.3f} s   "
+           f"shared prefix {summary['generation_speedup']:.2f}x faster, "
            f"{summary['generation_tokens_per_s']:.0f} completion tokens/s\n"
            f"  reference pass    {ref_line}\n"
            f"  policy fwd+bwd    {summary['policy']:.3f} s   naive {summary['policy_naive']:.3f} s   "
-           f"shared vision {summary['policy_speedup']:.2f}x faster (per step: {per_step})\n"
+           f"shared prefix {summary['policy_speedup']:.2f}x faster (per step: {per_step})\n"
            f"  optimizer         {summary['optimizer']:.3f} s\n"
-           f"  step              {summary['step']:.3f} s   {summary['step_tokens_per_s']:.0f} completion tokens/s\n"
+           f"  step              {summary['step']:.3f} s   naive {naive_step:.3f} s   "
+           f"ratio {summary['step_ratio']:.2f}; {summary['step_tokens_per_s']:.0f} completion tokens/s\n"
            f"  peak memory       {summary['peak_bytes'] / 2**30:.2f} GiB "
            f"({'max allocated' if device.type == 'cuda' else 'resident set'}); "
            f"naive passes {summary['peak_bytes_naive'] / 2**30:.2f} GiB")

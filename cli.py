@@ -30,13 +30,23 @@ def flag(default, type_, help: str, group: str, **argparse_options):
     return field(default=default, metadata=dict(type=type_, help=help, group=group, **argparse_options))
 
 
+def default_text(tables: dict[str, dict]):
+    """name -> the help's text for a default that depends on other flags, from tables of defaults
+    by case, e.g. {"tiny": {...}, "paper": {...}} -> " [tiny: 5e-4 | paper: 1e-6]"."""
+    def text(name: str) -> str:
+        shown = [f"{case}: {d[name]:g}" if isinstance(d[name], float) else f"{case}: {d[name]}"
+                 for case, d in tables.items() if d.get(name) is not None]
+        return f" [{' | '.join(shown)}]" if shown else ""
+    return text
+
+
 def add_flags(parser: argparse.ArgumentParser, config_class, default_text=lambda name: "") -> None:
     """One flag per field of `config_class` (declared with `flag`), in argument groups.
 
     Booleans: a field defaulting to True gets --no-NAME (its help says what that flag does), one
-    defaulting to False gets --NAME, one
-    defaulting to None (decided later, e.g. by the model) gets both. default_text(name) describes a
-    default that depends on other flags; otherwise a non-None default is shown as "(default: X)".
+    defaulting to False gets --NAME, one defaulting to None (decided later, e.g. by the model) gets
+    both. default_text(name) describes a default that depends on other flags; otherwise a non-None
+    default is shown as "(default: X)".
     """
     groups = {}
     for f in fields(config_class):

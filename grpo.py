@@ -15,11 +15,9 @@ One step of the paper's GRPO (each line names its function):
   7. AdamW step, grad-norm clip 1.0, linear learning-rate decay                       optimizer_step
 Exploration-to-Stability decides what a step of each stage gets: explore_stable.
 
-How this GRPO differs from textbook PPO, as the authors ran it: one update per batch (mu = 1), so
-the ratio rho is exactly 1 and the clipping never acts (the loss reads ~0 while gradients are
-not zero); the KL is the per-token k3 estimator against the initial model with beta = 0.04;
-aggregation "grpo" averages each sequence's tokens, then the sequences (TRL's defaults, beta = 0
-and token-level "dapo", are flags here). Deviations from the authors' code are listed in the README.
+As the authors ran it: one update per batch (mu = 1), so the ratio rho is exactly 1 and the clip
+never acts (the loss reads ~0 while gradients are not); k3 KL to the initial model, beta = 0.04;
+"grpo" aggregation averages each sequence's tokens, then the sequences. Deviations: README.
 
 Under torchrun B is per process (the paper's "8 per device"); distributed.py gathers scores and sums
 gradients. runs.py keeps the run folder, checkpoints and exact resume.
@@ -40,8 +38,9 @@ from tqdm import tqdm
 
 import data
 import distributed as D
-from cli import InputError, add_flags, flag, run
+from cli import InputError, add_flags, default_text, flag, run
 import lora
+import prefix
 import preresq
 import rewards
 import runs
@@ -246,8 +245,9 @@ class Config:
     lora_dropout: float = flag(0.0, float, "dropout on the adapters' input (0: log-probs of what was sampled)", "LoRA")
     lora_targets: str = flag("language", str, "where adapters go: language, vision, merger, comma-"
                              "separated (lora.TARGETS)", "LoRA")
-    shared_vision: bool = flag(True, bool, "run the vision tower once per answer, not once per picture (the "
-                                 "naive path, for comparison)", "scale")
+    shared_prefix: bool = flag(True, bool, "run each prompt once per answer, not once per image (the path "
+                               "before prefix sharing, for comparison)", "scale")
+    shared_vision: bool = flag(True, bool, "with --no-shared-prefix: the vision tower once per answer", "scale")
     max_pixels: int = flag(None, int, "pixel budget per picture (default: the processor's)", "data")
     eval_every: int = flag(None, int, "held-out evaluation every N steps", "run")
     eval_size: int = flag(None, int, "held-out items per evaluation (default: all)", "run")
@@ -300,20 +300,13 @@ class Config:
             raise InputError("; ".join(errors))
 
 
-def default_text(name: str) -> str:
-    """The help's default of a preset-dependent flag: "[tiny: 5e-4 | small: ... | paper: 1e-6]"."""
-    tables = [*PRESET_DEFAULTS.items(), ("paper", PAPER_DEFAULTS), ("paper video", PAPER_VIDEO_DEFAULTS)]
-    shown = [f"{m}: {d[name]:g}" if isinstance(d[name], float) else f"{m}: {d[name]}"
-             for m, d in tables if d.get(name) is not None]
-    return f" [{' | '.join(shown)}]" if shown else ""
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a Qwen2.5-VL quality judge with GRPO and the PreResQ-R1 "
                                 "reward. With no flags: synthetic images and the `tiny` preset on the CPU (a few "
                                 "minutes). Defaults in [brackets] depend on --model: a preset's, or the paper's "
                                 "for a real checkpoint.")
-    add_flags(p, Config, default_text)
+    tables = {**PRESET_DEFAULTS, "paper": PAPER_DEFAULTS, "paper video": PAPER_VIDEO_DEFAULTS}
+    add_flags(p, Config, default_text(tables))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--force", action="store_true", help="with --resume: accept a configuration that differs "
                    "from the checkpoint's")
@@ -371,7 +364,7 @@ def sample_rollout(cfg: Config, model, tokenizer, image_processor, items, visual
                                      video=video)
     model.eval()
     comp = D.call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
-                  max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k)
+                  max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, shared_prefix=cfg.shared_prefix)
     mask = preresq.completion_mask(comp, tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN))
     texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     reasoning = preresq.reasoning_mask(tokenizer, comp, mask) if cfg.reasoning_beta is not None else None
@@ -419,6 +412,14 @@ def micro_batches(n: int, size: int | None, rounds: int | None = None) -> list[s
     return slices + [slices[-1]] * ((rounds or len(slices)) - len(slices))
 
 
+def shared_passes(model, prompts, cfg: Config):
+    """What a log-prob pass computes once per image for all micro-batches: the prompts' keys and
+    values (shared prefix), or else the picture features (shared vision); (cache, features)."""
+    if cfg.shared_prefix:
+        return D.call(model, preresq.cache_prompts, prompts), None
+    return None, D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
+
+
 @torch.no_grad()
 def reference_logprobs(model, rollout: Rollout, cfg: Config, rounds: int | None = None) -> torch.Tensor:
     """Step 5: log-probs (n*G, C) under a frozen model (reference or old policy), micro-batched; the
@@ -426,11 +427,11 @@ def reference_logprobs(model, rollout: Rollout, cfg: Config, rounds: int | None 
     model.eval()
     home, device = rollout.completions.device, next(model.parameters()).device
     comp, mask, prompts = rollout.completions.to(device), rollout.mask.to(device), rollout.prompts.to(device)
-    feats = D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
+    cache, feats = shared_passes(model, prompts, cfg)
     n = comp.shape[0]
     out = [D.call(model, preresq.completion_logprobs, prompts, comp[r], mask[r], temperature=cfg.temperature,
                   num_generations=rollout.num_generations, suppressed=rollout.suppressed,
-                  shared_vision=cfg.shared_vision, features=feats, rows=r)
+                  shared_vision=cfg.shared_vision, features=feats, rows=r, prompt_cache=cache)
            for r in micro_batches(n, cfg.micro_batch_size, rounds)]
     return torch.cat(out[:len(micro_batches(n, cfg.micro_batch_size))]).to(home)
 
@@ -440,23 +441,25 @@ def policy_update(model, rollout: Rollout, advantages, old_logp, ref_logp, cfg: 
                   rounds: int | None = None) -> dict:
     """Step 6: loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
 
-    Shared vision: the picture features are computed once; each micro-batch back-propagates into
-    detached copies, whose summed gradients flow once through a trained vision tower at the end
-    (exactly one full-batch backward). num_sequences, num_tokens: the global batch's totals under
-    torchrun; grad_scale: world size under --fsdp, which averages gradients where we want their sum.
+    Shared prefix: each prompt runs once (B rows, with its graph); each micro-batch of answers
+    back-propagates into detached copies of its keys and values, whose summed gradients flow once
+    through the prompt's forward at the end: exactly one full-batch backward (shared vision, the
+    older path, does the same with the picture features). num_sequences, num_tokens: the global
+    batch's totals under torchrun; grad_scale: world size under --fsdp (which averages gradients).
     """
     model.train()
     comp, mask, g = rollout.completions, rollout.mask, rollout.num_generations
     prompts = rollout.prompts.to(comp.device)
-    feats = D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
+    cache, feats = shared_passes(model, prompts, cfg)
     leaves = [f.detach().requires_grad_(f.requires_grad) for f in feats] if feats is not None else None
+    cache_leaves = prefix.detached(cache) if cache is not None else None
     num_tokens = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1)).float()
     real = len(micro_batches(comp.shape[0], cfg.micro_batch_size))
     total, stats = 0.0, {"kl": 0.0, "clip_fraction": 0.0}
     for i, r in enumerate(micro_batches(comp.shape[0], cfg.micro_batch_size, rounds)):
         logp = D.call(model, preresq.completion_logprobs, prompts, comp[r], mask[r], temperature=cfg.temperature,
                       num_generations=g, suppressed=rollout.suppressed, shared_vision=cfg.shared_vision,
-                      features=leaves, rows=r)
+                      features=leaves, rows=r, prompt_cache=cache_leaves)
         loss, st = grpo_loss(logp, old_logp[r] if old_logp is not None else logp.detach(),
                              ref_logp[r] if ref_logp is not None else None, advantages[r], mask[r],
                              beta=cfg.beta, epsilon=cfg.epsilon, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens,
@@ -470,9 +473,10 @@ def policy_update(model, rollout: Rollout, advantages, old_logp, ref_logp, cfg: 
         share = mask[r].sum().item() / num_tokens.item()
         total += loss.item()
         stats = {k: stats[k] + v * share for k, v in st.items()}
+    if cache is not None:
+        prefix.backward(cache, cache_leaves)
     if feats is not None and feats[0].requires_grad:
-        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-        torch.autograd.backward(feats, grads)
+        torch.autograd.backward(feats, [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves])
     return {"loss": total, **stats}
 
 
@@ -545,8 +549,7 @@ def grpo_step(cfg: Config, model, reference, tokenizer, image_processor, optimiz
 # --------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
-    """Run GRPO as configured; returns the output folder (metrics, eval, checkpoints, final/).
-    Under torchrun every process calls it."""
+    """Run GRPO as configured (every process under torchrun); returns the output folder."""
     dist, device = D.init_distributed(cfg.device)
     try:
         return loop(cfg, runs.prepare(cfg, resume, force, dist, device))
@@ -583,10 +586,7 @@ def command(argv=None) -> None:
     try:
         train(cfg, resume=resume, force=force)
     except KeyboardInterrupt:  # the second Ctrl-C (runs.Stop), or one before training began
-        found = runs.checkpoints(Path(cfg.out)) if cfg.out else []
-        print("\n" + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
-                      f"  python grpo.py --out {cfg.out} --resume" if found else "No checkpoint was saved yet."),
-              file=sys.stderr)
+        runs.say_how_to_resume(cfg.out)
         raise
 
 

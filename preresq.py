@@ -6,6 +6,7 @@ them (rewards.py) and updates the policy on the per-token log-probs of what it s
 the policy's side of that loop, in the order a step uses it:
   load_model(...)            -> model, tokenizer, image processor (a checkpoint folder or a hub id)
   encode_prompts(...)        -> PromptBatch: B left-padded prompts with their pictures
+  cache_prompts(...)         -> each prompt's forward once, its keys and values for all G answers
   sample_completions(...)    -> (B*G, C) completion tokens, every sampling setting explicit
   completion_mask(...)       -> tokens up to and including the first end-of-turn token
   completion_logprobs(...)   -> (B*G, C) log pi_theta(o_t | q, o_<t) of the distribution sampled from
@@ -25,6 +26,9 @@ Traps avoided, each of which silently changes what is trained:
   a full-vocabulary float32 log-softmax of the whole batch (which would not fit in memory).
 - Shared vision: the vision tower runs once per distinct picture and its features serve all G
   completions (exact: Qwen2.5-VL injects image features only at the placeholder tokens).
+- Shared prefix: the language model reads each prompt once for its G answers (prefix.py; exact:
+  attention is causal), with the answers' M-RoPE positions passed explicitly, never left to the
+  model's `rope_deltas` kept from another batch.
 - Inference never invents a score: an unparsable answer is reported as unparsed.
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ from tqdm import tqdm
 import cli
 import data
 import hub
+import prefix
 import reports
 import rewards
 
@@ -233,17 +238,31 @@ def sampling_config(tokenizer, *, num_generations: int = 1, temperature: float =
     return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0, min_p=None, **common)
 
 
+def cache_prompts(model, prompts: PromptBatch) -> prefix.PromptCache:
+    """The B prompts' forward, once, pictures included -> their keys and values, which all G answers
+    of a prompt continue (prefix.py). With gradients when enabled: every answer's loss reaches it."""
+    prompts = prompts.to(model.device)
+    return prefix.prefill(model, prompts.input_ids, prompts.attention_mask, prompts.image_grid_thw,
+                          mm_token_type_ids(model, prompts.input_ids), pixel_values=prompts.pixel_values)
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, batch: PromptBatch, num_generations: int, *, temperature: float = 1.0,
-                       max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0) -> torch.Tensor:
+                       max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0,
+                       shared_prefix: bool = True) -> torch.Tensor:
     """Sample G completions per prompt -> (B*G, C) token ids (rows grouped by prompt; pad after the end).
-    Settings as in sampling_config (top_k=0: the whole distribution, as GRPO needs)."""
+    Settings as in sampling_config (top_k=0: the whole distribution, as GRPO needs). shared_prefix:
+    each prompt runs once and its G answers continue it (prefix.sample: generate's choices and
+    random draws); False: transformers' generate, which runs each prompt G times."""
     batch = batch.to(model.device)
+    config = sampling_config(tokenizer, num_generations=num_generations, temperature=temperature,
+                             max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
+    if shared_prefix:
+        return prefix.sample(model, cache_prompts(model, batch), config)
     out = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm_token_type_ids(model, batch.input_ids),
-        generation_config=sampling_config(tokenizer, num_generations=num_generations, temperature=temperature,
-                                          max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k))
+        generation_config=config)
     return out[:, batch.input_ids.shape[1]:]
 
 
@@ -302,25 +321,43 @@ def image_features(model, batch: PromptBatch) -> list[torch.Tensor]:
 
 def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_attention: torch.Tensor,
                         *, temperature: float, num_generations: int, suppressed: list[int],
-                        shared_vision: bool = True,
-                        features: list[torch.Tensor] | None = None, rows: slice | None = None) -> torch.Tensor:
+                        shared_vision: bool = True, features: list[torch.Tensor] | None = None,
+                        rows: slice | None = None, shared_prefix: bool = False,
+                        prompt_cache: prefix.PromptCache | None = None) -> torch.Tensor:
     """Per-token log-probs of completions under `model` at the sampling temperature.
 
     prompts: B prompts (not repeated); completion_ids, completion_attention: (B*G, C) with rows
     grouped by prompt (or only the rows `rows` of that layout, for micro-batching).
     shared_vision: run the vision tower once per distinct picture and reuse its features for
     all G completions (exact); `features` may pass features computed once for all micro-batches.
+    shared_prefix: run each prompt once (B rows, not B*G; exact) and the completions against its
+    keys and values; `prompt_cache` (cache_prompts) passes them computed once for all micro-batches
+    (without it every call runs all B prompts).
     suppressed: token ids the sampler suppressed (suppressed_ids(tokenizer)).
     Returns (rows, C) float32, 0 at positions after the end.
     """
+    g = num_generations
+    prompts = prompts.to(completion_ids.device)
+    prompt_of_row = [r // g for r in range(prompts.input_ids.shape[0] * g)[rows or slice(None)]]
+    if shared_prefix or prompt_cache is not None:
+        prompt_cache = prompt_cache if prompt_cache is not None else cache_prompts(model, prompts)
+        hidden = prefix.completion_hidden(model, prompt_cache, prompt_of_row, completion_ids, completion_attention)
+    else:
+        hidden = _joined_hidden(model, prompts, prompt_of_row, completion_ids, completion_attention,
+                                shared_vision, features)
+    # Padding after the end is a suppressed token (log-prob -inf): score a harmless token there
+    # and zero it, so that masked positions can never turn a sum into NaN.
+    keep = completion_attention.bool()
+    targets = completion_ids.masked_fill(~keep, 0)
+    logp = selective_log_softmax(hidden, model.lm_head, targets, temperature, suppressed)
+    return logp.masked_fill(~keep, 0.0)
+
+
+def _joined_hidden(model, prompts: PromptBatch, prompt_of_row: list[int], completion_ids, completion_attention,
+                   shared_vision: bool, features) -> torch.Tensor:
+    """The states that predict each completion token, from one forward of prompt + completion per row."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    g = num_generations
-    device = completion_ids.device
-    prompts = prompts.to(device)
-    rows = rows or slice(0, prompts.input_ids.shape[0] * g)
-    row_ids = list(range(prompts.input_ids.shape[0] * g))[rows]
-    prompt_of_row = [r // g for r in row_ids]
     input_ids = torch.cat([prompts.input_ids[prompt_of_row], completion_ids], 1)
     attention = torch.cat([prompts.attention_mask[prompt_of_row], completion_attention.to(prompts.attention_mask)], 1)
     first_picture = np.cumsum([0] + prompts.pictures_per_prompt)
@@ -334,14 +371,7 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
         chunks = prompts.pixel_values.split(prompts.image_grid_thw.prod(-1).tolist())
         kwargs["pixel_values"] = torch.cat([chunks[k] for k in pictures])
     hidden = model.model(**kwargs).last_hidden_state
-    c = completion_ids.shape[1]
-    hidden = hidden[:, -c - 1:-1]  # the state before each completion token predicts it
-    # Padding after the end is a suppressed token (log-prob -inf): score a harmless token there
-    # and zero it, so that masked positions can never turn a sum into NaN.
-    keep = completion_attention.bool()
-    targets = completion_ids.masked_fill(~keep, 0)
-    logp = selective_log_softmax(hidden, model.lm_head, targets, temperature, suppressed)
-    return logp.masked_fill(~keep, 0.0)
+    return hidden[:, -completion_ids.shape[1] - 1:-1]  # the state before each completion token predicts it
 
 
 # --------------------------------------------------------------------------- inference

@@ -31,7 +31,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ import preresq
 import presets
 from distributed import (SINGLE, Dist, all_reduce, broadcast, call, check_global_batch, full_optimizer_state, full_weights,
                          is_sharded, load_optimizer_state, rank_seed, shard_model, unwrap)
-from cli import Failure, InputError
+from cli import Failure, InputError, Warnings, check_device
 from files import atomic_folder
 
 CHECKPOINT_STATE = "trainer_state.pt"
@@ -230,6 +230,14 @@ def restore(state: dict, out: Path, model, optimizer, scheduler, cfg, dist: Dist
         truncate_log(out / "eval.jsonl", state["step"])
 
 
+def say_how_to_resume(out: str | None) -> None:
+    """After an interrupted run: the newest complete checkpoint and the command that continues from it."""
+    found = checkpoints(Path(out)) if out else []
+    print("\n" + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
+                  f"  python grpo.py --out {out} --resume" if found else "No checkpoint was saved yet."),
+          file=sys.stderr)
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps up to `step`: later ones were written after the checkpoint we
     resume from, and a line torn by a kill is dropped too."""
@@ -378,23 +386,6 @@ def load_training_data(cfg) -> tuple[dict, list]:
     return sets, held
 
 
-def check_device(device: str | None) -> None:
-    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU"
-        raise InputError(f"--device {device}, but {why}. Use --device cpu, or a machine with a GPU and a CUDA "
-                         "build of torch.")
-
-
-def describe_model(name: str) -> str:
-    """The line every run prints: which model it trains and why. Refuses a model that is not there."""
-    if name in presets.PRESETS:
-        return (f"model: the {name} preset, a laptop stand-in built from a recipe (presets.py); for the paper's "
-                "model pass --model Qwen/Qwen2.5-VL-7B-Instruct")
-    folder = preresq.locate_model(name)
-    return f"model: {name} " + ("(a local checkpoint folder)" if Path(name).expanduser().exists()
-                                else f"(from the hub cache: {folder})")
-
-
 def load_models(cfg, source: str, device, dist: Dist):
     """(policy, frozen reference or None, tokenizer, image processor), placed and sharded as configured.
     The reference is the initial model: a copy, or --model again when resuming from `source`.
@@ -447,7 +438,7 @@ def add_adapters(cfg, model, source: str, dist: Dist):
     return model if cfg.beta or cfg.reasoning_beta else None
 
 
-def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = SINGLE) -> dict | None:
+def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = SINGLE, warn=None) -> dict | None:
     """Held-out metrics, computed on rank 0 while the other ranks wait (None there); under --fsdp
     every rank runs the same sharded passes."""
     metrics = None
@@ -455,7 +446,7 @@ def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = S
     if dist.main or is_sharded(model):
         metrics, _ = call(model, evaluate.evaluate, tokenizer, image_processor, items, samples=cfg.eval_samples,
                             seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
-                            max_pixels=cfg.max_pixels, progress=False)
+                            max_pixels=cfg.max_pixels, progress=False, warn=warn)
     if dist.world > 1:
         tdist.barrier()
     return {k: metrics[k] for k in ("n", "srcc", "plcc", "krcc", "parse_failures")} if dist.main else None
@@ -479,6 +470,7 @@ class Run:
     scheduler: object
     counters: dict
     nonfinite_in_a_row: int = 0
+    warn: Warnings = field(default_factory=lambda: Warnings("grpo.py"))
 
 
 def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
@@ -487,7 +479,7 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     cfg.out = broadcast(cfg.out or default, dist)  # the default name holds the time: rank 0's
     out = Path(cfg.out)
     check_device(device)
-    model_line = describe_model(cfg.model)  # refused here when it is not there: before any data is made
+    model_line = presets.describe_model(cfg.model)  # refused here when it is not there: before any data is made
     state = check_run_folder(cfg, resume, force, dist)
     sets, held = load_training_data(cfg)
     check_same_data(state, sets, force)
@@ -558,7 +550,7 @@ def log_step(cfg, run: Run, step: int, record: dict, problems: list[str], second
     """After a step: the learning-rate schedule, the counters, metrics.jsonl (rank 0), and a RunError
     after MAX_NONFINITE_STEPS non-finite steps in a row. Returns the full record."""
     for p in problems:
-        tqdm.write(f"warning: skipped an unreadable item: {p}", file=sys.stderr)
+        run.warn(f"skipped an unreadable item: {p}")
     run.counters["skipped_items"] += int(all_reduce([len(problems)], run.dist)[0])
     record = {"step": step + 1, "stage": cfg.stage(step), "epoch": round(run.sampler.epoch(step + 1), 4), **record}
     with warnings.catch_warnings():
@@ -612,7 +604,7 @@ def draw_run_curves(out: Path) -> None:
 
 
 def evaluate_and_log(cfg, run: Run, step: int) -> dict | None:
-    metrics = held_out(cfg, run.model, run.tokenizer, run.image_processor, run.held, run.dist)
+    metrics = held_out(cfg, run.model, run.tokenizer, run.image_processor, run.held, run.dist, run.warn)
     if run.dist.main:
         log_json(run.out / "eval.jsonl", {"step": step, **metrics})
         if step:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import prefix
 import preresq
 import presets
 import rewards
@@ -158,7 +159,7 @@ def test_shipped_generation_config_does_not_change_sampling(blank_dir, tmp_path)
 
 def test_top_k_is_explicit_in_the_generation_config(blank, monkeypatch):
     """top_k=0 (the whole distribution, whose log-probs GRPO computes) is written into the config,
-    never left to a default; any other top_k reaches generate unchanged."""
+    never left to a default; any other top_k reaches the sampler (prefix.sample or generate) unchanged."""
     model, tok, ip = blank
     assert preresq.sampling_config(tok).top_k == 0
     assert preresq.sampling_config(tok, top_k=50).top_k == 50
@@ -171,7 +172,12 @@ def test_top_k_is_explicit_in_the_generation_config(blank, monkeypatch):
         seen.append(generation_config)
         return torch.cat([input_ids, input_ids[:, -1:]], 1)
 
+    def shared_prefix_sample(model, cache, generation_config):  # the default sampler takes the same config
+        seen.append(generation_config)
+        return torch.zeros(cache.last_hidden.shape[0] * generation_config.num_return_sequences, 1, dtype=torch.long)
+
     monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(prefix, "sample", shared_prefix_sample)
     batch = preresq.encode_prompts(tok, ip, [pictures([(56, 56)])], [preresq.IMAGE_PROMPT])
     preresq.sample_completions(model, tok, batch, 2)
     preresq.sample_completions(model, tok, batch, 2, top_k=7)
