@@ -1,8 +1,8 @@
 """Speed and memory measurements, one subcommand per thing measured.
 
     python bench.py step                                  # GRPO steps of the tiny preset on the CPU
-    python bench.py step --model small --B 2 --G 8 --visual-tokens 529    # shared vs naive vision
-    python bench.py step --model qwen2.5-vl-3b --device cuda --B 8 --G 8 --micro-batch-size 8  # the real 3B shapes
+    python bench.py step --model small --images-per-step 2 --num-generations 8 --visual-tokens 529
+    python bench.py step --model qwen2.5-vl-3b --device cuda --micro-batch-size 8   # the real 3B shapes
     python bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
     python bench.py step --model small --lora-rank 8      # LoRA, then full fine-tuning on the same shapes
     python bench.py video                                 # decode a 10 s 1080p clip into its views
@@ -16,9 +16,9 @@ torch.cuda.max_memory_allocated on CUDA) and how much faster the shared-prefix g
 policy passes are than the path before prefix sharing (each prompt run once per answer).
 
 What the step bench does differently from a training step, and why:
-- The log-prob passes score random completions of exactly --completion-tokens tokens with no end
-  token, so every step has the same shapes; generation still runs the real sampler with
-  max_new_tokens = --completion-tokens. Advantages are random; no reward is computed (see
+- The log-prob passes score random completions of exactly --max-new-tokens tokens with no end
+  token, so every step has the same shapes; generation still runs the real sampler with that
+  max_new_tokens. Advantages are random; no reward is computed (see
   `bench.py rewards` for that cost).
 - Presets (tiny, small) are built without their format warm-up: speed depends on the shapes, not
   on the weights, and an untrained model answers to full length.
@@ -28,15 +28,18 @@ What the step bench does differently from a training step, and why:
   random weights (no download). Their tokenizer is not available offline, so WordTokenizer stands
   in: Qwen's real special-token ids, one id per pre-tokenizer piece (about one BPE token per English
   word), so prompts have realistic lengths and exactly one placeholder per visual token.
-
-On a CPU that other jobs share, pass --threads 1: with torch's default of one thread per core,
-threads that wait for each other under load made steps up to 100x slower on a 2-core machine.
 - Both reference and policy passes run twice per step, shared and naive, in alternating order
   (against drift on a shared machine); only the shared-path gradients reach the optimizer.
 - --lora-rank R measures LoRA first (lora.add_adapters; the reference pass is the policy with
   its adapters off), then full fine-tuning on a fresh copy of the same model and shapes, and
   prints the ratios. LoRA goes first because on the CPU the peak is the process's resident set,
   which memory freed by an earlier, larger run would inflate.
+
+On a CPU that other jobs share, pass --threads 1: with torch's default of one thread per core,
+threads that wait for each other under load made steps up to 100x slower on a 2-core machine.
+
+The old flag spellings --B, --G and --completion-tokens still work (hidden aliases). Exit status:
+0 measured, 2 bad usage or input (nothing built), 1 out of memory part way, 130 on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -57,6 +60,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+import cli
+from frames import check_video
 
 
 def _time_ms(fn, repeats: int, device: torch.device) -> float:
@@ -82,7 +88,7 @@ def bench_rewards(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    B, G, A = args.B, args.G, args.A
+    B, G, A = args.images_per_step, args.num_generations, args.A
     # Two-decimal ratings like a model writes them (ties included), ~10% unparsed answers.
     scores = (torch.rand(B, G, A, generator=gen) * 4 + 1).mul(100).round().div(100).to(device)
     mos = (torch.rand(B, generator=gen) * 4 + 1).to(device)
@@ -206,12 +212,7 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype, folder: str | N
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if name in QWEN_SHAPES:
-        if not str(device).startswith("cuda"):
-            raise SystemExit(f"error: --model {name} has {'3.75' if '3b' in name else '8.29'} B parameters and "
-                             f"runs with --device cuda only (a CPU step would take hours). On the CPU use "
-                             f"--model tiny or --model small.")
-        if not torch.cuda.is_available():
-            raise SystemExit(f"error: --model {name} needs a CUDA GPU, and torch sees none here.")
+        check_model_device(name, device)
         torch.manual_seed(0)
         model = qwen_model(name, device, dtype)
         tokenizer = WordTokenizer(QWEN_SPECIAL_IDS, text_vocab=min(QWEN_SPECIAL_IDS.values()))
@@ -225,11 +226,20 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype, folder: str | N
                 presets.build_preset(name, path, warmup_steps=0)
             model, tokenizer, processor = preresq.load_model(str(path), device, dtype)
         return model, tokenizer, processor, f"{name} preset architecture, no warm-up"
-    try:
-        model, tokenizer, processor = preresq.load_model(name, device, dtype)
-    except preresq.ModelLoadError as e:
-        raise SystemExit(f"error: {e}") from None
+    model, tokenizer, processor = preresq.load_model(name, device, dtype)  # ModelLoadError: an InputError
     return model, tokenizer, processor, name
+
+
+def check_model_device(name: str, device: str) -> None:
+    """InputError unless a published shape (qwen2.5-vl-3b / -7b) is asked for on a CUDA device torch sees."""
+    if name not in QWEN_SHAPES:
+        return
+    if not str(device).startswith("cuda"):
+        raise cli.InputError(f"--model {name} has {'3.75' if '3b' in name else '8.29'} B parameters and runs "
+                             f"with --device cuda only (a CPU step would take hours). On the CPU use --model "
+                             f"tiny or --model small.")
+    if not torch.cuda.is_available():
+        raise cli.InputError(f"--model {name} needs a CUDA GPU, and torch sees none here.")
 
 
 # --------------------------------------------------------------------------- one GRPO step, timed
@@ -393,7 +403,8 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
             if shared:
                 _, t_opt, peak_opt = _measure(optimizer_step, device)
         optimizer.zero_grad(set_to_none=True)
-        st = StepTimes(generation=t_gen[True], generation_naive=t_gen[False], reference=t_ref[True], reference_naive=t_ref[False], policy=t_pol[True],
+        st = StepTimes(generation=t_gen[True], generation_naive=t_gen[False], reference=t_ref[True],
+                       reference_naive=t_ref[False], policy=t_pol[True],
                        policy_naive=t_pol[False], optimizer=t_opt, generated_tokens=generated,
                        peak=max(peak_gen[True], peak_ref[True], peak_pol[True], peak_opt),
                        peak_naive=max(peak_gen[False], peak_ref[False], peak_pol[False]))
@@ -450,8 +461,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     import preresq
 
     device = args.device or preresq.default_device()
-    dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16}[args.dtype] if args.dtype else preresq.default_dtype(device)
+    dtype = preresq.DTYPES[args.dtype] if args.dtype else preresq.default_dtype(device)
     size = size_for_visual_tokens(args.visual_tokens) if args.visual_tokens else args.image_size
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -464,11 +474,12 @@ def bench_step(args: argparse.Namespace) -> dict:
             except torch.OutOfMemoryError:
                 gpu = torch.cuda.get_device_properties(device)
                 message = (f"out of memory on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) with --model "
-                           f"{args.model} --B {args.B} --G {args.G}")
+                           f"{args.model} --images-per-step {args.images_per_step} --num-generations "
+                           f"{args.num_generations}")
                 if rank is not None or not summaries:
-                    raise SystemExit(f"{message}: try --gradient-checkpointing, a smaller --micro-batch-size, "
-                                     f"--beta 0 (no reference model), a smaller --B or --G, --lora-rank, or "
-                                     f"several GPUs (README, Scaling).") from None
+                    raise cli.Failure(f"{message}: try --gradient-checkpointing, a smaller --micro-batch-size, "
+                                      f"--beta 0 (no reference model), a smaller --images-per-step or "
+                                      f"--num-generations, --lora-rank, or several GPUs (README, Scaling).") from None
                 print(f"full fine-tuning: {message}; LoRA's numbers above stand")
             _free(device)
     print(f"load average {os.getloadavg()[0]:.2f} after (before: {load[0]:.2f})")
@@ -487,8 +498,9 @@ def bench_one(args: argparse.Namespace, device, dtype, size, lora_rank: int | No
         f"CPU, {torch.get_num_threads()} threads"
     print(f"{what}: {params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {where}; "
           f"load average {os.getloadavg()[0]:.2f} before")
-    return bench_grpo_step(model, tokenizer, processor, images_per_step=args.B, num_generations=args.G,
-                           completion_tokens=args.completion_tokens, image_size=size, steps=args.steps,
+    return bench_grpo_step(model, tokenizer, processor, images_per_step=args.images_per_step,
+                           num_generations=args.num_generations, completion_tokens=args.max_new_tokens,
+                           image_size=size, steps=args.steps,
                            warmup_steps=args.warmup_steps, beta=args.beta, micro_batch_size=args.micro_batch_size,
                            gradient_checkpointing=args.gradient_checkpointing, lora_rank=lora_rank)
 
@@ -555,8 +567,6 @@ def decode_benchmark(path: str, *, repeats: int = 3, **view_options) -> dict[str
 
 
 def bench_video(args: argparse.Namespace) -> dict:
-    import video
-
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
         clip = args.clip
         if clip is None:
@@ -565,70 +575,118 @@ def bench_video(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             synthetic_clip(clip, args.seconds, width, height)
             print(f"wrote {args.seconds:g} s {width}x{height} H.264 clip in {time.perf_counter() - start:.1f} s")
-        elif not os.path.isfile(clip):
-            raise SystemExit(f"error: --clip {clip} is not a file; give a video file or leave --clip out.")
-        try:
-            result = decode_benchmark(clip, repeats=args.repeats)
-        except video.VideoError as e:
-            raise SystemExit(f"error: {e}") from None
+        result = decode_benchmark(clip, repeats=args.repeats)  # VideoError (an InputError): exit 2
     print(f"{Path(clip).name}: views (1 global 4x4 mosaic + 3 local frames) in {result['seconds_per_clip']:.3f} s "
           f"per clip (median of {args.repeats}, best {result['min_seconds']:.3f} s); {result['num_frames']} frames, "
           f"{result['mode']} decoding")
     return result
 
 
-def main(argv: list[str] | None = None):
-    """Run one subcommand; returns what it measured (a summary dict for step and video)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# --------------------------------------------------------------------------- command line
 
-    p = sub.add_parser("step", help="time one GRPO step, phase by phase, shared vs naive vision")
-    p.add_argument("--model", default="tiny",
-                   help="tiny, small, qwen2.5-vl-3b, qwen2.5-vl-7b (CUDA only), or a checkpoint folder")
-    p.add_argument("--B", type=int, default=8, help="images per step")
-    p.add_argument("--G", type=int, default=8, help="completions per image")
-    p.add_argument("--completion-tokens", type=int, default=64, help="completion length (max_new_tokens)")
+def dtype_name(text: str) -> str:
+    """--dtype's value; the short spellings fp32, bf16 and fp16 still work."""
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(text, text)
+
+
+def add_batch_flags(p: argparse.ArgumentParser, images: int, generations: int) -> None:
+    """--images-per-step and --num-generations (as in grpo.py), with the old --B and --G as hidden aliases."""
+    p.add_argument("--images-per-step", type=int, default=images, help="pictures per step (B)")
+    p.add_argument("--num-generations", type=int, default=generations, help="completions per picture (G)")
+    p.add_argument("--B", dest="images_per_step", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--G", dest="num_generations", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_step_flags(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="tiny",
+                       help="tiny, small, qwen2.5-vl-3b, qwen2.5-vl-7b (CUDA only), or a checkpoint folder")
+    model.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    model.add_argument("--dtype", type=dtype_name, choices=cli.DTYPES,
+                       help="weights and activations (default: bfloat16 on CUDA, float32 on the CPU)")
+    add_batch_flags(p, images=8, generations=8)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length in tokens")
+    p.add_argument("--completion-tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     pictures = p.add_mutually_exclusive_group()
-    pictures.add_argument("--image-size", type=parse_size, default=(448, 448), help="WIDTHxHEIGHT of each picture")
-    pictures.add_argument("--visual-tokens", type=int, default=None, help="picture size giving at least N tokens")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16"],
-                   help="default: bf16 on CUDA, fp32 on CPU")
+    pictures.add_argument("--image-size", type=parse_size, default="448x448", metavar="WxH",
+                          help="WIDTHxHEIGHT of each picture")
+    pictures.add_argument("--visual-tokens", type=int, help="instead of --image-size: a picture size giving at "
+                          "least N visual tokens")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="completions per forward/backward")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--micro-batch-size", type=int, help="completions per forward/backward (default: all at once)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, more time")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference pass")
-    p.add_argument("--lora-rank", type=int, default=None,
+    p.add_argument("--lora-rank", type=int,
                    help="measure LoRA adapters of this rank (language model), then full fine-tuning, and compare")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's); 1 on a machine other jobs load")
     p.set_defaults(run=bench_step)
 
-    p = sub.add_parser("video", help="time decoding one clip into its training views")
-    p.add_argument("--clip", default=None, help="a video file (default: write a synthetic clip)")
+
+def make_parser() -> argparse.ArgumentParser:
+    """bench.py's parser: the subcommands step, video and rewards, each default shown once in --help."""
+    parser = cli.parser("bench.py", __doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def subcommand(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, formatter_class=cli.HelpFormatter)
+
+    add_step_flags(subcommand("step", "time one GRPO step, phase by phase, shared vs naive vision"))
+
+    p = subcommand("video", "time decoding one clip into its training views")
+    p.add_argument("--clip", help="a video file (default: write a synthetic clip)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the synthetic clip")
-    p.add_argument("--size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT of the synthetic clip")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=parse_size, default="1920x1080", metavar="WxH",
+                   help="WIDTHxHEIGHT of the synthetic clip")
+    p.add_argument("--repeats", type=int, default=3, help="timed decodes; the median is reported")
     p.set_defaults(run=bench_video)
 
-    p = sub.add_parser("rewards", help="time every reward function on one step's batch")
-    p.add_argument("--B", type=int, default=32, help="images per step")
-    p.add_argument("--G", type=int, default=12, help="completions per image")
+    p = subcommand("rewards", "time every reward function on one step's batch")
+    add_batch_flags(p, images=32, generations=12)
     p.add_argument("--A", type=int, default=5, help="aspects per answer (5 image, 2 video)")
-    p.add_argument("--invalid", type=float, default=0.1, help="share of unparsed answers")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--invalid", type=float, default=0.1, help="share of unparsed answers, 0 to 1")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls; the median is reported")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(run=bench_rewards)
+    return parser
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked arguments: every bad number, device or clip is refused here (a usage error or
+    cli.InputError), before any model, preset or clip is made. args.run(args) runs the subcommand."""
+    parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ("B", "G", "completion_tokens", "steps", "visual_tokens", "micro_batch_size", "repeats", "threads",
-                 "lora_rank"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args.run(args)
+    least = dict(images_per_step=1, num_generations=1, max_new_tokens=1, steps=1, warmup_steps=0, visual_tokens=1,
+                 micro_batch_size=1, lora_rank=1, threads=1, repeats=1, A=1)
+    cli.at_least(parser, args, **{name: low for name, low in least.items() if hasattr(args, name)})
+    if args.command == "video" and args.seconds <= 0:
+        parser.error(f"--seconds must be above 0, got {args.seconds:g}")
+    if args.command == "rewards" and not 0 <= args.invalid <= 1:
+        parser.error(f"--invalid is a share, from 0 to 1, got {args.invalid:g}")
+    if args.command in ("step", "rewards"):
+        cli.check_device(args.device)
+    if args.command == "step":
+        import preresq
+
+        check_model_device(args.model, args.device or preresq.default_device())
+    if args.command == "video" and args.clip is not None:
+        check_video(args.clip)
+    return args
+
+
+def command(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python bench.py step|video|rewards`: exit 0 when measured, 2 for bad usage or input (nothing is
+    built), 1 when the work fails part way (out of memory), 130 on Ctrl-C."""
+    return cli.run("bench.py", command, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

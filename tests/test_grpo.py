@@ -294,3 +294,18 @@ def test_exploration_lasts_half_of_a_run_set_by_epochs(blank_dir):
     assert cfg.total_steps(297, world=2) == 149 and cfg.stage1_steps == 74
     cfg, _, _ = grpo.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable", "--stage1-steps", "5"])
     assert cfg.total_steps(297) == 297 and cfg.stage1_steps == 5
+
+
+def test_a_video_run_of_a_real_checkpoint_gets_the_authors_video_recipe(blank_dir):
+    """The authors train video (LSVQ) with 5 videos per device, G = 5, 2 epochs and gradient
+    checkpointing; image runs keep the paper's image defaults; explicit flags always win."""
+    video, _, _ = grpo.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--data-root", "/x"])
+    assert (video.images_per_step, video.num_generations, video.epochs, video.gradient_checkpointing) == (5, 5, 2, True)
+    image, _, _ = grpo.parse_args(["--model", str(blank_dir), "--data", "koniq", "--data-root", "/x"])
+    assert (image.images_per_step, image.num_generations, image.epochs, image.gradient_checkpointing) == (8, 6, 8, False)
+    mixed, _, _ = grpo.parse_args(["--model", str(blank_dir), "--data", "lsvq,koniq", "--data-root", "/x,/y"])
+    assert mixed.num_generations == 6  # not every set is a video set: the image recipe
+    mine, _, _ = grpo.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--num-generations", "7",
+                                  "--no-gradient-checkpointing"])
+    assert mine.num_generations == 7 and mine.gradient_checkpointing is False and mine.images_per_step == 5
+    assert "paper video: 5" in grpo.build_parser().format_help()
