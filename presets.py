@@ -142,8 +142,8 @@ def describe_model(name: str) -> str:
     """The line a tool prints before it loads its model: which model and why. A preset is described
     without being built; anything else must be there (preresq.locate_model, else ModelLoadError)."""
     if name in PRESETS:
-        return (f"model: the {name} preset, a laptop stand-in built from a recipe (presets.py); for the paper's "
-                "model pass --model Qwen/Qwen2.5-VL-7B-Instruct")
+        return (f"model: the {name} preset, a laptop stand-in (presets.py); for the paper's model pass "
+                "--model Qwen/Qwen2.5-VL-7B-Instruct")
     folder = preresq.locate_model(name)
     return f"model: {name} " + ("(a local checkpoint folder)" if Path(name).expanduser().exists()
                                 else f"(from the hub cache: {folder})")
