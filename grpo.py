@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 import distributed as D
-from cli import InputError, add_flags, default_text, flag, run
+from cli import DTYPES, InputError, add_flags, default_text, flag, run
 import lora
 import prefix
 import preresq
@@ -234,7 +234,7 @@ class Config:
     seed: int = flag(42, int, "seed of the data order, sampling and evaluation", "run")
     device: str = flag(None, str, "cpu or cuda (default: cuda when available)", "model")
     dtype: str = flag(None, str, "weights and activations (default: bfloat16 on CUDA, float32 on the CPU)",
-                      "model", choices=["float32", "bfloat16", "float16"])
+                      "model", choices=DTYPES)
     micro_batch_size: int = flag(None, int, "completions per forward/backward (default: all)", "scale")
     gradient_checkpointing: bool = flag(None, bool, "trade compute for activation memory", "scale")
     fsdp: bool = flag(False, bool, "under torchrun: shard model, gradients and optimizer state (FSDP2)", "scale")
