@@ -1,35 +1,43 @@
 """Speed and memory measurements, one subcommand per thing measured.
 
     python bench.py step                                  # GRPO steps of the tiny preset on the CPU
-    python bench.py step --model small --images-per-step 2 --num-generations 8 --visual-tokens 529
+    python bench.py step --model small --image-size 224x224 --images-per-step 4 --compare-unshared --threads 1
+    python bench.py step --model small --images-per-step 2 --num-generations 8 --visual-tokens 529 --compare-unshared
+    python bench.py step --labels my_gt.txt --data-root ~/pictures --image-size 224x224   # pictures of a label file
     python bench.py step --model qwen2.5-vl-3b --device cuda --micro-batch-size 8   # the real 3B shapes
     python bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
     python bench.py step --model small --lora-rank 8      # LoRA, then full fine-tuning on the same shapes
     python bench.py video                                 # decode a 10 s 1080p clip into its views
     python bench.py rewards                               # every reward in rewards.REWARDS, B=32, G=12, A=5
 
-`step` times one GRPO step with the training code itself: preresq.encode_prompts and
-preresq.sample_completions (generation), grpo.reference_logprobs (reference pass),
-grpo.policy_update (policy forward + backward), clip_grad_norm_ + AdamW (optimizer). It prints each
-phase's seconds per step, completion tokens per second, peak memory (resident set size on the CPU,
-torch.cuda.max_memory_allocated on CUDA) and how much faster the shared-prefix generation, reference and
-policy passes are than the path before prefix sharing (each prompt run once per answer).
+`step` times GRPO steps with the training code itself, phase by phase (bench_grpo_step): picture
+loading (a label file's pictures with --labels, else random ones; encoded into prompts),
+generation (preresq.sample_completions), reward (grpo.score_rollout on the decoded answers),
+reference pass (grpo.reference_logprobs), policy forward and backward (grpo.policy_update, split
+at its backward calls), optimizer (clip_grad_norm_ + AdamW at --lr) and logging (the step's
+record appended to a metrics.jsonl). It prints a table of each phase's median seconds, the
+step's, completion tokens per second and the peak memory (resident set size on the CPU,
+torch.cuda.max_memory_allocated on CUDA). With --compare-unshared every step also runs on the path
+before prefix sharing (generate, and each prompt run once per answer: grpo.py --no-shared-prefix),
+in alternating order in the same process, and the table gets that path's column and the ratios.
 
 What the step bench does differently from a training step, and why:
 - The log-prob passes score random completions of exactly --max-new-tokens tokens with no end
-  token, so every step has the same shapes; generation still runs the real sampler with that
-  max_new_tokens. Advantages are random; no reward is computed (see
-  `bench.py rewards` for that cost).
+  token, with random advantages, so every step has the same shapes on both paths and the policy
+  moves (an untrained model's answers all score alike: no advantage); generation runs the real
+  sampler with that max_new_tokens, and the reward scores what it sampled.
+- Only the shared path's gradients reach the optimizer; the optimizer step, the same work on
+  both paths, is timed once and counted in both.
 - Presets (tiny, small) are built without their format warm-up: speed depends on the shapes, not
   on the weights, and an untrained model answers to full length.
-- The pictures are random, of --image-size; the image processor's max_pixels is raised, for the
-  bench only, when the requested size is above it, so the visual-token count is the one asked for.
+- The pictures (random, or --labels' resized) are of --image-size; the image processor's
+  max_pixels is raised, for the bench only, when that size is above it, so the visual-token count
+  is the one asked for. WordTokenizer (below) cannot decode, so with it the reward scores
+  unparsed answers (as an untrained model's are anyway).
 - qwen2.5-vl-3b / qwen2.5-vl-7b are the published Qwen2.5-VL-3B/7B-Instruct architectures with
   random weights (no download). Their tokenizer is not available offline, so WordTokenizer stands
   in: Qwen's real special-token ids, one id per pre-tokenizer piece (about one BPE token per English
   word), so prompts have realistic lengths and exactly one placeholder per visual token.
-- Both reference and policy passes run twice per step, shared and naive, in alternating order
-  (against drift on a shared machine); only the shared-path gradients reach the optimizer.
 - --lora-rank R measures LoRA first (lora.add_adapters; the reference pass is the policy with
   its adapters off), then full fine-tuning on a fresh copy of the same model and shapes, and
   prints the ratios. LoRA goes first because on the CPU the peak is the process's resident set,
@@ -198,6 +206,13 @@ class WordTokenizer:
             mask[i, width - len(r):] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        """Ids cannot be turned back into their words (they are hashes): each row becomes its ids as
+        words ("w123 w45 ..."), special tokens dropped, which the reward reads as an unparsed answer."""
+        special = set(self.special_ids.values())
+        return [" ".join(f"w{int(i)}" for i in row if not (skip_special_tokens and int(i) in special))
+                for row in rows]
+
 
 def load_bench_model(name: str, device: str, dtype: torch.dtype, folder: str | None = None):
     """--model -> (model, tokenizer, image_processor, description) for the step bench.
@@ -281,33 +296,99 @@ def _measure(fn, device: torch.device):
     return result, time.perf_counter() - start, _peak_memory(device)
 
 
+# Phases of one GRPO step, in the order the training loop runs them.
+PHASES = ("pictures", "generation", "reward", "reference", "policy_forward", "policy_backward", "optimizer",
+          "logging")
+PHASE_NAMES = dict(pictures="picture loading", generation="generation", reward="reward",
+                   reference="reference pass", policy_forward="policy forward", policy_backward="policy backward",
+                   optimizer="optimizer", logging="logging")
+
+
 @dataclass
 class StepTimes:
-    """One measured step: seconds per phase; *_naive: the same phase on the path before prefix sharing
-    (generate, and each prompt run once per answer; --no-shared-prefix).
-
-    peak: bytes during generation and the shared-prefix passes and optimizer (a training step);
-    peak_naive: bytes during the naive passes. reference and reference_naive are 0 when beta = 0.
-    """
-    generation: float
-    generation_naive: float
-    reference: float
-    reference_naive: float
-    policy: float
-    policy_naive: float
-    optimizer: float
+    """One measured step of one path (shared prefix, or the unshared path): seconds per phase
+    (PHASES; reference is 0 when beta = 0), the completion tokens it sampled, and the peak bytes
+    over its phases."""
+    seconds: dict[str, float]
     generated_tokens: int
     peak: int
-    peak_naive: int
 
     @property
     def step(self) -> float:
-        return self.generation + self.reference + self.policy + self.optimizer
+        return sum(self.seconds.values())
+
+    @property
+    def policy(self) -> float:
+        return self.seconds["policy_forward"] + self.seconds["policy_backward"]
+
+
+class _BackwardClock:
+    """While active, times every torch.autograd.backward call (Tensor.backward goes through it): how
+    grpo.policy_update's time splits into forward and backward without changing the training code.
+    seconds: the backward total; the rest of the policy pass is its forward (and the loss)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self):
+        self.original = original = torch.autograd.backward
+
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                self.seconds += time.perf_counter() - start
+
+        torch.autograd.backward = timed
+        return self
+
+    def __exit__(self, *exc):
+        torch.autograd.backward = self.original
 
 
 def random_pictures(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def label_items(labels: str, data_root: str | None = None) -> list:
+    """The items of a label file in the project's GT format (or a training jsonl), paths resolved
+    under data_root (default: the label file's folder) as `grpo.py --data labels` resolves them.
+    DataError (an InputError) for a bad file, a missing picture or a video."""
+    import data
+
+    root = data_root if data_root is not None else os.path.dirname(os.path.abspath(os.path.expanduser(labels)))
+    items = data.load_dataset("labels", root, "all", labels=labels)
+    videos = [it.path for it in items if it.is_video]
+    if videos:
+        raise data.DataError(f"{labels}: the step bench times pictures, and this file lists {len(videos)} "
+                             f"video(s), e.g. {videos[0]}")
+    return items
+
+
+class Pictures:
+    """Each step's B pictures and their scores (mos, 1..5). From label-file items (label_items): read
+    with data.read_visual, resized to `size`, taken in file order and wrapping around; without
+    items: random pictures and random scores, different at every step."""
+
+    def __init__(self, size: tuple[int, int], items: list | None = None, seed: int = 0):
+        self.size, self.items, self.seed = size, items, seed
+
+    def __call__(self, step: int, n: int) -> tuple[list[Image.Image], torch.Tensor]:
+        width, height = self.size
+        if self.items is None:
+            rng = np.random.default_rng([self.seed, step])
+            return (random_pictures(n, width, height, seed=self.seed * 1_000_003 + step),
+                    torch.tensor(rng.uniform(1, 5, n), dtype=torch.float32))
+        import data
+
+        chosen = [self.items[(step * n + i) % len(self.items)] for i in range(n)]
+        pictures = [data.read_visual(it.path) for it in chosen]
+        pictures = [p if p.size == self.size else p.resize(self.size, Image.Resampling.BICUBIC) for p in pictures]
+        return pictures, torch.tensor([it.mos for it in chosen], dtype=torch.float32)
 
 
 def size_for_visual_tokens(n: int) -> tuple[int, int]:
@@ -318,22 +399,37 @@ def size_for_visual_tokens(n: int) -> tuple[int, int]:
 
 def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int = 8, num_generations: int = 8,
                     completion_tokens: int = 64, image_size: tuple[int, int] = (448, 448), steps: int = 3,
-                    warmup_steps: int = 1, beta: float = 0.04, micro_batch_size: int | None = None,
-                    gradient_checkpointing: bool = False, lora_rank: int | None = None, seed: int = 0,
-                    report=print) -> dict:
-    """Time `steps` GRPO steps (after `warmup_steps` untimed ones) -> summary dict (seconds are means).
+                    warmup_steps: int = 1, beta: float = 0.04, lr: float = 1e-4, micro_batch_size: int | None = None,
+                    gradient_checkpointing: bool = False, lora_rank: int | None = None, items: list | None = None,
+                    compare_unshared: bool = False, seed: int = 0, report=print) -> dict:
+    """Time `steps` GRPO steps (after `warmup_steps` untimed ones), phase by phase -> summary dict.
 
-    Keys: visual_tokens, prompt_tokens (per prompt), generation, reference, policy, optimizer, step
-    (seconds), reference_naive, policy_naive, reference_speedup, policy_speedup (naive / shared; the
-    reference ones are None when beta = 0), generation_tokens_per_s, step_tokens_per_s
-    (B*G*completion_tokens / step), peak_bytes, peak_bytes_naive, steps (list of StepTimes),
-    trained_parameters. lora_rank: adapters of that rank on the language model (the model is
-    changed in place); the reference pass is then the policy with its adapters off.
-    Mutates image_processor's max_pixels when image_size is above it (reported).
+    Every step runs, with the training code: picture loading (Pictures: `items` from a label file,
+    or random pictures; resized and encoded into prompts), generation (preresq.sample_completions),
+    reward (the sampled answers decoded and scored by grpo.score_rollout, the real reward and group
+    advantages), reference pass (grpo.reference_logprobs; skipped when beta = 0), policy forward and
+    backward (grpo.policy_update; its torch.autograd.backward calls are the backward, _BackwardClock),
+    optimizer (clip_grad_norm_ + AdamW at `lr`) and logging (the step's record appended to a
+    metrics.jsonl with runs.log_json). compare_unshared: each step also runs on the path before
+    prefix sharing (generate, each prompt run once per answer: grpo.py --no-shared-prefix), in
+    alternating order; only the shared path's gradients are stepped, and the optimizer, the same
+    work on both paths, is counted in both.
+
+    Keys (seconds are medians over the timed steps): each of PHASES, policy (forward + backward),
+    step (the median of the steps' totals), peak_bytes (max over the timed steps), visual_tokens,
+    prompt_tokens (per prompt), generation_tokens_per_s, step_tokens_per_s (B*G*completion_tokens /
+    step), trained_parameters, steps (list of StepTimes). With compare_unshared, the same for the
+    unshared path as `<key>_unshared` and `steps_unshared`, and step_ratio (shared / unshared),
+    generation_speedup, reference_speedup, policy_speedup (unshared / shared; reference None when
+    beta = 0); without it these are None. lora_rank: adapters of that rank on the language model
+    (the model is changed in place); the reference pass is then the policy with its adapters off.
+    The log-prob passes score random answers of exactly completion_tokens tokens with random
+    advantages (the same shapes every step and on both paths; the reward's are recorded only). Mutates image_processor's max_pixels when image_size is above it.
     """
     import grpo
     import lora
     import preresq
+    import runs
 
     device = model.device
     B, G, C = images_per_step, num_generations, completion_tokens
@@ -344,7 +440,8 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
         image_processor.size["longest_edge"] = width * height
     cfg = grpo.Config(model="bench", images_per_step=B, num_generations=G, beta=beta, max_new_tokens=C,
                       micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
-                      lr=1e-6).resolve()
+                      lr=lr, schedule="single").resolve()
+    stage = grpo.explore_stable(cfg, 0)
     torch.manual_seed(seed)
     if lora_rank:
         lora.add_adapters(model, lora_rank, seed=seed)
@@ -355,14 +452,16 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    prompts = preresq.encode_prompts(tokenizer, image_processor, [[p] for p in random_pictures(B, width, height, seed)],
-                                     [preresq.IMAGE_PROMPT] * B)
-    visual_tokens = int(prompts.image_grid_thw[0].prod()) // image_processor.merge_size ** 2
+    pictures = Pictures(image_size, items, seed)
+    first = preresq.encode_prompts(tokenizer, image_processor, [[p] for p in pictures(0, B)[0]],
+                                   [preresq.IMAGE_PROMPT] * B)
+    visual_tokens = int(first.image_grid_thw[0].prod()) // image_processor.merge_size ** 2
     suppressed = preresq.suppressed_ids(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN)
     first_special = min(suppressed + [end_id])  # ids below it are ordinary text in Qwen-style vocabularies
-    report(f"B={B} G={G}: {visual_tokens} visual tokens per picture ({width}x{height}), "
-           f"{prompts.input_ids.shape[1]} prompt tokens, {C} completion tokens; beta={beta}, "
+    report(f"B={B} G={G}: {visual_tokens} visual tokens per picture ({width}x{height}, "
+           f"{f'{len(items)} labelled pictures' if items is not None else 'random pictures'}), "
+           f"{first.input_ids.shape[1]} prompt tokens, {C} completion tokens; beta={beta}, lr={lr:g}, "
            f"micro-batch {micro_batch_size or B * G}, "
            f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; "
            f"{f'LoRA rank {lora_rank}' if lora_rank else 'full fine-tuning'}, "
@@ -373,80 +472,132 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    run = {True: cfg, False: replace(cfg, shared_prefix=False)}
-    gen = torch.Generator().manual_seed(seed)
-    measured = []
-    for k in range(warmup_steps + steps):
-        model.eval()
-        t_gen, peak_gen, sampled = {}, {}, {}
-        for shared in ((True, False) if k % 2 == 0 else (False, True)):
-            sampled[shared], t_gen[shared], peak_gen[shared] = _measure(
-                lambda: preresq.sample_completions(model, tokenizer, prompts, G, max_new_tokens=C,
-                                                   shared_prefix=shared), device)
-        generated = int(preresq.completion_mask(sampled[True], end_id).sum())
-        comp = torch.randint(0, first_special, (B * G, C), generator=gen).to(device)
-        attn = torch.ones_like(comp)
-        advantages = torch.randn(B * G, generator=gen).to(device)
-        rollout = grpo.Rollout(prompts, comp, attn, [], torch.zeros(B), G, False, suppressed)
-        order = (True, False) if k % 2 == 0 else (False, True)
-        ref_logp, t_ref, peak_ref, t_pol, peak_pol = {}, {True: 0.0, False: 0.0}, {True: 0, False: 0}, {}, {}
-        if reference is not None:
-            for shared in order:
-                with lora.adapters_off(reference):
-                    ref_logp[shared], t_ref[shared], peak_ref[shared] = _measure(
-                        lambda: grpo.reference_logprobs(reference, rollout, run[shared]), device)
-        for shared in order:
-            optimizer.zero_grad(set_to_none=True)  # only the shared path's gradients are stepped
-            _, t_pol[shared], peak_pol[shared] = _measure(
-                lambda: grpo.policy_update(model, rollout, advantages, None, ref_logp.get(True), run[shared]),
-                device)
-            if shared:
-                _, t_opt, peak_opt = _measure(optimizer_step, device)
-        optimizer.zero_grad(set_to_none=True)
-        st = StepTimes(generation=t_gen[True], generation_naive=t_gen[False], reference=t_ref[True],
-                       reference_naive=t_ref[False], policy=t_pol[True],
-                       policy_naive=t_pol[False], optimizer=t_opt, generated_tokens=generated,
-                       peak=max(peak_gen[True], peak_ref[True], peak_pol[True], peak_opt),
-                       peak_naive=max(peak_gen[False], peak_ref[False], peak_pol[False]))
-        label = "warm-up" if k < warmup_steps else f"step {k - warmup_steps + 1}"
-        report(f"{label:>8}: generation {st.generation:7.3f} s | reference {st.reference:7.3f} s "
-               f"(naive {st.reference_naive:7.3f}) | policy fwd+bwd {st.policy:7.3f} s (naive {st.policy_naive:7.3f})"
-               f" | optimizer {st.optimizer:6.3f} s | step {st.step:7.3f} s | peak {st.peak / 2**30:.2f} GiB")
-        if k >= warmup_steps:
-            measured.append(st)
+    def run_step(k: int, shared: bool, comp, advantages, metrics: Path) -> StepTimes:
+        """One step on one path; the unshared path's optimizer seconds are filled in by the caller."""
+        run = cfg if shared else replace(cfg, shared_prefix=False)
+        seconds, peaks = {}, []
 
-    mean = {f: statistics.fmean(getattr(s, f) for s in measured)
-            for f in ("generation", "generation_naive", "reference", "reference_naive", "policy", "policy_naive",
-                      "optimizer", "step")}
-    naive_step = mean["generation_naive"] + mean["reference_naive"] + mean["policy_naive"] + mean["optimizer"]
-    summary = dict(
-        visual_tokens=visual_tokens, prompt_tokens=prompts.input_ids.shape[1], **mean,
-        reference_speedup=mean["reference_naive"] / mean["reference"] if reference is not None else None,
-        policy_speedup=mean["policy_naive"] / mean["policy"],
-        generation_speedup=mean["generation_naive"] / mean["generation"], step_naive=naive_step,
-        step_ratio=mean["step"] / naive_step,
-        generation_tokens_per_s=sum(s.generated_tokens for s in measured) / sum(s.generation for s in measured),
-        step_tokens_per_s=B * G * C / mean["step"],
-        peak_bytes=max(s.peak for s in measured), peak_bytes_naive=max(s.peak_naive for s in measured),
-        steps=measured, trained_parameters=sum(p.numel() for p in trained))
-    ref_line = (f"{summary['reference']:.3f} s   naive {summary['reference_naive']:.3f} s   "
-                f"shared prefix {summary['reference_speedup']:.2f}x faster" if reference is not None
-                else "skipped (beta = 0)")
-    per_step = ", ".join(f"{s.policy_naive / s.policy:.2f}" for s in measured)
-    report(f"mean of {len(measured)} steps:\n"
-           f"  generation        {summary['generation']:.3f} s   naive {summary['generation_naive']:.3f} s   "
-           f"shared prefix {summary['generation_speedup']:.2f}x faster, "
-           f"{summary['generation_tokens_per_s']:.0f} completion tokens/s\n"
-           f"  reference pass    {ref_line}\n"
-           f"  policy fwd+bwd    {summary['policy']:.3f} s   naive {summary['policy_naive']:.3f} s   "
-           f"shared prefix {summary['policy_speedup']:.2f}x faster (per step: {per_step})\n"
-           f"  optimizer         {summary['optimizer']:.3f} s\n"
-           f"  step              {summary['step']:.3f} s   naive {naive_step:.3f} s   "
-           f"ratio {summary['step_ratio']:.2f}; {summary['step_tokens_per_s']:.0f} completion tokens/s\n"
-           f"  peak memory       {summary['peak_bytes'] / 2**30:.2f} GiB "
-           f"({'max allocated' if device.type == 'cuda' else 'resident set'}); "
-           f"naive passes {summary['peak_bytes_naive'] / 2**30:.2f} GiB")
+        def timed(phase, fn):
+            result, seconds[phase], peak = _measure(fn, device)
+            peaks.append(peak)
+            return result
+
+        def load():
+            pics, mos = pictures(k, B)
+            return preresq.encode_prompts(tokenizer, image_processor, [[p] for p in pics],
+                                          [preresq.IMAGE_PROMPT] * B), mos
+
+        prompts, mos = timed("pictures", load)
+        model.eval()
+        sampled = timed("generation", lambda: preresq.sample_completions(
+            model, tokenizer, prompts, G, temperature=cfg.temperature, max_new_tokens=C, top_k=cfg.top_k,
+            shared_prefix=shared))
+
+        def reward():
+            mask = preresq.completion_mask(sampled, end_id)
+            texts = tokenizer.batch_decode(sampled, skip_special_tokens=True)
+            answers = grpo.Rollout(prompts, sampled, mask, texts, mos, G, False, suppressed)
+            return grpo.score_rollout(cfg, answers, stage), int(mask.sum())
+
+        (_, record), generated = timed("reward", reward)
+        rollout = grpo.Rollout(prompts, comp, torch.ones_like(comp), [], mos, G, False, suppressed)
+        ref_logp = None
+        seconds["reference"] = 0.0
+        if reference is not None:
+            with lora.adapters_off(reference):
+                ref_logp = timed("reference", lambda: grpo.reference_logprobs(reference, rollout, run))
+        optimizer.zero_grad(set_to_none=True)
+        with _BackwardClock(device) as clock:
+            stats = timed("policy_forward",
+                          lambda: grpo.policy_update(model, rollout, advantages, None, ref_logp, run))
+        seconds["policy_forward"] -= clock.seconds
+        seconds["policy_backward"] = clock.seconds
+        seconds["optimizer"] = 0.0
+        if shared:
+            timed("optimizer", optimizer_step)
+        optimizer.zero_grad(set_to_none=True)  # the unshared path's gradients are dropped
+        record = {**record, **stats, **{f"{p}_seconds": round(s, 4) for p, s in seconds.items()}}
+        timed("logging", lambda: runs.log_json(metrics, {"step": k + 1, **record}))
+        return StepTimes({p: seconds[p] for p in PHASES}, generated, max(peaks))
+
+    gen = torch.Generator().manual_seed(seed)
+    measured = {True: [], False: []}
+    with tempfile.TemporaryDirectory(prefix="bench-log-") as logs:
+        for k in range(warmup_steps + steps):
+            comp = torch.randint(0, first_special, (B * G, C), generator=gen).to(device)
+            advantages = torch.randn(B * G, generator=gen).to(device)
+            order = ((True, False) if k % 2 == 0 else (False, True)) if compare_unshared else (True,)
+            got = {shared: run_step(k, shared, comp, advantages, Path(logs) / f"shared-{shared}.jsonl") for shared in order}
+            if compare_unshared:  # the same optimizer step on both paths, timed once
+                got[False].seconds["optimizer"] = got[True].seconds["optimizer"]
+            label = "warm-up" if k < warmup_steps else f"step {k - warmup_steps + 1}"
+            line = (f"{label:>8}: shared {got[True].step:7.3f} s (generation {got[True].seconds['generation']:.3f}, "
+                    f"reference {got[True].seconds['reference']:.3f}, policy {got[True].policy:.3f}), "
+                    f"peak {got[True].peak / 2**30:.2f} GiB")
+            if compare_unshared:
+                line += (f" | unshared {got[False].step:7.3f} s (generation {got[False].seconds['generation']:.3f}, "
+                         f"reference {got[False].seconds['reference']:.3f}, policy {got[False].policy:.3f}), "
+                         f"peak {got[False].peak / 2**30:.2f} GiB")
+            report(line)
+            if k >= warmup_steps:
+                for shared in got:
+                    measured[shared].append(got[shared])
+    summary = dict(visual_tokens=visual_tokens, prompt_tokens=first.input_ids.shape[1],
+                   trained_parameters=sum(p.numel() for p in trained),
+                   **_medians(measured[True], B * G * C))
+    unshared = _medians(measured[False], B * G * C) if compare_unshared else dict.fromkeys(summary_keys())
+    summary.update({f"{key}_unshared": value for key, value in unshared.items()})
+    ratio = (lambda a, b: a / b if a and b else None)
+    summary.update(step_ratio=ratio(summary["step"], summary["step_unshared"]),
+                   generation_speedup=ratio(summary["generation_unshared"], summary["generation"]),
+                   reference_speedup=ratio(summary["reference_unshared"], summary["reference"]),
+                   policy_speedup=ratio(summary["policy_unshared"], summary["policy"]))
+    report(phase_table(summary, device))
     return summary
+
+
+def summary_keys() -> tuple[str, ...]:
+    return (*PHASES, "policy", "step", "peak_bytes", "generation_tokens_per_s", "step_tokens_per_s", "steps")
+
+
+def _medians(steps: list[StepTimes], completion_tokens: int) -> dict:
+    """Medians over measured steps of each phase, the policy pass and the step; the peak; tokens/s."""
+    out = {p: statistics.median(s.seconds[p] for s in steps) for p in PHASES}
+    out.update(policy=statistics.median(s.policy for s in steps), step=statistics.median(s.step for s in steps),
+               peak_bytes=max(s.peak for s in steps))
+    out.update(generation_tokens_per_s=sum(s.generated_tokens for s in steps)
+               / sum(s.seconds["generation"] for s in steps),
+               step_tokens_per_s=completion_tokens / out["step"], steps=steps)
+    return out
+
+
+def phase_table(summary: dict, device: torch.device) -> str:
+    """The summary as a table: one row per phase, then the policy pass, the step and the peak memory;
+    columns shared, unshared and shared / unshared (the last two only when the unshared path ran)."""
+    both = summary["step_unshared"] is not None
+    n = len(summary["steps"])
+    rows = [(PHASE_NAMES[p], p) for p in PHASES] + [("policy fwd+bwd", "policy"), ("step", "step")]
+    lines = [f"median of {n} steps{'':<3}{'shared':>10}" + (f"{'unshared':>12}{'shared/unshared':>17}" if both else "")]
+    for label, key in rows:
+        line = f"  {label:<20}{summary[key]:>8.3f} s"
+        if both:
+            u = summary[f"{key}_unshared"]
+            line += f"{u:>10.3f} s{(f'{summary[key] / u:.2f}' if u else '-'):>17}"
+        lines.append(line)
+    kind = "max allocated" if device.type == "cuda" else "resident set"
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    line = f"  {'peak memory':<20}{gib(summary['peak_bytes']):>10}"
+    if both:
+        line += f"{gib(summary['peak_bytes_unshared']):>12}{summary['peak_bytes'] / summary['peak_bytes_unshared']:>17.2f}"
+    lines.append(line + f"   ({kind})")
+    lines.append(f"  completion tokens/s: generation {summary['generation_tokens_per_s']:.0f}, "
+                 f"step {summary['step_tokens_per_s']:.0f}")
+    if both:
+        speed = lambda key: f"{summary[key]:.2f}x" if summary[key] is not None else "skipped (beta = 0)"
+        lines.append(f"  shared prefix: step {summary['step_ratio']:.2f} of the unshared path's; generation "
+                     f"{speed('generation_speedup')}, reference pass {speed('reference_speedup')}, "
+                     f"policy fwd+bwd {speed('policy_speedup')} faster")
+    return "\n".join(lines)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -463,6 +614,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     device = args.device or preresq.default_device()
     dtype = preresq.DTYPES[args.dtype] if args.dtype else preresq.default_dtype(device)
     size = size_for_visual_tokens(args.visual_tokens) if args.visual_tokens else args.image_size
+    items = label_items(args.labels, args.data_root) if args.labels else None  # DataError before any model
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -470,7 +622,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as folder:  # a preset is built once for both runs
         for rank in ([args.lora_rank, None] if args.lora_rank else [None]):  # LoRA first: see the docstring
             try:
-                summaries[rank] = bench_one(args, device, dtype, size, rank, folder)
+                summaries[rank] = bench_one(args, device, dtype, size, rank, folder, items)
             except torch.OutOfMemoryError:
                 gpu = torch.cuda.get_device_properties(device)
                 message = (f"out of memory on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) with --model "
@@ -490,7 +642,8 @@ def bench_step(args: argparse.Namespace) -> dict:
     return {**summaries[args.lora_rank], **compare_lora(summaries[args.lora_rank], summaries[None], args.lora_rank)}
 
 
-def bench_one(args: argparse.Namespace, device, dtype, size, lora_rank: int | None, folder: str) -> dict:
+def bench_one(args: argparse.Namespace, device, dtype, size, lora_rank: int | None, folder: str,
+              items: list | None = None) -> dict:
     """Load --model afresh and time its steps (LoRA of that rank, or full fine-tuning when None)."""
     model, tokenizer, processor, what = load_bench_model(args.model, device, dtype, folder)
     params = sum(p.numel() for p in model.parameters())
@@ -500,9 +653,10 @@ def bench_one(args: argparse.Namespace, device, dtype, size, lora_rank: int | No
           f"load average {os.getloadavg()[0]:.2f} before")
     return bench_grpo_step(model, tokenizer, processor, images_per_step=args.images_per_step,
                            num_generations=args.num_generations, completion_tokens=args.max_new_tokens,
-                           image_size=size, steps=args.steps,
-                           warmup_steps=args.warmup_steps, beta=args.beta, micro_batch_size=args.micro_batch_size,
-                           gradient_checkpointing=args.gradient_checkpointing, lora_rank=lora_rank)
+                           image_size=size, steps=args.steps, warmup_steps=args.warmup_steps, beta=args.beta,
+                           lr=args.lr, micro_batch_size=args.micro_batch_size,
+                           gradient_checkpointing=args.gradient_checkpointing, lora_rank=lora_rank, items=items,
+                           compare_unshared=args.compare_unshared)
 
 
 def _free(device) -> None:
@@ -613,12 +767,21 @@ def add_step_flags(p: argparse.ArgumentParser) -> None:
                           help="WIDTHxHEIGHT of each picture")
     pictures.add_argument("--visual-tokens", type=int, help="instead of --image-size: a picture size giving at "
                           "least N visual tokens")
+    p.add_argument("--labels", metavar="FILE", help="take the pictures from this label file (GT format or "
+                   "jsonl, as grpo.py --data labels reads it), resized to the picture size (default: random "
+                   "pictures)")
+    p.add_argument("--data-root", metavar="DIR", help="the folder --labels' paths are relative to (default: the "
+                   "label file's folder)")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first")
     p.add_argument("--micro-batch-size", type=int, help="completions per forward/backward (default: all at once)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference pass")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--compare-unshared", action="store_true",
+                   help="also run every step on the path before prefix sharing (grpo.py --no-shared-prefix), "
+                        "alternating, and print the ratios")
     p.add_argument("--lora-rank", type=int,
                    help="measure LoRA adapters of this rank (language model), then full fine-tuning, and compare")
     p.add_argument("--threads", type=int,
@@ -634,7 +797,8 @@ def make_parser() -> argparse.ArgumentParser:
     def subcommand(name: str, summary: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, description=summary, formatter_class=cli.HelpFormatter)
 
-    add_step_flags(subcommand("step", "time one GRPO step, phase by phase, shared vs naive vision"))
+    add_step_flags(subcommand("step", "time GRPO steps phase by phase; with --compare-unshared, against the "
+                                      "path before prefix sharing"))
 
     p = subcommand("video", "time decoding one clip into its training views")
     p.add_argument("--clip", help="a video file (default: write a synthetic clip)")
@@ -668,6 +832,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--invalid is a share, from 0 to 1, got {args.invalid:g}")
     if args.command in ("step", "rewards"):
         cli.check_device(args.device)
+    if args.command == "step" and args.data_root is not None and args.labels is None:
+        parser.error("--data-root is read with --labels only")
+    if args.command == "step" and not args.lr > 0:
+        parser.error(f"--lr must be above 0, got {args.lr:g}")
     if args.command == "step":
         import preresq
 

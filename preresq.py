@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import cli
@@ -302,15 +303,19 @@ def selective_log_softmax(hidden: torch.Tensor, lm_head: torch.nn.Module, target
     """log softmax(lm_head(h) / T)[target] without a whole-batch float32 vocabulary tensor.
 
     hidden: (N, C, H); targets: (N, C) -> (N, C) float32. Suppressed tokens are excluded from the
-    normalisation, exactly as the sampler excluded them. Rows are processed `chunk_rows` at a time.
+    normalisation, exactly as the sampler excluded them. Rows are processed `chunk_rows` at a time;
+    under autograd each chunk is checkpointed, so its (chunk_rows, C, V) logits are recomputed in the
+    backward instead of every chunk's being kept until then (the same numbers: the same operations).
     """
-    out = []
-    for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)):
+    def chunk(h, t):
         logits = lm_head(h).float() / temperature
         if suppressed:
             logits[..., suppressed] = float("-inf")
-        out.append(logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(out)
+        return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+    graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    return torch.cat([checkpoint(chunk, h, t, use_reentrant=False) if graph else chunk(h, t)
+                      for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows))])
 
 
 def image_features(model, batch: PromptBatch) -> list[torch.Tensor]:

@@ -332,11 +332,16 @@ class BatchSampler:
 
 
 class Prefetch:
-    """Loads the next step's pictures in worker threads while the current step trains."""
+    """Loads the next step's pictures in worker threads while the current step trains.
+
+    The workers run at the lowest CPU priority (on Linux a thread has its own nice value): torch's
+    threads, which wait for each other at every operation, keep the cores, so a decoding thread
+    taking one of them cannot stall them all; decoding gets the time they leave, and all of it
+    while the loop waits for a step's pictures."""
 
     def __init__(self, run: "Run", max_pixels: int | None, workers: int):
         self.sampler, self.steps, self.max_pixels = run.sampler, run.steps, max_pixels
-        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.pool = ThreadPoolExecutor(max(1, workers), initializer=lowest_priority)
         self.pending = {run.start: self.pool.submit(load_visuals, self.sampler.batch(run.start)[1], max_pixels)}
 
     def load(self, step: int) -> tuple[list, list, list[str]]:
@@ -350,6 +355,14 @@ class Prefetch:
 
     def __exit__(self, *exc):
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def lowest_priority() -> None:
+    """The calling thread to nice 19 where the system allows it (Linux); elsewhere nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def load_visuals(items: list, max_pixels: int | None) -> tuple[list, list, list[str]]:

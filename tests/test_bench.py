@@ -1,11 +1,13 @@
 """bench.py: the step bench on the tiny shapes, memory peaks, the real Qwen2.5-VL shapes, the video bench."""
 import math
+import statistics
 
 import numpy as np
 import pytest
 import torch
 
 import bench
+import cli
 import preresq
 
 
@@ -20,33 +22,158 @@ def test_step_bench_times_every_phase_and_trains_only_the_shared_path(fresh_tiny
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lines = []
     s = bench.bench_grpo_step(model, tok, ip, images_per_step=2, num_generations=3, completion_tokens=8,
-                              image_size=(84, 56), steps=1, warmup_steps=0, beta=0.04, report=lines.append)
+                              image_size=(84, 56), steps=3, warmup_steps=0, beta=0.04, compare_unshared=True,
+                              report=lines.append)
     assert s["visual_tokens"] == (84 // 28) * (56 // 28)
-    for key in ("generation", "reference", "reference_naive", "policy", "policy_naive", "optimizer", "step",
-                "generation_tokens_per_s", "step_tokens_per_s", "peak_bytes", "peak_bytes_naive",
-                "reference_speedup", "policy_speedup", "prompt_tokens"):
-        assert s[key] > 0, key
-    st = s["steps"][0]
-    assert s["step"] == pytest.approx(st.generation + st.reference + st.policy + st.optimizer)
-    assert s["step_tokens_per_s"] == pytest.approx(2 * 3 * 8 / s["step"])
-    assert s["policy_speedup"] == pytest.approx(st.policy_naive / st.policy)
-    assert 1 <= st.generated_tokens <= 2 * 3 * 8
-    # the peak covers at least the weights that are resident
-    assert s["peak_bytes"] > sum(p.numel() * p.element_size() for p in model.parameters())
-    assert any("shared prefix" in line and "faster" in line for line in lines)
-    assert s["generation_naive"] > 0 and s["step_ratio"] == pytest.approx(s["step"] / s["step_naive"])
+    for path in ("", "_unshared"):
+        steps = s["steps" + path]
+        assert len(steps) == 3
+        for phase in bench.PHASES:  # medians, not means, of what each step measured
+            assert s[phase + path] == statistics.median(st.seconds[phase] for st in steps), phase
+        for phase in ("pictures", "generation", "reward", "reference", "policy_forward", "policy_backward"):
+            assert s[phase + path] > 0, phase
+        assert s["step" + path] == statistics.median(sum(st.seconds.values()) for st in steps)
+        assert s["policy" + path] == statistics.median(st.seconds["policy_forward"] + st.seconds["policy_backward"]
+                                                       for st in steps)
+        assert s["step_tokens_per_s" + path] == pytest.approx(2 * 3 * 8 / s["step" + path])
+        assert all(1 <= st.generated_tokens <= 2 * 3 * 8 for st in steps)
+        assert s["peak_bytes" + path] == max(st.peak for st in steps)
+        # the peak covers at least the weights that are resident
+        assert s["peak_bytes" + path] > sum(p.numel() * p.element_size() for p in model.parameters())
+    # the optimizer step, the same work on both paths, is timed once and counted in both
+    assert [st.seconds["optimizer"] for st in s["steps"]] == [st.seconds["optimizer"] for st in s["steps_unshared"]]
+    assert s["step_ratio"] == s["step"] / s["step_unshared"]
+    assert s["policy_speedup"] == s["policy_unshared"] / s["policy"]
+    assert s["reference_speedup"] == s["reference_unshared"] / s["reference"]
+    assert s["generation_speedup"] == s["generation_unshared"] / s["generation"]
+    table = "\n".join(lines)
+    assert "shared/unshared" in table and "peak memory" in table
+    for phase in bench.PHASES:
+        row = next(line for line in lines[-1].splitlines() if line.strip().startswith(bench.PHASE_NAMES[phase]))
+        assert f"{s[phase]:.3f} s" in row and f"{s[phase + '_unshared']:.3f} s" in row
+    assert f"step {s['step_ratio']:.2f} of the unshared path's" in lines[-1]
     # one optimizer step per timed step: the weights moved, and no gradient is left behind
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_bench_runs_only_the_shared_path_unless_asked(fresh_tiny):
+    model, tok, ip = fresh_tiny
+    lines = []
+    s = bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=2, completion_tokens=8,
+                              image_size=(56, 56), steps=1, warmup_steps=0, beta=0.04, report=lines.append)
+    assert s["step"] > 0 and s["policy"] > 0 and len(s["steps"]) == 1
+    for key in ("step_unshared", "steps_unshared", "peak_bytes_unshared", "step_ratio", "policy_speedup",
+                "reference_speedup", "generation_speedup"):
+        assert s[key] is None, key
+    assert "unshared" not in lines[-1]
 
 
 def test_step_bench_without_kl_skips_the_reference_pass(fresh_tiny):
     model, tok, ip = fresh_tiny
     lines = []
     s = bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=2, completion_tokens=8,
-                              image_size=(56, 56), steps=1, warmup_steps=0, beta=0.0, report=lines.append)
-    assert s["reference"] == 0 and s["reference_naive"] == 0 and s["reference_speedup"] is None
-    assert s["policy"] > 0 and any("skipped (beta = 0)" in line for line in lines)
+                              image_size=(56, 56), steps=1, warmup_steps=0, beta=0.0, compare_unshared=True,
+                              report=lines.append)
+    assert s["reference"] == 0 and s["reference_unshared"] == 0 and s["reference_speedup"] is None
+    assert s["policy"] > 0 and "reference pass skipped (beta = 0)" in lines[-1]
+
+
+def _labelled_pictures(folder, sizes):
+    """Pictures of the given sizes in `folder`, and a GT label file naming them with scores 1, 2, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (w, h) in enumerate(sizes):
+        bench.random_pictures(1, w, h, seed=k)[0].save(folder / f"p{k}.png")
+    return [(f"p{k}.png", k + 1.0) for k in range(len(sizes))]
+
+
+def test_label_file_pictures_are_read_resized_and_taken_in_order(tmp_path):
+    rows = _labelled_pictures(tmp_path / "pictures", [(60, 40), (84, 56), (30, 50)])
+    labels = tmp_path / "gt.txt"
+    labels.write_text("".join(f"{name} {score}\n" for name, score in rows))
+    items = bench.label_items(str(labels), str(tmp_path / "pictures"))
+    assert [it.path for it in items] == [str(tmp_path / "pictures" / name) for name, _ in rows]
+    pictures = bench.Pictures((56, 28), items)
+    pics, mos = pictures(1, 2)  # step 1 of two pictures a step: the third item, then the first again
+    assert [p.size for p in pics] == [(56, 28), (56, 28)]
+    assert mos.tolist() == [items[2].mos, items[0].mos]
+    # a label file next to its pictures needs no --data-root
+    (tmp_path / "pictures" / "gt.txt").write_text(labels.read_text())
+    assert bench.label_items(str(tmp_path / "pictures" / "gt.txt")) == items
+    random_pics, random_mos = bench.Pictures((56, 28))(0, 3)
+    assert [p.size for p in random_pics] == [(56, 28)] * 3 and ((1 <= random_mos) & (random_mos <= 5)).all()
+
+
+def test_step_bench_reads_a_label_file_and_refuses_a_missing_one(tmp_path, capsys):
+    rows = _labelled_pictures(tmp_path, [(60, 40), (84, 56)])
+    (tmp_path / "gt.txt").write_text("".join(f"{name} {score}\n" for name, score in rows))
+    args = bench.parse_args(["step", "--labels", str(tmp_path / "gt.txt"), "--image-size", "56x56", "--B", "1",
+                             "--G", "2", "--max-new-tokens", "8", "--steps", "1", "--warmup-steps", "0",
+                             "--threads", "1", "--lr", "1e-3"])
+    assert args.lr == 1e-3 and not args.compare_unshared
+    s = args.run(args)
+    assert s["pictures"] > 0 and s["step_unshared"] is None
+    assert "2 labelled pictures" in capsys.readouterr().out
+    assert bench.main(["step", "--labels", str(tmp_path / "missing.txt")]) == 2
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    (tmp_path / "videos.txt").write_text("clip.mp4 3.0\np0.png 4.0\n")
+    with pytest.raises(cli.InputError):
+        bench.label_items(str(tmp_path / "videos.txt"))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["step", "--data-root", str(tmp_path)])  # without --labels
+    with pytest.raises(SystemExit):
+        bench.parse_args(["step", "--lr", "0"])
+
+
+def test_backward_clock_times_backward_calls_and_puts_backward_back():
+    original = torch.autograd.backward
+    x = torch.randn(300, 300, requires_grad=True)
+    with bench._BackwardClock(torch.device("cpu")) as clock:
+        assert clock.seconds == 0
+        (x @ x).sum().backward()  # Tensor.backward goes through torch.autograd.backward
+        once = clock.seconds
+        torch.autograd.backward([(x * 2).sum()])
+    assert 0 < once < clock.seconds
+    assert torch.autograd.backward is original and x.grad is not None
+
+
+def test_log_softmax_keeps_no_vocabulary_sized_tensor_for_the_backward(blank):
+    """selective_log_softmax recomputes each chunk's logits in the backward: the same log-probs and
+    gradients as keeping them, and no saved tensor of the (rows, C, V) logits."""
+    model, tok, _ = blank
+    N, C, V = 6, 5, model.lm_head.out_features
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, C, model.lm_head.in_features, generator=gen)
+    targets = torch.randint(0, V, (N, C), generator=gen)
+    suppressed = preresq.suppressed_ids(tok)
+
+    def kept(h):  # every chunk's logits kept for the backward
+        out = []
+        for hc, tc in zip(h.split(4), targets.split(4)):
+            logits = model.lm_head(hc).float() / 0.7
+            logits[..., suppressed] = float("-inf")
+            out.append(logits.gather(-1, tc.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1))
+        return torch.cat(out)
+
+    results = []
+    for fn in (kept, lambda h: preresq.selective_log_softmax(h, model.lm_head, targets, 0.7, suppressed)):
+        h = hidden.clone().requires_grad_(True)
+        model.lm_head.weight.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logp = fn(h)
+        (logp * torch.linspace(0, 1, N * C).reshape(N, C)).sum().backward()
+        results.append((logp.detach(), h.grad, model.lm_head.weight.grad.clone(), max(saved)))
+    (logp0, dh0, dw0, most0), (logp1, dh1, dw1, most1) = results
+    assert torch.equal(logp0, logp1) and torch.equal(dh0, dh1) and torch.equal(dw0, dw1)
+    assert most0 >= 4 * C * V > most1  # before: a chunk's logits; now: nothing vocabulary-sized
+    model.lm_head.weight.grad = None
+
+
+def test_word_tokenizer_decodes_ids_as_words_without_the_special_tokens():
+    words = bench.WordTokenizer({"<|im_end|>": 9, "<|endoftext|>": 8}, text_vocab=8)
+    assert words.batch_decode(torch.tensor([[3, 5, 9, 8], [1, 1, 1, 1]])) == ["w3 w5", "w1 w1 w1 w1"]
+    assert words.batch_decode([[3, 9]], skip_special_tokens=False) == ["w3 w9"]
 
 
 def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fine_tuning(fresh_tiny):
@@ -185,3 +312,22 @@ def test_real_shape_path_runs_end_to_end_at_reduced_width(monkeypatch):
     prompt = words.encode(preresq.render_prompt([8], preresq.IMAGE_PROMPT))
     assert prompt[0] == ids["<|im_start|>"] and prompt.count(ids["<|image_pad|>"]) == 8
     assert s["prompt_tokens"] == len(prompt)
+
+
+def test_picture_prefetch_threads_yield_the_cores_to_torch():
+    """runs.Prefetch's workers run at the lowest priority; the caller's priority is left as it was."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    import runs
+
+    if not hasattr(os, "setpriority"):
+        pytest.skip("no thread priorities here")
+    nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    own = nice()
+    sampler = SimpleNamespace(batch=lambda step: (None, []))  # steps without pictures
+    with runs.Prefetch(SimpleNamespace(sampler=sampler, steps=2, start=0), None, workers=2) as prefetch:
+        assert prefetch.load(0) == ([], [], [])
+        assert prefetch.pool.submit(nice).result() == 19
+    assert nice() == own
