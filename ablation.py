@@ -1,21 +1,25 @@
 """The paper's reward ablation, in miniature: the same preset, budget and seeds under each reward.
 
-    python ablation.py                        # every variant below, 3 seeds, the preset's default budget
-    python ablation.py --steps 60 --seeds 0,1,2 --variants preresq,fidelity --out runs/ablation
+    python ablation.py                        # every variant below, 5 seeds, the preset's default budget
+    python ablation.py --jobs 2 --seeds 0,1,2 --variants preresq,fidelity --out runs/ablation
 
 Each run is an ordinary `grpo.py` run (synthetic data, preset `tiny` unless --model says otherwise)
-whose only difference is the reward; the table reports held-out SRCC/PLCC after the last step as
-mean ± std over the seeds, and the wall time. Paper: the dual reward, its two branches
+whose only difference is the reward or the schedule; the table reports held-out SRCC/PLCC after the
+last step as mean ± std over the seeds, each seed's SRCC, and the wall time. --jobs N runs N at a
+time, each in its own process with its share of the CPU threads. Paper: the dual reward, its two branches
 (response / preference), VisualQuality-R1's Thurstone fidelity reward and Q-Insight's threshold
-reward, and the Exploration-to-Stability schedule against a single stage (docs/method.md).
+reward, and a single stage against the Exploration-to-Stability schedule (docs/method.md).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cli
@@ -24,29 +28,41 @@ import presets
 
 # name -> grpo.py flags that define the variant
 VARIANTS = {
-    "preresq": [],
+    "preresq": [],  # the paper's method: the dual reward with Exploration-to-Stability
     "no-response-branch": ["--no-response-branch"],
     "no-preference-branch": ["--no-preference-branch"],
     "fidelity": ["--reward", "fidelity"],
     "threshold": ["--reward", "threshold"],
     "gaussian": ["--reward", "gaussian"],
-    "explore-stable": ["--schedule", "explore-stable"],
+    "single-stage": ["--schedule", "single"],
 }
 
 
-def run_variant(name: str, seed: int, common: list[str], out: Path) -> dict:
-    """One training run; returns its final held-out metrics and wall time."""
+def run_variant(name: str, seed: int, common: list[str], out: Path, threads: int | None = None) -> dict:
+    """One training run; returns its final held-out metrics and wall time. threads=None: in this
+    process; a number: in a child `python grpo.py` with that many CPU threads, its output in
+    OUT/<variant>-seed<S>.log."""
     folder = out / f"{name}-seed{seed}"
     if (folder / "final").exists():  # finished earlier: reuse it (delete the folder to redo)
         evals = [json.loads(l) for l in (folder / "eval.jsonl").read_text().splitlines()]
-        return {**evals[-1], "seconds": json.loads((folder / "ablation.json").read_text())["seconds"]}
+        return {**evals[-1], "seed": seed, "seconds": json.loads((folder / "ablation.json").read_text())["seconds"]}
     start = time.time()
-    cfg, _, _ = grpo.parse_args(common + VARIANTS[name] + ["--seed", str(seed), "--out", str(folder)])
-    grpo.train(cfg)
+    flags = common + VARIANTS[name] + ["--seed", str(seed), "--out", str(folder)]
+    if threads is None:
+        grpo.train(grpo.parse_args(flags)[0])
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        log_path = out / f"{name}-seed{seed}.log"
+        with open(log_path, "w") as log:
+            done = subprocess.run([sys.executable, str(Path(__file__).with_name("grpo.py")), *flags],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise cli.Failure(f"the {name} run with seed {seed} failed (exit {done.returncode}); its output is in "
+                              f"{log_path}. Finished runs are kept and reused by the next call.")
     seconds = time.time() - start
     (folder / "ablation.json").write_text(json.dumps({"variant": name, "seed": seed, "seconds": seconds}))
     evals = [json.loads(l) for l in (folder / "eval.jsonl").read_text().splitlines()]
-    return {**evals[-1], "seconds": seconds}
+    return {**evals[-1], "seed": seed, "seconds": seconds}
 
 
 def mean_std(values: list[float]) -> str:
@@ -59,10 +75,13 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    rows = ["| reward | SRCC | PLCC | parse failures | runs | minutes per run |", "|---|---|---|---|---|---|"]
+    seeds = " / ".join(str(r.get("seed", "?")) for r in next(iter(results.values())))
+    rows = [f"| variant | SRCC | PLCC | SRCC by seed ({seeds}) | parse failures | minutes per run |",
+            "|---|---|---|---|---|---|"]
     for name, runs in results.items():
+        per_seed = " / ".join("nan" if r["srcc"] is None else f"{r['srcc']:.3f}" for r in runs)
         rows.append(f"| {name} | {mean_std([r['srcc'] for r in runs])} | {mean_std([r['plcc'] for r in runs])} | "
-                    f"{sum(r['parse_failures'] for r in runs)} | {len(runs)} | "
+                    f"{per_seed} | {sum(r['parse_failures'] for r in runs)} | "
                     f"{statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
     return "\n".join(rows)
 
@@ -71,7 +90,9 @@ def command(argv=None) -> int:
     p = cli.parser("ablation.py", "The reward ablation: one grpo.py run per variant and seed, then a table. "
                    "Flags not listed here (e.g. --images-per-step) go to every run.")
     p.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: all of them)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each (3 or more for a std)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds, one run each (3 or more for a std)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with an equal "
+                   "share of the CPU threads (2 on a 2-core laptop: about 1.7x the throughput of one)")
     p.add_argument("--steps", type=int, help="steps per run (default: the preset's)")
     p.add_argument("--model", default="tiny", help="preset (tiny, small), checkpoint folder or hub id")
     p.add_argument("--out", default="runs/ablation", help="folder of the runs, ablation.md and ablation.json")
@@ -84,7 +105,7 @@ def command(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {args.seeds!r}")
-    cli.at_least(p, args, steps=1)
+    cli.at_least(p, args, steps=1, jobs=1)
     common = ["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []) + extra
     # Every run's flags are checked before the first run starts, which may be hours before the last.
     configs = [grpo.parse_args(common + VARIANTS[name])[0] for name in names]
@@ -95,7 +116,11 @@ def command(argv=None) -> int:
     common += ["--eval-every", str(steps), "--save-every", str(steps)]
     cli.make_out(out)
     start = time.time()
-    results = {name: [run_variant(name, seed, common, out) for seed in seeds] for name in names}
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with ThreadPoolExecutor(args.jobs) as pool:  # each thread waits on one child process
+        futures = {name: [pool.submit(run_variant, name, seed, common, out, threads) for seed in seeds]
+                   for name in names}
+        results = {name: [f.result() for f in fs] for name, fs in futures.items()}
     text = table(results)
     print(f"\n{len(names)} variants x {len(seeds)} seeds, {steps} steps each, {(time.time() - start) / 60:.1f} min:\n")
     print(text)

@@ -47,7 +47,6 @@ import runs
 
 # --------------------------------------------------------------------------- the algorithm
 
-
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages (GRPO).
 
@@ -145,10 +144,10 @@ def explore_stable(cfg: "Config", step: int) -> Stage:
     """Exploration-to-Stability (the paper's two-stage schedule): stage 1 for the first stage1_steps steps, then stage 2.
 
     Stage 1 explores: each sample's prompt is drawn from a pool of paraphrases
-    (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (12 in the paper), the aspect-spread
-    penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations (6), no spread penalty.
-    --schedule single trains every step like the public code: one prompt, G = num_generations,
-    the penalty always on (reported as stage 2).
+    (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (2 x num_generations: 12 in the paper), the
+    aspect-spread penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations
+    (num_generations: 6), no spread penalty. --schedule single trains every step like the public
+    code: one prompt, G = num_generations, the penalty always on (reported as stage 2).
     """
     if cfg.schedule != "explore-stable":
         return Stage(2, (preresq.IMAGE_PROMPT,), cfg.num_generations, True)
@@ -168,22 +167,20 @@ def step_prompts(stage: Stage, seed: int, step: int, n: int, video: bool) -> lis
 
 
 # --------------------------------------------------------------------------- configuration
-
 # Presets (laptop models) need far larger learning rates and shorter answers than the paper's 7B.
-PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, lr=1e-6, beta=0.04, max_new_tokens=256,
-                      epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None,
+PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, schedule="explore-stable", lr=1e-6, beta=0.04,
+                      max_new_tokens=256, epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None,
                       gradient_checkpointing=False)
-# The authors' video recipe (LSVQ, started from the image checkpoint): 5 videos per device, G = 5,
-# 2 epochs, gradient checkpointing. A real checkpoint gets it when every --data set is a video set.
-PAPER_VIDEO_DEFAULTS = dict(PAPER_DEFAULTS, images_per_step=5, num_generations=5, epochs=2,
-                            gradient_checkpointing=True)
+# The authors' video recipe (LSVQ, from the image checkpoint): a real checkpoint on video sets only.
+PAPER_VIDEO_DEFAULTS = dict(PAPER_DEFAULTS, images_per_step=5, num_generations=5, schedule="single",
+                            epochs=2, gradient_checkpointing=True)
 VIDEO_SETS = ("lsvq", "konvid", "livevqc", "youtube-ugc", "synthetic-video")
 PRESET_DEFAULTS = {
-    "tiny": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.04, reasoning_beta=0.5, max_new_tokens=64,
-                 steps=200, eval_every=25, save_every=100, eval_size=None, eval_samples=4,
-                 gradient_checkpointing=False),
-    "small": dict(images_per_step=8, num_generations=8, lr=5e-4, beta=0.0, max_new_tokens=64,
-                  steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None,
+    "tiny": dict(images_per_step=8, num_generations=6, schedule="explore-stable", lr=5e-4, beta=0.04,
+                 reasoning_beta=0.5, max_new_tokens=64, steps=300, eval_every=50, save_every=100, eval_size=None,
+                 eval_samples=4, gradient_checkpointing=False),
+    "small": dict(images_per_step=8, num_generations=8, schedule="explore-stable", lr=5e-4, beta=0.0,
+                  max_new_tokens=64, steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None,
                   gradient_checkpointing=False),
 }
 
@@ -203,7 +200,7 @@ class Config:
     steps: int = flag(None, int, "optimizer steps", "run")
     epochs: float = flag(None, float, "passes over the training split (used when --steps is not given)", "run")
     images_per_step: int = flag(None, int, "B, images per step and process", "GRPO")
-    num_generations: int = flag(None, int, "G, answers per image", "GRPO")
+    num_generations: int = flag(None, int, "G, answers per image (explore-stable: stage 2's, 2 G in stage 1)", "GRPO")
     lr: float = flag(None, float, "AdamW learning rate, linear decay to 0", "GRPO")
     beta: float = flag(None, float, "KL coefficient; 0 skips the reference model", "GRPO")
     reasoning_beta: float = flag(None, float, "KL coefficient of the reasoning tokens (inside <think>), when it "
@@ -224,11 +221,12 @@ class Config:
                                  "reward")
     preference_branch: bool = flag(True, bool, "drop the preference branch (pair fidelity, triplet accuracy, "
                                    "group rank)", "reward")
-    schedule: str = flag("single", str, "explore-stable: stage 1 prompt pool, spread penalty and G1; stage 2 "
-                         "fixed prompt and G2 (explore_stable)", "schedule", choices=["single", "explore-stable"])
+    schedule: str = flag(None, str, "explore-stable: stage 1 prompt pool, spread penalty and G1; stage 2 "
+                         "fixed prompt and G2 (explore_stable); single: the public code's one stage", "schedule",
+                         choices=["single", "explore-stable"])
     stage1_steps: int = flag(None, int, "length of stage 1 (default: half the run's steps)", "schedule")
-    stage1_generations: int = flag(12, int, "G in stage 1", "schedule")
-    stage2_generations: int = flag(6, int, "G in stage 2", "schedule")
+    stage1_generations: int = flag(None, int, "G in stage 1 (default: 2 x --num-generations)", "schedule")
+    stage2_generations: int = flag(None, int, "G in stage 2 (default: --num-generations)", "schedule")
     weight_decay: float = flag(0.0, float, "AdamW weight decay", "GRPO")
     max_grad_norm: float = flag(1.0, float, "gradient-norm clip", "GRPO")
     seed: int = flag(42, int, "seed of the data order, sampling and evaluation", "run")
@@ -265,6 +263,11 @@ class Config:
                 setattr(self, key, value)
         if self.steps is None and self.epochs is None:  # presets count steps, the paper epochs
             self.steps, self.epochs = defaults.get("steps"), defaults.get("epochs")
+        g = self.num_generations  # the paper's G = 6: 12 answers per image in stage 1, 6 in stage 2
+        self.stage1_generations = 2 * g if self.stage1_generations is None else self.stage1_generations
+        self.stage2_generations = g if self.stage2_generations is None else self.stage2_generations
+        if self.steps:  # stage 1's length is known now, unless --epochs decides the steps (total_steps)
+            self.total_steps(num_images=0)
         self.check()
         return self
 
@@ -301,10 +304,9 @@ class Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a Qwen2.5-VL quality judge with GRPO and the PreResQ-R1 "
-                                "reward. With no flags: synthetic images and the `tiny` preset on the CPU (a few "
-                                "minutes). Defaults in [brackets] depend on --model: a preset's, or the paper's "
-                                "for a real checkpoint.")
+    p = argparse.ArgumentParser(description="Train a Qwen2.5-VL quality judge with GRPO and the PreResQ-R1 reward. "
+                                "With no flags: synthetic images and the `tiny` preset on the CPU (a few minutes). "
+                                "Defaults in [brackets] depend on --model: a preset's, or the paper's for a real one.")
     tables = {**PRESET_DEFAULTS, "paper": PAPER_DEFAULTS, "paper video": PAPER_VIDEO_DEFAULTS}
     add_flags(p, Config, default_text(tables))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
@@ -359,9 +361,8 @@ def sample_rollout(cfg: Config, model, tokenizer, image_processor, items, visual
     if not items:
         return Rollout(None, None, None, [], mos, g, video, suppressed)
     first = dist.rank * cfg.images_per_step  # where this rank's images start in the global batch
-    prompts = preresq.encode_prompts(tokenizer, image_processor, visuals,
-                                     step_prompts(stage, cfg.seed, step, first + len(items), video)[first:],
-                                     video=video)
+    texts = step_prompts(stage, cfg.seed, step, first + len(items), video)[first:]
+    prompts = preresq.encode_prompts(tokenizer, image_processor, visuals, texts, video=video)
     model.eval()
     comp = D.call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
                   max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, shared_prefix=cfg.shared_prefix)
@@ -386,11 +387,10 @@ def score_rollout(cfg: Config, rollout: Rollout, stage: Stage, dist: D.Dist = D.
              for k in range(len(groups)) if groups[k]]
     terms = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     own = slice(sum(sizes[:dist.rank]), sum(sizes[:dist.rank + 1]))
-    reward = terms["total"]
     record = runs.step_metrics(terms, scores, valid, mos, rollout, dist)
-    if not torch.isfinite(reward).all():
+    if not torch.isfinite(terms["total"]).all():
         return None, {**record, "nonfinite": "reward"}
-    return group_advantages(reward, cfg.scale_rewards)[own].reshape(-1), record
+    return group_advantages(terms["total"], cfg.scale_rewards)[own].reshape(-1), record
 
 
 def reward_terms(cfg: Config, stage: Stage, scores, mos, valid, fmt, video: bool) -> dict[str, torch.Tensor]:

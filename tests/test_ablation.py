@@ -8,10 +8,11 @@ import grpo
 
 
 def test_variants_are_valid_grpo_flags():
+    default = ("preresq", True, True, "explore-stable")  # the paper's method, grpo.py's default
     for name, flags in ablation.VARIANTS.items():
         cfg = grpo.parse_args(flags)[0]
-        assert (cfg.reward, cfg.response_branch, cfg.preference_branch, cfg.schedule) != ("preresq", True, True, "single") \
-            or name == "preresq"
+        what = (cfg.reward, cfg.response_branch, cfg.preference_branch, cfg.schedule)
+        assert (what == default) == (name == "preresq"), name
 
 
 def test_mean_std_and_nan():
@@ -19,13 +20,25 @@ def test_mean_std_and_nan():
     assert ablation.mean_std([float("nan")]) == "nan"
 
 
+def test_table_gives_each_seed_and_the_spread():
+    runs = lambda *srcc: [{"seed": s, "srcc": v, "plcc": v, "parse_failures": 1, "seconds": 60.0}
+                          for s, v in zip((3, 7), srcc)]
+    text = ablation.table({"a": runs(0.5, 0.7), "b": runs(0.2, None)})
+    assert "SRCC by seed (3 / 7)" in text.splitlines()[0]
+    assert "| a | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.500 / 0.700 | 2 | 1.0 |" in text
+    assert "| b | 0.200 | 0.200 | 0.200 / nan | 2 | 1.0 |" in text
+
+
 @pytest.mark.slow
-def test_two_variants_one_step(tiny, tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_two_variants_one_step(tiny, tmp_path, jobs):
+    """In this process (--jobs 1) or two child processes at a time (--jobs 2): the same runs, one table."""
     out = tmp_path / "ab"
     flags = ["--variants", "preresq,threshold", "--seeds", "0", "--steps", "1", "--out", str(out),
              "--images-per-step", "2", "--num-generations", "2", "--max-new-tokens", "64", "--eval-size", "4",
-             "--workers", "1"]
+             "--workers", "1", "--jobs", str(jobs)]
     assert ablation.main(flags) == 0
+    assert all((out / f"{v}-seed0.log").exists() == (jobs > 1) for v in ("preresq", "threshold"))
     results = json.loads((out / "ablation.json").read_text())
     assert set(results) == {"preresq", "threshold"}
     assert all(r[0]["step"] == 1 and r[0]["n"] + r[0]["parse_failures"] == 4 for r in results.values())

@@ -244,9 +244,23 @@ def test_exploration_to_stability_schedule():
     assert set(stage1) <= set(preresq.IMAGE_PROMPT_POOL) and len(set(stage1)) > 1
     assert grpo.step_prompts(stages[0], cfg.seed, 0, 50, video=False) == stage1  # seeded by step
     assert set(grpo.step_prompts(stages[4], cfg.seed, 7, 10, video=False)) == {preresq.IMAGE_PROMPT}
-    single = grpo.explore_stable(config(), 0)
+    single = grpo.explore_stable(config(schedule="single"), 0)
     assert (single.number, single.num_generations, single.spread_penalty) == (2, config().num_generations, True)
     assert single.prompts == (preresq.IMAGE_PROMPT,)
+
+
+def test_the_paper_schedule_is_the_default_with_twice_g_in_stage_one(blank_dir):
+    """Exploration-to-Stability is the default for images (the paper's 12 -> 6 from G = 6); the
+    authors' video recipe keeps one stage; an explicit G1 / G2 wins."""
+    for flags, g in ((["--model", str(blank_dir)], 6), ([], 6), (["--num-generations", "4"], 4)):
+        cfg, _, _ = grpo.parse_args(flags)
+        assert (cfg.schedule, cfg.stage1_generations, cfg.stage2_generations) == ("explore-stable", 2 * g, g)
+    cfg, _, _ = grpo.parse_args(["--num-generations", "4", "--stage1-generations", "5", "--stage2-generations", "3"])
+    assert (cfg.stage1_generations, cfg.stage2_generations) == (5, 3)
+    video, _, _ = grpo.parse_args(["--model", str(blank_dir), "--data", "synthetic-video"])
+    assert video.schedule == "single" and video.num_generations == 5
+    with pytest.raises(InputError):
+        grpo.parse_args(["--stage1-generations", "1"])
 
 
 def stage_rewards(cfg, texts, mos, g, step):
