@@ -74,16 +74,32 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def paired_difference(runs: list[dict], baseline: list[dict]) -> tuple[float, float] | None:
+    """Mean and standard error of SRCC(run) - SRCC(baseline) over the seeds both have. Pairing by
+    seed removes what a seed decides for every variant alike (its synthetic set, its data order);
+    None with fewer than two pairs."""
+    base = {r["seed"]: r["srcc"] for r in baseline if r["srcc"] is not None}
+    d = [r["srcc"] - base[r["seed"]] for r in runs if r["srcc"] is not None and r["seed"] in base]
+    if len(d) < 2:
+        return None
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
+
+
 def table(results: dict[str, list[dict]]) -> str:
-    seeds = " / ".join(str(r.get("seed", "?")) for r in next(iter(results.values())))
-    rows = [f"| variant | SRCC | PLCC | SRCC by seed ({seeds}) | parse failures | minutes per run |",
-            "|---|---|---|---|---|---|"]
+    """The markdown table: mean ± std, each seed's SRCC, and the paired difference from the first
+    variant with 2 standard errors (a difference inside them is not resolved by these seeds)."""
+    names = list(results)
+    seeds = " / ".join(str(r.get("seed", "?")) for r in results[names[0]])
+    rows = [f"| variant | SRCC | PLCC | SRCC by seed ({seeds}) | SRCC − {names[0]} (± 2 SE) | parse failures | "
+            f"minutes per run |", "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         per_seed = " / ".join("nan" if r["srcc"] is None else f"{r['srcc']:.3f}" for r in runs)
+        diff = paired_difference(runs, results[names[0]]) if name != names[0] else None
+        diff = "—" if diff is None else f"{diff[0]:+.3f} ± {2 * diff[1]:.3f}" + (" *" if abs(diff[0]) > 2 * diff[1] else "")
         rows.append(f"| {name} | {mean_std([r['srcc'] for r in runs])} | {mean_std([r['plcc'] for r in runs])} | "
-                    f"{per_seed} | {sum(r['parse_failures'] for r in runs)} | "
+                    f"{per_seed} | {diff} | {sum(r['parse_failures'] for r in runs)} | "
                     f"{statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n* the difference is more than 2 standard errors of the paired differences"
 
 
 def command(argv=None) -> int:

@@ -20,13 +20,17 @@ def test_mean_std_and_nan():
     assert ablation.mean_std([float("nan")]) == "nan"
 
 
-def test_table_gives_each_seed_and_the_spread():
+def test_table_gives_each_seed_the_spread_and_the_paired_difference():
     runs = lambda *srcc: [{"seed": s, "srcc": v, "plcc": v, "parse_failures": 1, "seconds": 60.0}
-                          for s, v in zip((3, 7), srcc)]
-    text = ablation.table({"a": runs(0.5, 0.7), "b": runs(0.2, None)})
-    assert "SRCC by seed (3 / 7)" in text.splitlines()[0]
-    assert "| a | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.500 / 0.700 | 2 | 1.0 |" in text
-    assert "| b | 0.200 | 0.200 | 0.200 / nan | 2 | 1.0 |" in text
+                          for s, v in zip((3, 7, 9), srcc)]
+    text = ablation.table({"a": runs(0.5, 0.7, 0.6), "b": runs(0.2, 0.3, None), "c": runs(0.6, 0.75, 0.7)})
+    assert "SRCC by seed (3 / 7 / 9)" in text.splitlines()[0] and "SRCC − a (± 2 SE)" in text.splitlines()[0]
+    assert "| a | 0.600 ± 0.100 | 0.600 ± 0.100 | 0.500 / 0.700 / 0.600 | — | 3 | 1.0 |" in text
+    # b - a on seeds 3 and 7: -0.3, -0.4 -> mean -0.35, std 0.0707, SE 0.05: resolved
+    assert "| b | 0.250 ± 0.071 | 0.250 ± 0.071 | 0.200 / 0.300 / nan | -0.350 ± 0.100 * | 3 | 1.0 |" in text
+    # c - a: +0.1, +0.05, +0.1 -> mean 0.0833, std 0.0289, SE 0.0167: resolved as well
+    assert "| c | 0.683 ± 0.076 | 0.683 ± 0.076 | 0.600 / 0.750 / 0.700 | +0.083 ± 0.033 * |" in text
+    assert ablation.paired_difference(runs(0.5, None, None), runs(0.4, 0.5, 0.6)) is None  # one pair only
 
 
 @pytest.mark.slow
