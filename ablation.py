@@ -95,9 +95,10 @@ def table(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         per_seed = " / ".join("nan" if r["srcc"] is None else f"{r['srcc']:.3f}" for r in runs)
         diff = paired_difference(runs, results[names[0]]) if name != names[0] else None
-        diff = "—" if diff is None else f"{diff[0]:+.3f} ± {2 * diff[1]:.3f}" + (" *" if abs(diff[0]) > 2 * diff[1] else "")
+        if diff is not None:
+            diff = f"{diff[0]:+.3f} ± {2 * diff[1]:.3f}" + (" *" if abs(diff[0]) > 2 * diff[1] else "")
         rows.append(f"| {name} | {mean_std([r['srcc'] for r in runs])} | {mean_std([r['plcc'] for r in runs])} | "
-                    f"{per_seed} | {diff} | {sum(r['parse_failures'] for r in runs)} | "
+                    f"{per_seed} | {diff or '—'} | {sum(r['parse_failures'] for r in runs)} | "
                     f"{statistics.mean(r['seconds'] for r in runs) / 60:.1f} |")
     return "\n".join(rows) + "\n\n* the difference is more than 2 standard errors of the paired differences"
 
