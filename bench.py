@@ -401,7 +401,8 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
                     completion_tokens: int = 64, image_size: tuple[int, int] = (448, 448), steps: int = 3,
                     warmup_steps: int = 1, beta: float = 0.04, lr: float = 1e-4, micro_batch_size: int | None = None,
                     gradient_checkpointing: bool = False, lora_rank: int | None = None, items: list | None = None,
-                    compare_unshared: bool = False, seed: int = 0, report=print) -> dict:
+                    compare_unshared: bool = False, naive_vision: bool = False, seed: int = 0,
+                    report=print) -> dict:
     """Time `steps` GRPO steps (after `warmup_steps` untimed ones), phase by phase -> summary dict.
 
     Every step runs, with the training code: picture loading (Pictures: `items` from a label file,
@@ -413,7 +414,8 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
     metrics.jsonl with runs.log_json). compare_unshared: each step also runs on the path before
     prefix sharing (generate, each prompt run once per answer: grpo.py --no-shared-prefix), in
     alternating order; only the shared path's gradients are stepped, and the optimizer, the same
-    work on both paths, is counted in both.
+    work on both paths, is counted in both. naive_vision: that path also runs the vision tower
+    once per answer (--no-shared-prefix --no-shared-vision: no sharing at all).
 
     Keys (seconds are medians over the timed steps): each of PHASES, policy (forward + backward),
     step (the median of the steps' totals), peak_bytes (max over the timed steps), visual_tokens,
@@ -474,7 +476,7 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
 
     def run_step(k: int, shared: bool, comp, advantages, metrics: Path) -> StepTimes:
         """One step on one path; the unshared path's optimizer seconds are filled in by the caller."""
-        run = cfg if shared else replace(cfg, shared_prefix=False)
+        run = cfg if shared else replace(cfg, shared_prefix=False, shared_vision=not naive_vision)
         seconds, peaks = {}, []
 
         def timed(phase, fn):
@@ -656,7 +658,7 @@ def bench_one(args: argparse.Namespace, device, dtype, size, lora_rank: int | No
                            image_size=size, steps=args.steps, warmup_steps=args.warmup_steps, beta=args.beta,
                            lr=args.lr, micro_batch_size=args.micro_batch_size,
                            gradient_checkpointing=args.gradient_checkpointing, lora_rank=lora_rank, items=items,
-                           compare_unshared=args.compare_unshared)
+                           compare_unshared=args.compare_unshared, naive_vision=args.naive_vision)
 
 
 def _free(device) -> None:
@@ -782,6 +784,9 @@ def add_step_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-unshared", action="store_true",
                    help="also run every step on the path before prefix sharing (grpo.py --no-shared-prefix), "
                         "alternating, and print the ratios")
+    p.add_argument("--naive-vision", action="store_true",
+                   help="with --compare-unshared: that path also runs the vision tower once per answer (no "
+                        "sharing at all, --no-shared-vision), instead of once per picture")
     p.add_argument("--lora-rank", type=int,
                    help="measure LoRA adapters of this rank (language model), then full fine-tuning, and compare")
     p.add_argument("--threads", type=int,
@@ -834,6 +839,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cli.check_device(args.device)
     if args.command == "step" and args.data_root is not None and args.labels is None:
         parser.error("--data-root is read with --labels only")
+    if args.command == "step" and args.naive_vision and not args.compare_unshared:
+        parser.error("--naive-vision describes the path --compare-unshared adds; give both")
     if args.command == "step" and not args.lr > 0:
         parser.error(f"--lr must be above 0, got {args.lr:g}")
     if args.command == "step":

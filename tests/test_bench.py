@@ -69,6 +69,23 @@ def test_step_bench_runs_only_the_shared_path_unless_asked(fresh_tiny):
     assert "unshared" not in lines[-1]
 
 
+def test_naive_vision_runs_the_vision_tower_once_per_answer_on_the_unshared_path(blank_dir):
+    """--naive-vision: the compared path has no sharing at all; its reference and policy passes
+    send G copies of each picture's patches through the vision tower (G = 3 here)."""
+    patches = {}
+    for naive in (False, True):
+        model, tok, ip = preresq.load_model(str(blank_dir), "cpu")
+        seen = []
+        model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+        bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=3, completion_tokens=8,
+                              image_size=(56, 56), steps=1, warmup_steps=0, beta=0.04, compare_unshared=True,
+                              naive_vision=naive, report=lambda line: None)
+        patches[naive] = sum(seen)
+    one = (56 // 14) * (56 // 14)  # one picture's patches
+    # the reference and the policy pass each see 3 copies instead of 1: 2 * (3 - 1) pictures more
+    assert patches[True] - patches[False] == 2 * (3 - 1) * one
+
+
 def test_step_bench_without_kl_skips_the_reference_pass(fresh_tiny):
     model, tok, ip = fresh_tiny
     lines = []
@@ -278,6 +295,8 @@ def test_bad_picture_size_is_refused_before_any_work():
         bench.main(["step", "--B", "0"])
     with pytest.raises(SystemExit):
         bench.main(["step", "--images-per-step", "0"])
+    with pytest.raises(SystemExit):  # it describes the compared path: alone it would be ignored
+        bench.main(["step", "--naive-vision"])
 
 
 def test_old_flag_spellings_are_hidden_aliases_of_the_new_ones():
