@@ -1,10 +1,11 @@
 """The demo learns: GRPO with the PreResQ reward ties the `tiny` preset's scores to quality.
 
 The preset starts with no correlation between its scores and quality (held-out SRCC about 0,
-by construction: presets.neutral_opinion). A short run with the demo's own settings must lift the
-held-out SRCC clearly above where it started. Measured on the 2-core machine (README, "Tests"):
-0.059 -> 0.266. That is less than the demo's 0.673 at step 100, because here the learning rate
-decays to 0 over 100 steps instead of 200.
+by construction: presets.neutral_opinion). A short run of the demo's own recipe (the paper's:
+dual reward, Exploration-to-Stability) must lift the held-out SRCC clearly above where it started.
+Measured on the 2-core machine (README, "Tests"): 0.059 -> 0.769 in 150 steps (0.249 at step 50,
+0.698 at step 100); 100 steps were too few to test (0.059 -> 0.208: the learning rate decays to 0
+before the scores have followed the reasoning).
 """
 import json
 
@@ -12,7 +13,7 @@ import pytest
 
 import grpo
 
-STEPS = 100
+STEPS = 150
 
 
 @pytest.mark.slow
@@ -24,5 +25,5 @@ def test_grpo_lifts_held_out_srcc_of_the_tiny_preset(tiny, tmp_path):
     first, last = evals[0], evals[-1]
     assert (first["step"], last["step"]) == (0, STEPS)
     assert abs(first["srcc"]) < 0.25, f"the preset should start uncorrelated with quality: {first}"
-    assert last["srcc"] > first["srcc"] + 0.15, f"held-out SRCC did not rise: {first['srcc']:.3f} -> {last['srcc']:.3f}"
+    assert last["srcc"] > first["srcc"] + 0.3, f"held-out SRCC did not rise: {first['srcc']:.3f} -> {last['srcc']:.3f}"
     assert last["parse_failures"] <= 0.1 * last["n"], last
