@@ -451,7 +451,7 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
     else:
         reference = copy.deepcopy(model).requires_grad_(False).eval() if beta else None
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pictures = Pictures(image_size, items, seed)

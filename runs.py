@@ -418,7 +418,7 @@ def load_models(cfg, source: str, device, dist: Dist):
                      else copy.deepcopy(model))
         reference.requires_grad_(False).eval().to(cfg.reference_device or model.device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.fsdp and dist.world > 1:
         reference = shard_model(reference, str(model.device)) if reference is not None else None
         model = shard_model(model, str(model.device))

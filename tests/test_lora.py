@@ -129,9 +129,9 @@ def test_micro_batches_checkpointing_and_shared_vision_give_the_full_batch_gradi
     grads = []
     for micro, shared, checkpointing in ((None, False, False), (2, True, True), (4, True, False)):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.zero_grad(set_to_none=True)
         grpo.policy_update(model, rollout, advantages, None, None,
                            config(micro_batch_size=micro, shared_vision=shared))

@@ -135,7 +135,7 @@ def test_logprobs_and_gradients_equal_the_joined_forward(blank_dir, checkpointin
     vision tower included."""
     model, tok, ip = preresq.load_model(str(blank_dir), "cpu")  # its own copy: it is switched to training
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     batch, g = two_prompts(tok, ip, seed=4), 3
     torch.manual_seed(0)
