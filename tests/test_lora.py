@@ -226,7 +226,9 @@ def test_a_lora_run_checkpoints_adapters_and_ends_with_a_merged_model(straight, 
     rollout = grpo.Rollout(prompts, comp, torch.ones_like(comp), [], torch.zeros(1), 2, False,
                            preresq.suppressed_ids(tok))
     lp = [logprobs(m, rollout) for m in (merged, policy, tiny[0])]
-    assert (lp[0] - lp[1]).abs().max() <= 1e-5 and (lp[1] - lp[2]).abs().max() > 1e-4
+    # merged W + s BA against W x + s B(A x): float32 rounding only (measured 1.1e-5 at |log p| ~ 15,
+    # a few ulps), while the trained adapters moved the log-probs from the base model's by 0.39
+    assert (lp[0] - lp[1]).abs().max() <= 5e-5 and (lp[1] - lp[2]).abs().max() > 1e-2
 
 
 def test_lora_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypatch):
