@@ -229,7 +229,7 @@ class Config:
     stage2_generations: int = flag(None, int, "G in stage 2 (default: --num-generations)", "schedule")
     weight_decay: float = flag(0.0, float, "AdamW weight decay", "GRPO")
     max_grad_norm: float = flag(1.0, float, "gradient-norm clip", "GRPO")
-    seed: int = flag(42, int, "seed of the synthetic sets and random splits, the data order, sampling and evaluation", "run")
+    seed: int = flag(42, int, "seed of the synthetic sets, random splits, data order, sampling and evaluation", "run")
     device: str = flag(None, str, "cpu or cuda (default: cuda when available)", "model")
     dtype: str = flag(None, str, "weights and activations (default: bfloat16 on CUDA, float32 on the CPU)",
                       "model", choices=DTYPES)
