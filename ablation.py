@@ -109,7 +109,7 @@ def command(argv=None) -> int:
     p.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (default: all of them)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds, one run each (3 or more for a std)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with an equal "
-                   "share of the CPU threads (2 on a 2-core laptop: about 1.7x the throughput of one)")
+                   "share of the CPU threads (e.g. 2 on a 2-core laptop)")
     p.add_argument("--steps", type=int, help="steps per run (default: the preset's)")
     p.add_argument("--model", default="tiny", help="preset (tiny, small), checkpoint folder or hub id")
     p.add_argument("--out", default="runs/ablation", help="folder of the runs, ablation.md and ablation.json")
