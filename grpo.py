@@ -361,8 +361,8 @@ def sample_rollout(cfg: Config, model, tokenizer, image_processor, items, visual
     if not items:
         return Rollout(None, None, None, [], mos, g, video, suppressed)
     first = dist.rank * cfg.images_per_step  # where this rank's images start in the global batch
-    texts = step_prompts(stage, cfg.seed, step, first + len(items), video)[first:]
-    prompts = preresq.encode_prompts(tokenizer, image_processor, visuals, texts, video=video)
+    questions = step_prompts(stage, cfg.seed, step, first + len(items), video)[first:]
+    prompts = preresq.encode_prompts(tokenizer, image_processor, visuals, questions, video=video)
     model.eval()
     comp = D.call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
                   max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, shared_prefix=cfg.shared_prefix)
