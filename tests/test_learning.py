@@ -10,14 +10,24 @@ before the scores have followed the reasoning).
 import json
 
 import pytest
+import torch
 
 import grpo
 
 STEPS = 150
 
 
+@pytest.fixture()
+def two_threads():
+    """This test runs alone and long: it takes two of the machine's threads (the suite keeps one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_grpo_lifts_held_out_srcc_of_the_tiny_preset(tiny, tmp_path):
+def test_grpo_lifts_held_out_srcc_of_the_tiny_preset(tiny, tmp_path, two_threads):
     cfg, _, _ = grpo.parse_args(["--steps", str(STEPS), "--eval-every", str(STEPS), "--save-every", str(STEPS),
                                  "--out", str(tmp_path / "run"), "--workers", "1"])
     grpo.train(cfg)
