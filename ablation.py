@@ -43,26 +43,24 @@ def run_variant(name: str, seed: int, common: list[str], out: Path, threads: int
     process; a number: in a child `python grpo.py` with that many CPU threads, its output in
     OUT/<variant>-seed<S>.log."""
     folder = out / f"{name}-seed{seed}"
-    if (folder / "final").exists():  # finished earlier: reuse it (delete the folder to redo)
-        evals = [json.loads(l) for l in (folder / "eval.jsonl").read_text().splitlines()]
-        return {**evals[-1], "seed": seed, "seconds": json.loads((folder / "ablation.json").read_text())["seconds"]}
-    start = time.time()
-    flags = common + VARIANTS[name] + ["--seed", str(seed), "--out", str(folder)]
-    if threads is None:
-        grpo.train(grpo.parse_args(flags)[0])
-    else:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        log_path = out / f"{name}-seed{seed}.log"
-        with open(log_path, "w") as log:
-            done = subprocess.run([sys.executable, str(Path(__file__).with_name("grpo.py")), *flags],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode:
-            raise cli.Failure(f"the {name} run with seed {seed} failed (exit {done.returncode}); its output is in "
-                              f"{log_path}. Finished runs are kept and reused by the next call.")
-    seconds = time.time() - start
-    (folder / "ablation.json").write_text(json.dumps({"variant": name, "seed": seed, "seconds": seconds}))
+    if not (folder / "final").exists():  # a finished run is reused (delete its folder to redo it)
+        start = time.time()
+        flags = common + VARIANTS[name] + ["--seed", str(seed), "--out", str(folder)]
+        if threads is None:
+            grpo.train(grpo.parse_args(flags)[0])
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            log_path = out / f"{name}-seed{seed}.log"
+            with open(log_path, "w") as log:
+                done = subprocess.run([sys.executable, str(Path(__file__).with_name("grpo.py")), *flags],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode:
+                raise cli.Failure(f"the {name} run with seed {seed} failed (exit {done.returncode}); its output is "
+                                  f"in {log_path}. Finished runs are kept and reused by the next call.")
+        (folder / "ablation.json").write_text(json.dumps({"variant": name, "seed": seed,
+                                                          "seconds": time.time() - start}))
     evals = [json.loads(l) for l in (folder / "eval.jsonl").read_text().splitlines()]
-    return {**evals[-1], "seed": seed, "seconds": seconds}
+    return {**evals[-1], "seed": seed, "seconds": json.loads((folder / "ablation.json").read_text())["seconds"]}
 
 
 def mean_std(values: list[float]) -> str:
