@@ -14,7 +14,7 @@ Paper map (arXiv 2511.05393, its data and evaluation protocol):
     read_visual(path, max_pixels)   # an image, or a video's views [global mosaic, local frames]
     python data.py --data NAME --data-root DIR   # items per split, score ranges, problems found
 
-Each benchmark's own label format and the table of set names (DATASETS) are in benchmarks.py;
+Each benchmark's own label format and the table of set names (DATASETS) are in label_formats.py;
 the generated sets ("synthetic", "synthetic-video") in synthetic.py; video views in video.py.
 
 Choices the paper leaves open:
@@ -39,12 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-import cli
-import synthetic
+from support import cli
+from support import synthetic
 import video
 # DataError, DATASETS and read_labels are part of this module's interface too (data.DataError ...).
-from benchmarks import DATASETS, DataError, DatasetInfo, LabelRow, known_datasets, pair_sets, read_labels
-from frames import check_video
+from support.label_formats import DATASETS, DataError, DatasetInfo, LabelRow, known_datasets, pair_sets, read_labels
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp")
 RANDOM_TEST_FRACTION = 0.2
@@ -316,9 +315,12 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
 def read_visual(path: str, max_pixels: int | None = None) -> Image.Image | list[Image.Image]:
     """What the model is shown of one file: an image file -> its RGB picture (load_image); a video
     file -> its views [global mosaic, local 1..3] (video.video_views), the local frames capped at
-    max_pixels (default video.LOCAL_MAX_PIXELS). Raises DataError (VideoError is one)."""
+    max_pixels (default video.LOCAL_MAX_PIXELS). Raises DataError naming the file."""
     if is_video(path):
-        return video.video_views(path, local_max_pixels=max_pixels or video.LOCAL_MAX_PIXELS)
+        try:
+            return video.video_views(path, local_max_pixels=max_pixels or video.LOCAL_MAX_PIXELS)
+        except video.VideoError as e:
+            raise DataError(str(e)) from None
     return load_image(path, max_pixels=max_pixels)
 
 
@@ -353,7 +355,7 @@ def check_readable(path: str) -> None:
     if not os.path.isfile(path):
         raise DataError(f"{path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     if is_video(path):
-        return check_video(path)
+        return checked_video(path)
     try:
         Image.open(path).close()
     except _DECODE_ERRORS as e:
@@ -361,10 +363,18 @@ def check_readable(path: str) -> None:
                         "or a video file") from None
 
 
+def checked_video(path: str, decode: bool = False) -> None:
+    """video.check_video, its VideoError a DataError (the error of every file a set cannot use)."""
+    try:
+        video.check_video(path, decode=decode)
+    except video.VideoError as e:
+        raise DataError(str(e)) from None
+
+
 def _check_file(path: str) -> str | None:
     """None if the file decodes (an image in full, a video's first frame), else the reason."""
     try:
-        check_video(path, decode=True) if is_video(path) else load_image(path, max_pixels=256 * 256)
+        checked_video(path, decode=True) if is_video(path) else load_image(path, max_pixels=256 * 256)
     except DataError as e:
         return str(e)
     return None
@@ -417,7 +427,7 @@ def command(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python data.py --data NAME`: exit 0 when no problem was found, 1 when some were (listed),
     2 for bad usage or a set that cannot be opened (an unknown name, a missing --data-root)."""
-    return cli.run("data.py", command, argv)
+    return cli.entry("data.py", command, argv)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ import scipy.special
 import scipy.stats
 from tqdm import tqdm
 
-import cli
+from support import cli
 import data
 import preresq
-import presets
-import reports
+from support import presets
+from support import reports
 
 MIN_ITEMS = 3  # fewer scored items than this: every correlation is NaN
 # The authors' inference: one answer sampled with transformers' top_k=50 and up to 512 tokens.
@@ -344,7 +344,7 @@ def command(argv=None):
 def main(argv=None):
     """`python evaluate.py --model M --data SETS`: exit 0 with the table printed, 2 for bad usage or input
     (nothing is created), 1 when the work fails part way, 130 on Ctrl-C."""
-    return cli.run("evaluate.py", command, argv)
+    return cli.entry("evaluate.py", command, argv)
 
 
 if __name__ == "__main__":

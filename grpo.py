@@ -1,49 +1,41 @@
-"""GRPO for PreResQ-R1: the algorithm (pure functions), the configuration, and the training loop.
+"""GRPO for PreResQ-R1: the algorithm (pure functions), the configuration, one step, and the training loop.
 
     python grpo.py                                   # laptop demo: synthetic images, tiny preset, CPU
     python grpo.py --data koniq --data-root ~/data/koniq10k --model Qwen/Qwen2.5-VL-7B-Instruct
     torchrun --nproc_per_node 8 grpo.py --data kadid --data-root ~/data/kadid10k --model ...
     python grpo.py --out runs/koniq --resume         # after a crash, Ctrl-C or full disk
 
-One step of the paper's GRPO (each line names its function):
-  1. take B images of one dataset                              runs.BatchSampler.batch
-  2. sample G answers per image at temperature T               sample_rollout -> preresq.sample_completions
-  3. parse the aspect scores, reward every answer              score_rollout -> rewards.REWARDS[...]
-  4. group advantage A = (r - mean_G r) / (std_G r + 1e-4)      group_advantages
-  5. reference log-probs (frozen initial model), and old-policy log-probs when mu > 1   reference_logprobs
-  6. loss = aggregate( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * KL_k3 )   grpo_loss, policy_update
-  7. AdamW step, grad-norm clip 1.0, linear learning-rate decay                       optimizer_step
-Exploration-to-Stability decides what a step of each stage gets: explore_stable.
+One step of the paper's GRPO, in the order grpo_step runs it (each line names its function):
+  1. take B images of one dataset                                     (the loop: runkeeping.BatchSampler)
+  2. choose the stage: prompts, G, spread penalty                     explore_stable
+  3. sample G answers per image at temperature T                      sample_rollout -> preresq.sample_completions
+  4. parse the aspect scores and reward every answer                  score_rollout -> rewards.REWARDS[...]
+  5. group advantage A = (r - mean_G r) / (std_G r + 1e-4)             group_advantages
+  6. reference log-probs (frozen initial model), and old-policy log-probs when mu > 1    reference_logprobs
+  7. loss = aggregate( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * KL_k3 ), backward  policy_update, grpo_loss
+  8. grad-norm clip 1.0, AdamW at the linearly decaying learning rate                 optimizer_step
 
 As the authors ran it: one update per batch (mu = 1), so the ratio rho is exactly 1 and the clip
 never acts (the loss reads ~0 while gradients are not); k3 KL to the initial model, beta = 0.04;
 "grpo" aggregation averages each sequence's tokens, then the sequences. Deviations: README.
-
-Under torchrun B is per process (the paper's "8 per device"); distributed.py gathers scores and sums
-gradients. runs.py keeps the run folder, checkpoints and exact resume.
+The step needs only this file, rewards.py, preresq.py and support/prompt_sharing.py; what it
+exchanges with other processes goes through `comm` (OneProcess, or support.distributed.Ranks under
+torchrun). The loop's run-keeping (support/runkeeping.py) comes in where the loop starts.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
-from tqdm import tqdm
 
-import data
-import distributed as D
-from cli import DTYPES, InputError, add_flags, default_text, flag, run
-import lora
-import prefix
 import preresq
 import rewards
-import runs
+from support import prompt_sharing
 
 # --------------------------------------------------------------------------- the algorithm
 
@@ -167,6 +159,12 @@ def step_prompts(stage: Stage, seed: int, step: int, n: int, video: bool) -> lis
 
 
 # --------------------------------------------------------------------------- configuration
+
+def flag(default, type_, help: str, group: str, **argparse_options):
+    """A Config field and its command-line flag --name: its default, type and help in one place."""
+    return field(default=default, metadata=dict(type=type_, help=help, group=group, **argparse_options))
+
+
 # Presets (laptop models) need far larger learning rates and shorter answers than the paper's 7B.
 PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, schedule="explore-stable", lr=1e-6, beta=0.04,
                       max_new_tokens=256, epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None,
@@ -185,12 +183,17 @@ PRESET_DEFAULTS = {
 }
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot train; the message names the flags. The tools exit 2."""
+    exit_status = 2
+
+
 @dataclass
 class Config:
     """Everything a run depends on; saved in every checkpoint and compared on --resume.
     None means: the preset's default (PRESET_DEFAULTS) or the paper's (PAPER_DEFAULTS)."""
     data: str = flag("synthetic", str, "dataset name(s), comma-separated; each step's images come from one "
-                     f"set (known: {', '.join(data.DATASETS)})", "data")
+                     "set", "data")
     data_root: str = flag(None, str, "dataset folder(s), comma-separated in the order of --data", "data")
     labels: str = flag(None, str, "a label file in the one-line-per-item GT format (with --data labels)", "data")
     split: str = flag("train", str, "training split", "data")
@@ -232,7 +235,7 @@ class Config:
     seed: int = flag(42, int, "seed of the synthetic sets, random splits, data order, sampling and evaluation", "run")
     device: str = flag(None, str, "cpu or cuda (default: cuda when available)", "model")
     dtype: str = flag(None, str, "weights and activations (default: bfloat16 on CUDA, float32 on the CPU)",
-                      "model", choices=DTYPES)
+                      "model", choices=["float32", "bfloat16", "float16"])
     micro_batch_size: int = flag(None, int, "completions per forward/backward (default: all)", "scale")
     gradient_checkpointing: bool = flag(None, bool, "trade compute for activation memory", "scale")
     fsdp: bool = flag(False, bool, "under torchrun: shard model, gradients and optimizer state (FSDP2)", "scale")
@@ -242,10 +245,7 @@ class Config:
     lora_alpha: float = flag(None, float, "adapter output scale alpha / R (default alpha: 2 x R)", "LoRA")
     lora_dropout: float = flag(0.0, float, "dropout on the adapters' input (0: log-probs of what was sampled)", "LoRA")
     lora_targets: str = flag("language", str, "where adapters go: language, vision, merger, comma-"
-                             "separated (lora.TARGETS)", "LoRA")
-    shared_prefix: bool = flag(True, bool, "run each prompt once per answer, not once per image (the path "
-                               "before prefix sharing, for comparison)", "scale")
-    shared_vision: bool = flag(True, bool, "with --no-shared-prefix: the vision tower once per answer", "scale")
+                             "separated", "LoRA")
     max_pixels: int = flag(None, int, "pixel budget per picture (default: the processor's)", "data")
     eval_every: int = flag(None, int, "held-out evaluation every N steps", "run")
     eval_size: int = flag(None, int, "held-out items per evaluation (default: all)", "run")
@@ -253,6 +253,8 @@ class Config:
     save_every: int = flag(None, int, "checkpoint every N steps", "run")
     keep_last: int = flag(None, int, "keep only the newest K checkpoints", "run")
     workers: int = flag(2, int, "threads that load the next step's pictures", "run")
+    log_rollouts: int = flag(None, int, "keep every answer of every Nth step, with its scores, reward terms and "
+                             "advantage, in rollouts.jsonl (0: never; default: the evaluation interval)", "run")
 
     def resolve(self) -> "Config":
         """Fill unset values from the preset's or the paper's defaults and check the combination."""
@@ -266,20 +268,26 @@ class Config:
         g = self.num_generations  # the paper's G = 6: 12 answers per image in stage 1, 6 in stage 2
         self.stage1_generations = 2 * g if self.stage1_generations is None else self.stage1_generations
         self.stage2_generations = g if self.stage2_generations is None else self.stage2_generations
-        if self.steps:  # stage 1's length is known now, unless --epochs decides the steps (total_steps)
-            self.total_steps(num_images=0)
+        if self.log_rollouts is None:
+            self.log_rollouts = self.eval_every or 0
+        if self.steps:
+            self.set_length(num_images=0)
         self.check()
         return self
 
-    def total_steps(self, num_images: int, world: int = 1) -> int:
-        """The run's length (--steps, or --epochs over num_images), and stage 1 half of it when unset."""
-        steps = self.steps or math.ceil(self.epochs * num_images / (self.images_per_step * world))
+    def set_length(self, num_images: int, world: int = 1) -> None:
+        """Fix the run's length: --steps, or --epochs over num_images training images (B x world a
+        step); stage 1 is the first half unless --stage1-steps says otherwise."""
+        self.steps = self.steps or math.ceil(self.epochs * num_images / (self.images_per_step * world))
         if self.schedule == "explore-stable" and self.stage1_steps is None:
-            self.stage1_steps = steps // 2
-        return steps
+            self.stage1_steps = self.steps // 2
 
     def stage(self, step: int) -> int:
         return explore_stable(self, step).number
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): --lr decaying linearly to 0 over the run."""
+        return self.lr * max(0.0, 1 - step / self.steps)
 
     def check(self) -> None:
         need = [("images_per_step", 1, ""), ("num_iterations", 1, ""), ("steps", 1, ""), ("micro_batch_size", 1, ""),
@@ -298,49 +306,35 @@ class Config:
             errors.append("--temperature must be > 0 (GRPO needs sampled answers)")
         if self.fsdp and self.reference_device:
             errors.append("--fsdp shards the reference model with the policy; drop --reference-device")
-        errors += lora.config_errors(self)  # the --lora-* flags, and what LoRA does not combine with
         if errors:
-            raise InputError("; ".join(errors))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a Qwen2.5-VL quality judge with GRPO and the PreResQ-R1 reward. "
-                                "With no flags: synthetic images and the `tiny` preset on the CPU (a few minutes). "
-                                "Defaults in [brackets] depend on --model: a preset's, or the paper's for a real one.")
-    tables = {**PRESET_DEFAULTS, "paper": PAPER_DEFAULTS, "paper video": PAPER_VIDEO_DEFAULTS}
-    add_flags(p, Config, default_text(tables))
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--force", action="store_true", help="with --resume: accept a configuration that differs "
-                   "from the checkpoint's")
-    return p
-
-
-def parse_args(argv=None) -> tuple[Config, bool, bool]:
-    """Command line -> (config, resume, force). With --resume, flags not given come from the checkpoint."""
-    p = build_parser()
-    args = vars(p.parse_args(argv))
-    resume, force = args.pop("resume"), args.pop("force")
-    if resume:
-        if not args["out"]:
-            p.error("--resume needs --out DIR (the folder of the run to continue)")
-        saved = runs.saved_config(Path(args["out"]))
-        if saved is None:
-            p.error(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
-        unset = object()
-        given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(args, unset))))
-        args = {k: saved.get(k, v) if given[k] is unset else given[k] for k, v in args.items()}
-    return Config(**args).resolve(), resume, force
+            raise ConfigError("; ".join(errors))
 
 
 # --------------------------------------------------------------------------- one step
+
+class OneProcess:
+    """What a step exchanges with the other processes, for one process: nothing. Under torchrun the
+    loop passes support.distributed.Ranks: the same methods, for real (gather the parsed scores and
+    each process's number of images; sum a few numbers; sum the gradients, as DDP does)."""
+    rank = 0
+
+    def gather_scores(self, batch_size: int, mos, scores, valid, fmt):
+        return mos, scores, valid, fmt, [len(mos)]
+
+    def sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def sum_gradients(self, model) -> None:
+        pass
+
 
 @dataclass
 class Rollout:
     """One step's sampled answers on this process's n images (n may be 0 under torchrun).
 
     prompts: the n prompts (not repeated); completions, mask: (n*G, C), rows grouped by image;
-    texts: n*G decoded answers; mos: (n,); reasoning: (n*G, C) bool, the reasoning tokens (only
-    when --reasoning-beta is set); suppressed: token ids never sampled (preresq.suppressed_ids).
+    texts: n*G decoded answers; questions: the n prompt texts; mos: (n,); reasoning: (n*G, C) bool,
+    the reasoning tokens (only when --reasoning-beta is set); suppressed: token ids never sampled.
     """
     prompts: preresq.PromptBatch | None
     completions: torch.Tensor | None
@@ -351,46 +345,66 @@ class Rollout:
     video: bool
     suppressed: list[int]
     reasoning: torch.Tensor | None = None
+    questions: list[str] = field(default_factory=list)
 
 
 def sample_rollout(cfg: Config, model, tokenizer, image_processor, items, visuals, stage: Stage, step: int,
-                   video: bool, dist: D.Dist = D.SINGLE) -> Rollout:
-    """Step 2: G answers per image, sampled at the temperature from the current policy."""
+                   video: bool, rank: int = 0) -> Rollout:
+    """Step 3: G answers per image, sampled at the temperature from the current policy."""
     g, suppressed = stage.num_generations, preresq.suppressed_ids(tokenizer)
     mos = torch.tensor([it.mos for it in items], dtype=torch.float32)
     if not items:
         return Rollout(None, None, None, [], mos, g, video, suppressed)
-    first = dist.rank * cfg.images_per_step  # where this rank's images start in the global batch
+    first = rank * cfg.images_per_step  # where this process's images start in the global batch
     questions = step_prompts(stage, cfg.seed, step, first + len(items), video)[first:]
     prompts = preresq.encode_prompts(tokenizer, image_processor, visuals, questions, video=video)
     model.eval()
-    comp = D.call(model, preresq.sample_completions, tokenizer, prompts, g, temperature=cfg.temperature,
-                  max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, shared_prefix=cfg.shared_prefix)
+    comp = preresq.sample_completions(model, tokenizer, prompts, g, temperature=cfg.temperature,
+                                      max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k)
     mask = preresq.completion_mask(comp, tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN))
     texts = tokenizer.batch_decode(comp, skip_special_tokens=True)
     reasoning = preresq.reasoning_mask(tokenizer, comp, mask) if cfg.reasoning_beta is not None else None
-    return Rollout(prompts, comp, mask, texts, mos, g, video, suppressed, reasoning)
+    return Rollout(prompts, comp, mask, texts, mos, g, video, suppressed, reasoning, questions)
 
 
-def score_rollout(cfg: Config, rollout: Rollout, stage: Stage, dist: D.Dist = D.SINGLE):
-    """Steps 3-4: rewards and group advantages of the global batch -> (advantages of this rank's
-    rows (n*G,) or None when nothing parsed or rewards are not finite, the step's metrics)."""
+@dataclass
+class Scored:
+    """Steps 4-5 on the global batch: the reward terms (N, G) of each name ("total" included), the
+    parsed scores (N, G, A), which parsed (N, G), the MOS (N,), the answers' tokens and number;
+    `own`: this process's rows; advantages: its (n*G,), None when the step cannot teach anything
+    (no readable image, or a non-finite reward: then `problem` says which)."""
+    terms: dict
+    scores: torch.Tensor
+    valid: torch.Tensor
+    mos: torch.Tensor
+    tokens: float
+    sequences: float
+    own: slice
+    advantages: torch.Tensor | None = None
+    problem: dict = field(default_factory=dict)
+
+
+def score_rollout(cfg: Config, rollout: Rollout, stage: Stage, comm=OneProcess()) -> Scored:
+    """Steps 4-5: parse and reward the answers of the global batch, then group advantages."""
     num_aspects = len(preresq.VIDEO_ASPECTS if rollout.video else preresq.IMAGE_ASPECTS)
     scores, valid, fmt = rewards.parse_completions(rollout.texts, num_aspects, rollout.num_generations)
-    mos, scores, valid, fmt, sizes = D.gather_scores(dist, cfg.images_per_step, rollout.mos, scores, valid, fmt)
+    mos, scores, valid, fmt, sizes = comm.gather_scores(cfg.images_per_step, rollout.mos, scores, valid, fmt)
+    tokens, sequences = comm.sum([rollout.mask.sum().item() if rollout.mask is not None else 0, len(rollout.texts)])
+    own = slice(sum(sizes[:comm.rank]), sum(sizes[:comm.rank + 1]))
     if not len(mos):
-        return None, {"skipped": "no readable images in this batch"}
-    # The preference branch compares the images of a batch: each process's own (the paper's, per
-    # device), or the global batch with --compare-across-processes.
+        return Scored({}, scores, valid, mos, tokens, sequences, own, problem={"skipped": "no readable images"})
+    # The preference branch compares the images of a batch: each process's own (the authors'
+    # per-device reward), or the global batch with --compare-across-processes.
     groups = [len(mos)] if cfg.compare_across_processes else sizes
     parts = [reward_terms(cfg, stage, *(x.split(groups)[k] for x in (scores, mos, valid, fmt)), rollout.video)
              for k in range(len(groups)) if groups[k]]
     terms = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-    own = slice(sum(sizes[:dist.rank]), sum(sizes[:dist.rank + 1]))
-    record = runs.step_metrics(terms, scores, valid, mos, rollout, dist)
+    scored = Scored(terms, scores, valid, mos, tokens, sequences, own)
     if not torch.isfinite(terms["total"]).all():
-        return None, {**record, "nonfinite": "reward"}
-    return group_advantages(terms["total"], cfg.scale_rewards)[own].reshape(-1), record
+        scored.problem = {"nonfinite": "reward"}
+    else:
+        scored.advantages = group_advantages(terms["total"], cfg.scale_rewards)[own].reshape(-1)
+    return scored
 
 
 def reward_terms(cfg: Config, stage: Stage, scores, mos, valid, fmt, video: bool) -> dict[str, torch.Tensor]:
@@ -404,88 +418,63 @@ def reward_terms(cfg: Config, stage: Stage, scores, mos, valid, fmt, video: bool
     return rewards.REWARDS[cfg.reward](scores, mos, valid, **kwargs)
 
 
-def micro_batches(n: int, size: int | None, rounds: int | None = None) -> list[slice]:
-    """Row slices of at most `size`; padded to `rounds` by repeating the last one (under --fsdp every
-    rank must run the same number of sharded passes; the repeats are discarded or weighted 0)."""
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Row slices of at most `size` (all n rows when size is None)."""
     size = size or n
-    slices = [slice(s, min(s + size, n)) for s in range(0, n, size)]
-    return slices + [slices[-1]] * ((rounds or len(slices)) - len(slices))
-
-
-def shared_passes(model, prompts, cfg: Config):
-    """What a log-prob pass computes once per image for all micro-batches: the prompts' keys and
-    values (shared prefix), or else the picture features (shared vision); (cache, features)."""
-    if cfg.shared_prefix:
-        return D.call(model, preresq.cache_prompts, prompts), None
-    return None, D.call(model, preresq.image_features, prompts) if cfg.shared_vision else None
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 @torch.no_grad()
-def reference_logprobs(model, rollout: Rollout, cfg: Config, rounds: int | None = None) -> torch.Tensor:
-    """Step 5: log-probs (n*G, C) under a frozen model (reference or old policy), micro-batched; the
-    model may live on another device (--reference-device cpu saves GPU memory)."""
-    model.eval()
+def reference_logprobs(model, rollout: Rollout, cfg: Config) -> torch.Tensor:
+    """Step 6: log-probs (n*G, C) under a frozen model (the reference, or the old policy when mu > 1),
+    each prompt once, its answers micro-batch by micro-batch; the model may be on another device."""
     home, device = rollout.completions.device, next(model.parameters()).device
-    comp, mask, prompts = rollout.completions.to(device), rollout.mask.to(device), rollout.prompts.to(device)
-    cache, feats = shared_passes(model, prompts, cfg)
-    n = comp.shape[0]
-    out = [D.call(model, preresq.completion_logprobs, prompts, comp[r], mask[r], temperature=cfg.temperature,
-                  num_generations=rollout.num_generations, suppressed=rollout.suppressed,
-                  shared_vision=cfg.shared_vision, features=feats, rows=r, prompt_cache=cache)
-           for r in micro_batches(n, cfg.micro_batch_size, rounds)]
-    return torch.cat(out[:len(micro_batches(n, cfg.micro_batch_size))]).to(home)
+    comp, mask = rollout.completions.to(device), rollout.mask.to(device)
+    cache = preresq.cache_prompts(model, rollout.prompts)
+    out = [preresq.completion_logprobs(model, cache, comp[r], mask[r], temperature=cfg.temperature,
+                                       num_generations=rollout.num_generations, suppressed=rollout.suppressed, rows=r)
+           for r in micro_batches(comp.shape[0], cfg.micro_batch_size)]
+    return torch.cat(out).to(home)
 
 
 def policy_update(model, rollout: Rollout, advantages, old_logp, ref_logp, cfg: Config, *,
-                  num_sequences: int | None = None, num_tokens: float | None = None, grad_scale: float = 1.0,
-                  rounds: int | None = None) -> dict:
-    """Step 6: loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
-
-    Shared prefix: each prompt runs once (B rows, with its graph); each micro-batch of answers
-    back-propagates into detached copies of its keys and values, whose summed gradients flow once
-    through the prompt's forward at the end: exactly one full-batch backward (shared vision, the
-    older path, does the same with the picture features). num_sequences, num_tokens: the global
-    batch's totals under torchrun; grad_scale: world size under --fsdp (which averages gradients).
-    """
+                  num_sequences: int | None = None, num_tokens: float | None = None) -> dict:
+    """Step 7: loss and gradients of one GRPO update, micro-batched; returns loss/KL/clip statistics.
+    Each prompt runs once (B rows, with its graph); each micro-batch of answers back-propagates into
+    detached copies of its keys and values, whose summed gradients then flow once through the
+    prompt's forward (prompt_sharing.backward): exactly one full-batch backward. num_sequences,
+    num_tokens: the global batch's totals under torchrun (default: this process's)."""
     model.train()
     comp, mask, g = rollout.completions, rollout.mask, rollout.num_generations
-    prompts = rollout.prompts.to(comp.device)
-    cache, feats = shared_passes(model, prompts, cfg)
-    leaves = [f.detach().requires_grad_(f.requires_grad) for f in feats] if feats is not None else None
-    cache_leaves = prefix.detached(cache) if cache is not None else None
+    cache = preresq.cache_prompts(model, rollout.prompts)
+    leaves = prompt_sharing.detached(cache)
     num_tokens = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1)).float()
-    real = len(micro_batches(comp.shape[0], cfg.micro_batch_size))
     total, stats = 0.0, {"kl": 0.0, "clip_fraction": 0.0}
-    for i, r in enumerate(micro_batches(comp.shape[0], cfg.micro_batch_size, rounds)):
-        logp = D.call(model, preresq.completion_logprobs, prompts, comp[r], mask[r], temperature=cfg.temperature,
-                      num_generations=g, suppressed=rollout.suppressed, shared_vision=cfg.shared_vision,
-                      features=leaves, rows=r, prompt_cache=cache_leaves)
+    for r in micro_batches(comp.shape[0], cfg.micro_batch_size):
+        logp = preresq.completion_logprobs(model, leaves, comp[r], mask[r], temperature=cfg.temperature,
+                                           num_generations=g, suppressed=rollout.suppressed, rows=r)
         loss, st = grpo_loss(logp, old_logp[r] if old_logp is not None else logp.detach(),
                              ref_logp[r] if ref_logp is not None else None, advantages[r], mask[r],
                              beta=cfg.beta, epsilon=cfg.epsilon, loss_type=cfg.loss_type, max_len=cfg.max_new_tokens,
                              num_sequences=num_sequences or comp.shape[0], num_tokens=num_tokens,
                              reasoning=rollout.reasoning[r] if rollout.reasoning is not None else None,
                              reasoning_beta=cfg.reasoning_beta)
-        if i >= real:  # a lockstep repeat: the passes without the contribution
-            (loss * 0.0).backward()
-            continue
-        (loss * grad_scale).backward()
+        loss.backward()
         share = mask[r].sum().item() / num_tokens.item()
         total += loss.item()
         stats = {k: stats[k] + v * share for k, v in st.items()}
-    if cache is not None:
-        prefix.backward(cache, cache_leaves)
-    if feats is not None and feats[0].requires_grad:
-        torch.autograd.backward(feats, [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves])
+    prompt_sharing.backward(cache, leaves)
     return {"loss": total, **stats}
 
 
-def optimizer_step(model, optimizer, stats: dict, cfg: Config, dist: D.Dist) -> dict:
-    """Step 7: sum gradients over ranks, clip the norm, AdamW. Skipped (gradients dropped) when the
-    loss or the gradient norm is not finite; returns the statistics over the global batch."""
-    if not D.is_sharded(model):
-        D.all_reduce_gradients(model.parameters(), dist)
-    stats = dict(zip(stats, D.all_reduce(list(stats.values()), dist)))
+def optimizer_step(model, optimizer, stats: dict, cfg: Config, step: int, comm=OneProcess()) -> dict:
+    """Step 8: sum gradients over processes, clip the norm, AdamW at cfg.learning_rate(step). Skipped
+    (gradients dropped) when the loss or the gradient norm is not finite; returns the statistics
+    over the global batch."""
+    comm.sum_gradients(model)
+    stats = dict(zip(stats, comm.sum(list(stats.values()))))
+    lr = cfg.learning_rate(step)
+    stats["lr"] = lr
     if not math.isfinite(stats["loss"]):
         optimizer.zero_grad(set_to_none=True)
         return {**stats, "nonfinite": "loss"}
@@ -495,105 +484,116 @@ def optimizer_step(model, optimizer, stats: dict, cfg: Config, dist: D.Dist) -> 
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return {**stats, "nonfinite": "gradient"}
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     optimizer.step()
     return {**stats, "grad_norm": grad_norm.item()}
 
 
-def update(cfg: Config, model, reference, optimizer, rollout: Rollout, advantages, dist: D.Dist = D.SINGLE) -> dict:
-    """Steps 5-7 on scored answers: reference log-probs, then mu policy updates."""
-    device = D.unwrap(model).device
-    advantages = advantages.to(device)
-    tokens, sequences = D.all_reduce([rollout.mask.sum().item() if rollout.mask is not None else 0,
-                                      len(rollout.texts)], dist)
-    rounds = None
-    if D.is_sharded(model):  # every rank runs as many micro-batches as the busiest one
-        rounds = int(D.all_reduce([len(micro_batches(len(rollout.texts), cfg.micro_batch_size))], dist, "max")[0])
+def update(cfg: Config, model, reference, optimizer, rollout: Rollout, advantages, step: int,
+           comm=OneProcess()) -> dict:
+    """Steps 6-8 on scored answers: reference log-probs, then mu policy updates."""
+    advantages = advantages.to(next(model.parameters()).device)
+    tokens, sequences = comm.sum([rollout.mask.sum().item() if rollout.mask is not None else 0,
+                                  len(rollout.texts)])
+    sampled = rollout.completions is not None
     t1 = time.time()
-    ref_logp = old_logp = None
-    if reference is not None and rollout.completions is not None:
-        with lora.adapters_off(reference):  # under LoRA the reference *is* the policy, adapters off
-            ref_logp = reference_logprobs(reference, rollout, cfg, rounds)
-    if cfg.num_iterations > 1 and rollout.completions is not None:
-        old_logp = reference_logprobs(model, rollout, cfg, rounds)
+    ref_logp = reference_logprobs(reference, rollout, cfg) if reference is not None and sampled else None
+    old_logp = reference_logprobs(model, rollout, cfg) if cfg.num_iterations > 1 and sampled else None
     record = {"reference_seconds": round(time.time() - t1, 3)}
     t2 = time.time()
     for _ in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-        if rollout.completions is not None:
-            stats = policy_update(model, rollout, advantages, old_logp, ref_logp, cfg, num_sequences=int(sequences),
-                                  num_tokens=max(tokens, 1), rounds=rounds,
-                                  grad_scale=dist.world if D.is_sharded(model) else 1.0)
-        stats = optimizer_step(model, optimizer, stats, cfg, dist)
+        if sampled:
+            stats = policy_update(model, rollout, advantages, old_logp, ref_logp, cfg,
+                                  num_sequences=int(sequences), num_tokens=max(tokens, 1))
+        stats = optimizer_step(model, optimizer, stats, cfg, step, comm)
         if "nonfinite" in stats:
             return {**record, **stats}
     return {**record, **stats, "policy_seconds": round(time.time() - t2, 3)}
 
 
+@dataclass
+class Step:
+    """What one step computed: the sampled answers, their rewards and advantages, and the update's
+    statistics (loss, KL, clip fraction, gradient norm, learning rate, seconds)."""
+    rollout: Rollout
+    scored: Scored
+    stats: dict
+
+
 def grpo_step(cfg: Config, model, reference, tokenizer, image_processor, optimizer, items, visuals, step: int,
-              video: bool, dist: D.Dist = D.SINGLE) -> dict:
-    """One GRPO step (steps 2-7) on this rank's share of the global batch; returns its metrics."""
-    if D.is_sharded(model) and D.all_reduce([len(items)], dist, "min")[0] == 0:
-        return {"skipped": "a rank has no readable image in this batch (--fsdp runs every rank in step)"}
+              video: bool, comm=OneProcess()) -> Step:
+    """One GRPO step (steps 2-8) on this process's images of the global batch."""
     stage = explore_stable(cfg, step)
     t0 = time.time()
-    rollout = sample_rollout(cfg, model, tokenizer, image_processor, items, visuals, stage, step, video, dist)
-    t_gen = time.time() - t0
-    advantages, record = score_rollout(cfg, rollout, stage, dist)
-    if advantages is None:
-        return record
-    record.update(update(cfg, model, reference, optimizer, rollout, advantages, dist))
-    return {**record, "generation_seconds": round(t_gen, 3)}
+    rollout = sample_rollout(cfg, model, tokenizer, image_processor, items, visuals, stage, step, video, comm.rank)
+    stats = {"generation_seconds": round(time.time() - t0, 3)}
+    scored = score_rollout(cfg, rollout, stage, comm)
+    if scored.advantages is not None:
+        stats.update(update(cfg, model, reference, optimizer, rollout, scored.advantages, step, comm))
+    return Step(rollout, scored, {**stats, **scored.problem})
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the loop and its command line
 
 def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     """Run GRPO as configured (every process under torchrun); returns the output folder."""
-    dist, device = D.init_distributed(cfg.device)
+    from support import distributed, runkeeping  # the machinery comes in here, not into the step
+
+    dist, device = distributed.init_distributed(cfg.device)
     try:
-        return loop(cfg, runs.prepare(cfg, resume, force, dist, device))
+        return loop(cfg, runkeeping.prepare(cfg, resume, force, dist, device))
     finally:
-        if dist.world > 1:
-            tdist.destroy_process_group()
+        distributed.leave(dist)
 
 
-def loop(cfg: Config, run: runs.Run) -> Path:
-    """The training loop: one grpo_step per step, with evaluation, logging and checkpoints around it."""
+def loop(cfg: Config, run) -> Path:
+    """One grpo_step per step, with evaluation, logs and checkpoints around it (run: runkeeping.Run)."""
+    from tqdm import tqdm
+
+    from support import runkeeping
+
     first_eval = last_eval = None
     bar = tqdm(range(run.start, run.steps), initial=run.start, total=run.steps, desc="GRPO", dynamic_ncols=True,
                disable=not run.dist.main)
-    with runs.Stop() as stop, runs.Prefetch(run, cfg.max_pixels, cfg.workers) as pictures, bar:
+    with runkeeping.Stop() as stop, runkeeping.Prefetch(run, cfg.max_pixels, cfg.workers) as pictures, bar:
         if run.held and run.start == 0:
-            first_eval = runs.evaluate_and_log(cfg, run, 0)
+            first_eval = runkeeping.evaluate_and_log(cfg, run, 0)
         for step in bar:
             t0 = time.time()
-            items, visuals, problems = pictures.load(step)
-            record = grpo_step(cfg, run.model, run.reference, run.tokenizer, run.image_processor, run.optimizer,
-                               items, visuals, step, run.sampler.is_video(step), run.dist)
-            record = runs.log_step(cfg, run, step, record, problems, time.time() - t0)
+            items, visuals, problems = run.comm.in_step(*pictures.load(step))
+            done = grpo_step(cfg, run.model, run.reference, run.tokenizer, run.image_processor, run.optimizer,
+                             items, visuals, step, run.sampler.is_video(step), run.comm)
+            record = runkeeping.log_step(cfg, run, step, done, items, problems, time.time() - t0)
             if run.held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                last_eval = runs.evaluate_and_log(cfg, run, step + 1)
+                last_eval = runkeeping.evaluate_and_log(cfg, run, step + 1)
             bar.set_postfix({"reward": f"{record.get('reward', float('nan')):.3f}",
                              **({"srcc": f"{last_eval['srcc']:.3f}"} if last_eval else {})})
-            if runs.checkpoint_if_due(cfg, run, step + 1, stop):
+            if runkeeping.checkpoint_if_due(cfg, run, step + 1, stop):
                 return run.out
-    return runs.finish(cfg, run, first_eval, last_eval)
+    return runkeeping.finish(cfg, run, first_eval, last_eval)
 
 
 def command(argv=None) -> None:
-    cfg, resume, force = parse_args(argv)
+    """`python grpo.py ...`: --help lists every Config field as a flag (support.runkeeping.parse_args)."""
+    from support import runkeeping
+
+    cfg, resume, force = runkeeping.parse_args(argv)
     try:
         train(cfg, resume=resume, force=force)
-    except KeyboardInterrupt:  # the second Ctrl-C (runs.Stop), or one before training began
-        runs.say_how_to_resume(cfg.out)
+    except KeyboardInterrupt:  # the second Ctrl-C (runkeeping.Stop), or one before training began
+        runkeeping.say_how_to_resume(cfg.out)
         raise
 
 
 def main(argv=None) -> int:
-    """`python grpo.py ...`: exit 0 when trained, 2 for bad usage or input (nothing is created), 1 when
-    the run failed part way (what is intact is said), 130 on Ctrl-C."""
-    return run("grpo.py", command, argv)
+    """Exit 0 when trained, 2 for bad usage or input (nothing is created), 1 when the run failed part
+    way (what is intact is said), 130 on Ctrl-C."""
+    from support.cli import entry
+
+    return entry("grpo.py", command, argv)
 
 
 if __name__ == "__main__":

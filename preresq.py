@@ -26,14 +26,16 @@ Traps avoided, each of which silently changes what is trained:
   a full-vocabulary float32 log-softmax of the whole batch (which would not fit in memory).
 - Shared vision: the vision tower runs once per distinct picture and its features serve all G
   completions (exact: Qwen2.5-VL injects image features only at the placeholder tokens).
-- Shared prefix: the language model reads each prompt once for its G answers (prefix.py; exact:
+- Shared prefix: the language model reads each prompt once for its G answers (prompt_sharing.py; exact:
   attention is causal), with the answers' M-RoPE positions passed explicitly, never left to the
   model's `rope_deltas` kept from another batch.
 - Inference never invents a score: an unparsable answer is reported as unparsed.
 """
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +46,8 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-import cli
-import data
-import hub
-import prefix
-import reports
 import rewards
+from support import prompt_sharing
 
 IMAGE_ASPECTS = ("saturation", "granularity", "sharpness", "foreground", "background")
 VIDEO_ASPECTS = ("global", "local")
@@ -107,13 +105,14 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-class ModelLoadError(cli.InputError):
-    """A model could not be loaded; the message says what to do."""
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says what to do. The tools exit 2 (support.cli)."""
+    exit_status = 2
 
 
 def locate_model(path_or_hub_id: str) -> str:
     """The folder load_model reads: a local checkpoint folder (it must hold config.json) or a hub
-    id's local snapshot (hub.local_snapshot). Raises ModelLoadError saying what to do; loads nothing."""
+    id's local snapshot (hub_snapshot). Raises ModelLoadError saying what to do; loads nothing."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -122,18 +121,40 @@ def locate_model(path_or_hub_id: str) -> str:
         return str(path)
     if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a bare name is most likely a preset's
         raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name). A laptop preset's "
-                             f"folder is printed by `python presets.py {path_or_hub_id}`; grpo.py takes its name.")
+                             f"folder is printed by `python -m support.presets {path_or_hub_id}`; grpo.py takes its name.")
+    return hub_snapshot(str(path_or_hub_id))
+
+
+def hub_snapshot(name: str) -> str:
+    """The local folder of hub model `name` (e.g. "Qwen/Qwen2.5-VL-7B-Instruct"): the local hub cache's
+    copy, else a download, tried only when HF_HUB_OFFLINE is not set and the hub answers within 3 s
+    (an offline machine gets this message at once instead of minutes of retries)."""
+    from huggingface_hub import snapshot_download
+
     try:
-        return hub.local_snapshot(str(path_or_hub_id))
-    except OSError as e:
-        raise ModelLoadError(str(e)) from None
+        return snapshot_download(name, local_files_only=True)
+    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError
+        pass
+    advice = (f"Download it first (`hf download {name}` on a machine with network) or pass a local folder "
+              "with --model; a laptop preset needs no download: `python -m support.presets tiny` prints its folder.")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelLoadError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set. {advice}")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        raise ModelLoadError(f"model {name!r} is not in the local hub cache and the hub cannot be reached. "
+                             f"{advice}") from None
+    try:
+        return snapshot_download(name)
+    except Exception as e:  # network errors come in many types; all end the same way
+        raise ModelLoadError(f"could not download {name!r}: {e}. {advice}") from e
 
 
 def load_model(path_or_hub_id: str, device: str | None = None, dtype: torch.dtype | str | None = None):
     """Load a Qwen2.5-VL checkpoint -> (model, tokenizer, image_processor), model in eval mode.
 
     path_or_hub_id: a local checkpoint folder (one written by save_pretrained: a run's `final`,
-    a laptop preset's presets.model_path(name)), or a Hugging Face hub id (hub.local_snapshot).
+    a laptop preset's presets.model_path(name)), or a Hugging Face hub id (hub_snapshot).
     Every case ends in `from_pretrained` on a folder. dtype: a torch dtype or a DTYPES name;
     default bfloat16 on CUDA, else float32.
     """
@@ -209,6 +230,17 @@ def mm_token_type_ids(model, input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids == model.config.image_token_id).int()
 
 
+def model_pass(fn):
+    """Marks a function that runs the model. A wrapped model runs it through its own `enter`
+    (under --fsdp, support.distributed.FSDPRoot gathers the sharded weights first; under LoRA,
+    support.lora.Reference switches the adapters off); a Hugging Face model is used as it is."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        enter = getattr(model, "enter", None)
+        return enter(fn, *args, **kwargs) if enter is not None else fn(model, *args, **kwargs)
+    return run
+
+
 # --------------------------------------------------------------------------- sampling
 
 def suppressed_ids(tokenizer) -> list[int]:
@@ -239,32 +271,26 @@ def sampling_config(tokenizer, *, num_generations: int = 1, temperature: float =
     return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0, min_p=None, **common)
 
 
-def cache_prompts(model, prompts: PromptBatch) -> prefix.PromptCache:
+@model_pass
+def cache_prompts(model, prompts: PromptBatch) -> prompt_sharing.PromptCache:
     """The B prompts' forward, once, pictures included -> their keys and values, which all G answers
-    of a prompt continue (prefix.py). With gradients when enabled: every answer's loss reaches it."""
+    of a prompt continue (support/prompt_sharing.py). With gradients when enabled: every answer's
+    loss reaches it."""
     prompts = prompts.to(model.device)
-    return prefix.prefill(model, prompts.input_ids, prompts.attention_mask, prompts.image_grid_thw,
-                          mm_token_type_ids(model, prompts.input_ids), pixel_values=prompts.pixel_values)
+    return prompt_sharing.prefill(model, prompts.input_ids, prompts.attention_mask, prompts.image_grid_thw,
+                                  mm_token_type_ids(model, prompts.input_ids), pixel_values=prompts.pixel_values)
 
 
+@model_pass
 @torch.no_grad()
 def sample_completions(model, tokenizer, batch: PromptBatch, num_generations: int, *, temperature: float = 1.0,
-                       max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0,
-                       shared_prefix: bool = True) -> torch.Tensor:
+                       max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0) -> torch.Tensor:
     """Sample G completions per prompt -> (B*G, C) token ids (rows grouped by prompt; pad after the end).
-    Settings as in sampling_config (top_k=0: the whole distribution, as GRPO needs). shared_prefix:
-    each prompt runs once and its G answers continue it (prefix.sample: generate's choices and
-    random draws); False: transformers' generate, which runs each prompt G times."""
-    batch = batch.to(model.device)
+    Settings as in sampling_config (top_k=0: the whole distribution, as GRPO needs). Each prompt runs
+    once and its G answers continue it (prompt_sharing.sample: generate's choices and random draws)."""
     config = sampling_config(tokenizer, num_generations=num_generations, temperature=temperature,
                              max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
-    if shared_prefix:
-        return prefix.sample(model, cache_prompts(model, batch), config)
-    out = model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm_token_type_ids(model, batch.input_ids),
-        generation_config=config)
-    return out[:, batch.input_ids.shape[1]:]
+    return prompt_sharing.sample(model, cache_prompts(model, batch), config)
 
 
 def completion_mask(completion_ids: torch.Tensor, end_id: int) -> torch.Tensor:
@@ -318,65 +344,26 @@ def selective_log_softmax(hidden: torch.Tensor, lm_head: torch.nn.Module, target
                       for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows))])
 
 
-def image_features(model, batch: PromptBatch) -> list[torch.Tensor]:
-    """The vision tower once per picture -> one (tokens, hidden) tensor per picture."""
-    feats = model.model.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True)
-    return list(feats.pooler_output)
+@model_pass
+def completion_logprobs(model, cache: prompt_sharing.PromptCache, completion_ids: torch.Tensor,
+                        completion_attention: torch.Tensor, *, temperature: float, num_generations: int,
+                        suppressed: list[int], rows: slice | None = None) -> torch.Tensor:
+    """Per-token log-probs log pi_theta(o_t | q, o_<t) of completions at the sampling temperature.
 
-
-def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_attention: torch.Tensor,
-                        *, temperature: float, num_generations: int, suppressed: list[int],
-                        shared_vision: bool = True, features: list[torch.Tensor] | None = None,
-                        rows: slice | None = None, shared_prefix: bool = False,
-                        prompt_cache: prefix.PromptCache | None = None) -> torch.Tensor:
-    """Per-token log-probs of completions under `model` at the sampling temperature.
-
-    prompts: B prompts (not repeated); completion_ids, completion_attention: (B*G, C) with rows
-    grouped by prompt (or only the rows `rows` of that layout, for micro-batching).
-    shared_vision: run the vision tower once per distinct picture and reuse its features for
-    all G completions (exact); `features` may pass features computed once for all micro-batches.
-    shared_prefix: run each prompt once (B rows, not B*G; exact) and the completions against its
-    keys and values; `prompt_cache` (cache_prompts) passes them computed once for all micro-batches
-    (without it every call runs all B prompts).
-    suppressed: token ids the sampler suppressed (suppressed_ids(tokenizer)).
-    Returns (rows, C) float32, 0 at positions after the end.
+    cache: the B prompts after cache_prompts (not repeated); completion_ids, completion_attention:
+    (B*G, C) with rows grouped by prompt, or only the rows `rows` of that layout (micro-batching).
+    Each row runs against its prompt's keys and values. suppressed: the token ids the sampler
+    suppressed (suppressed_ids(tokenizer)). Returns (rows, C) float32, 0 at positions after the end.
     """
     g = num_generations
-    prompts = prompts.to(completion_ids.device)
-    prompt_of_row = [r // g for r in range(prompts.input_ids.shape[0] * g)[rows or slice(None)]]
-    if shared_prefix or prompt_cache is not None:
-        prompt_cache = prompt_cache if prompt_cache is not None else cache_prompts(model, prompts)
-        hidden = prefix.completion_hidden(model, prompt_cache, prompt_of_row, completion_ids, completion_attention)
-    else:
-        hidden = _joined_hidden(model, prompts, prompt_of_row, completion_ids, completion_attention,
-                                shared_vision, features)
+    prompt_of_row = [r // g for r in range(cache.last_hidden.shape[0] * g)[rows or slice(None)]]
+    hidden = prompt_sharing.completion_hidden(model, cache, prompt_of_row, completion_ids, completion_attention)
     # Padding after the end is a suppressed token (log-prob -inf): score a harmless token there
     # and zero it, so that masked positions can never turn a sum into NaN.
     keep = completion_attention.bool()
     targets = completion_ids.masked_fill(~keep, 0)
     logp = selective_log_softmax(hidden, model.lm_head, targets, temperature, suppressed)
     return logp.masked_fill(~keep, 0.0)
-
-
-def _joined_hidden(model, prompts: PromptBatch, prompt_of_row: list[int], completion_ids, completion_attention,
-                   shared_vision: bool, features) -> torch.Tensor:
-    """The states that predict each completion token, from one forward of prompt + completion per row."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    input_ids = torch.cat([prompts.input_ids[prompt_of_row], completion_ids], 1)
-    attention = torch.cat([prompts.attention_mask[prompt_of_row], completion_attention.to(prompts.attention_mask)], 1)
-    first_picture = np.cumsum([0] + prompts.pictures_per_prompt)
-    pictures = [k for b in prompt_of_row for k in range(first_picture[b], first_picture[b + 1])]
-    kwargs = dict(input_ids=input_ids, attention_mask=attention, image_grid_thw=prompts.image_grid_thw[pictures],
-                  mm_token_type_ids=mm_token_type_ids(model, input_ids))
-    if shared_vision:
-        features = features if features is not None else image_features(model, prompts)
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in pictures))}
-    else:
-        chunks = prompts.pixel_values.split(prompts.image_grid_thw.prod(-1).tolist())
-        kwargs["pixel_values"] = torch.cat([chunks[k] for k in pictures])
-    hidden = model.model(**kwargs).last_hidden_state
-    return hidden[:, -completion_ids.shape[1] - 1:-1]  # the state before each completion token predicts it
 
 
 # --------------------------------------------------------------------------- inference
@@ -433,16 +420,23 @@ def score(model, processor, image_or_frames) -> Judgement:
     processor: the (tokenizer, image_processor) pair that load_model returned, e.g.
     `model, *processor = load_model("runs/demo/final")`."""
     tokenizer, image_processor = processor
-    visual = data.read_visual(str(image_or_frames)) if isinstance(image_or_frames, (str, os.PathLike)) else image_or_frames
+    visual = image_or_frames
+    if isinstance(image_or_frames, (str, os.PathLike)):
+        from data import read_visual  # a file: an image, or a video's views (video.py)
+
+        visual = read_visual(str(image_or_frames))
     return judge(model, tokenizer, image_processor, [visual], video=isinstance(visual, (list, tuple)))[0]
 
 
 def score_files(argv=None) -> int:
+    import data
+    from support import cli, reports
+
     p = cli.parser("preresq.py", "Score the quality of images and videos with a PreResQ model: the score "
                    "(1..5), the aspect scores and the reasoning of each file.")
     p.add_argument("files", nargs="+", help="image or video files")
     cli.add_model_flags(p, "checkpoint folder (e.g. runs/<run>/final) or hub id; a laptop preset's folder is "
-                        "printed by `python presets.py tiny`")
+                        "printed by `python -m support.presets tiny`")
     p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all of them")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
@@ -473,7 +467,9 @@ def score_files(argv=None) -> int:
 def main(argv=None) -> int:
     """`python preresq.py FILE... --model FOLDER`: exit 0 when every file was scored, 1 when some could
     not be (each is warned about), 2 for bad usage or input (no model is loaded), 130 on Ctrl-C."""
-    return cli.run("preresq.py", score_files, argv)
+    from support.cli import entry
+
+    return entry("preresq.py", score_files, argv)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-import cli
-from frames import SEEK_THRESHOLD, VideoError, check_video, display_image, fit_size, native_array, read_frames
+from support.frames import SEEK_THRESHOLD, VideoError, check_video, display_image, fit_size, native_array, read_frames
 
 LOCAL_MAX_PIXELS = 448 * 448
 TILE_SIZE = 128
@@ -187,6 +186,8 @@ def sample_frames(path: str, num_frames: int, *, max_side: int | None = None,
 # ---------------------------------------------------------------- command line
 
 def command(argv: list[str] | None = None) -> int:
+    from support import cli
+
     p = cli.parser("video.py", "Write the views PreResQ-R1 sees of a clip as PNG files.")
     p.add_argument("clip", help="a video file")
     p.add_argument("--out", required=True, help="folder for global.png, local-1.png, ...")
@@ -225,7 +226,9 @@ def command(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python video.py CLIP --out DIR`: exit 0 when written, 2 for bad usage or an unreadable clip
     (nothing is written), 1 when writing fails part way, 130 on Ctrl-C."""
-    return cli.run("video.py", command, argv)
+    from support.cli import entry
+
+    return entry("video.py", command, argv)
 
 
 if __name__ == "__main__":

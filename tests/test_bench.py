@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bench
-import cli
+from support import cli
 import preresq
 
 
@@ -194,7 +194,7 @@ def test_word_tokenizer_decodes_ids_as_words_without_the_special_tokens():
 
 
 def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fine_tuning(fresh_tiny):
-    import lora
+    from support import lora
 
     model, tok, ip = fresh_tiny
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -334,19 +334,19 @@ def test_real_shape_path_runs_end_to_end_at_reduced_width(monkeypatch):
 
 
 def test_picture_prefetch_threads_yield_the_cores_to_torch():
-    """runs.Prefetch's workers run at the lowest priority; the caller's priority is left as it was."""
+    """runkeeping.Prefetch's workers run at the lowest priority; the caller's priority is left as it was."""
     import os
     import threading
     from types import SimpleNamespace
 
-    import runs
+    from support import runkeeping
 
     if not hasattr(os, "setpriority"):
         pytest.skip("no thread priorities here")
     nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     own = nice()
     sampler = SimpleNamespace(batch=lambda step: (None, []))  # steps without pictures
-    with runs.Prefetch(SimpleNamespace(sampler=sampler, steps=2, start=0), None, workers=2) as prefetch:
+    with runkeeping.Prefetch(SimpleNamespace(sampler=sampler, steps=2, start=0), None, workers=2) as prefetch:
         assert prefetch.load(0) == ([], [], [])
         assert prefetch.pool.submit(nice).result() == 19
     assert nice() == own

@@ -1,4 +1,4 @@
-"""Tests for data.py, benchmarks.py and synthetic.py: fixture folders in each dataset's native
+"""Tests for data.py, label_formats.py and synthetic.py: fixture folders in each dataset's native
 format, label parsing, splits, errors, image decoding, and the synthetic sets' quality order
 (checked with PSNR)."""
 import collections
@@ -15,9 +15,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-import benchmarks
+from support import label_formats
 import data
-import synthetic
+from support import synthetic
 from data import DataError
 
 
@@ -111,16 +111,16 @@ def test_rescale_hand_worked():
 def test_read_xlsx_shared_inline_numbers_and_sheets(tmp_path):
     rows = [["title only"], None, ["vid", "MOS full", None, "note"], ["a_360P-1", 3.5, None, "x"], ["b_4K-2", 4.25]]
     write_xlsx(tmp_path / "s.xlsx", {"diff": [["x"]], "MOS": rows})
-    got = benchmarks.read_xlsx(str(tmp_path / "s.xlsx"), "MOS")
+    got = label_formats.read_xlsx(str(tmp_path / "s.xlsx"), "MOS")
     assert got == [["title only"], [], ["vid", "MOS full", None, "note"], ["a_360P-1", 3.5, None, "x"], ["b_4K-2", 4.25]]
-    assert benchmarks.read_xlsx(str(tmp_path / "s.xlsx")) == [["x"]]  # default: the first sheet
+    assert label_formats.read_xlsx(str(tmp_path / "s.xlsx")) == [["x"]]  # default: the first sheet
     write_xlsx(tmp_path / "i.xlsx", {"S": rows}, inline=True)
-    assert benchmarks.read_xlsx(str(tmp_path / "i.xlsx")) == got
+    assert label_formats.read_xlsx(str(tmp_path / "i.xlsx")) == got
     with pytest.raises(DataError, match="no sheet 'nope'.*diff"):
-        benchmarks.read_xlsx(str(tmp_path / "s.xlsx"), "nope")
+        label_formats.read_xlsx(str(tmp_path / "s.xlsx"), "nope")
     touch(str(tmp_path / "bad.xlsx"), b"not a zip")
     with pytest.raises(DataError, match="bad.xlsx"):
-        benchmarks.read_xlsx(str(tmp_path / "bad.xlsx"))
+        label_formats.read_xlsx(str(tmp_path / "bad.xlsx"))
 
 
 def test_read_xlsx_rich_text_and_phonetic_runs(tmp_path):
@@ -133,24 +133,24 @@ def test_read_xlsx_rich_text_and_phonetic_runs(tmp_path):
     with zipfile.ZipFile(tmp_path / "r.xlsx", "w") as z:
         for n, b in members.items():
             z.writestr(n, b)
-    assert benchmarks.read_xlsx(str(tmp_path / "r.xlsx")) == [["Image name", 1.0]]
+    assert label_formats.read_xlsx(str(tmp_path / "r.xlsx")) == [["Image name", 1.0]]
 
 
 def test_read_mat_v5_cells_and_clear_errors(tmp_path):
     names = np.array(["t1.bmp", "long_name.bmp"], dtype=object).reshape(-1, 1)
     scipy.io.savemat(tmp_path / "a.mat", {"names": names, "mos": np.array([[10.5, 70.0]])})
-    got_names, got_mos = benchmarks.read_mat(str(tmp_path / "a.mat"), "names", "mos")
-    assert [benchmarks._mat_str(n) for n in got_names] == ["t1.bmp", "long_name.bmp"]
+    got_names, got_mos = label_formats.read_mat(str(tmp_path / "a.mat"), "names", "mos")
+    assert [label_formats._mat_str(n) for n in got_names] == ["t1.bmp", "long_name.bmp"]
     assert list(got_mos) == [10.5, 70.0]
     with pytest.raises(DataError, match=r"no variable\(s\) \['dmos'\].*'mos', 'names'"):
-        benchmarks.read_mat(str(tmp_path / "a.mat"), "dmos")
+        label_formats.read_mat(str(tmp_path / "a.mat"), "dmos")
     header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
     touch(str(tmp_path / "v73.mat"), header + bytes(512))
     with pytest.raises(DataError, match="v7.3.*-v7"):
-        benchmarks.read_mat(str(tmp_path / "v73.mat"), "mos")
+        label_formats.read_mat(str(tmp_path / "v73.mat"), "mos")
     touch(str(tmp_path / "junk.mat"), b"hello world" * 3)
     with pytest.raises(DataError, match="junk.mat"):
-        benchmarks.read_mat(str(tmp_path / "junk.mat"), "mos")
+        label_formats.read_mat(str(tmp_path / "junk.mat"), "mos")
 
 
 def test_read_labels_text_formats(tmp_path):
@@ -320,7 +320,7 @@ def make_bid(root):
 
 def make_live(root):
     os.makedirs(root, exist_ok=True)
-    names = [f"{folder}/img{i}.bmp" for folder, n in benchmarks._LIVE_FOLDERS for i in range(1, n + 1)]
+    names = [f"{folder}/img{i}.bmp" for folder, n in label_formats._LIVE_FOLDERS for i in range(1, n + 1)]
     rng = np.random.default_rng(0)
     dmos = rng.uniform(0, 100, len(names))
     orgs = np.zeros(len(names))

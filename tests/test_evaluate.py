@@ -17,10 +17,10 @@ from PIL import Image
 
 import data
 import evaluate
-import plots
+from support import plots
 import preresq
-import presets
-import reports
+from support import presets
+from support import reports
 
 # ---------------------------------------------------------------------------------------
 # correlations

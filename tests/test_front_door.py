@@ -21,13 +21,13 @@ from PIL import Image
 
 import ablation
 import bench
-import cli
+from support import cli
 import data
 import evaluate
 import grpo
 import preresq
-import presets
-import synthetic
+from support import presets
+from support import synthetic
 import video
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ CASES = [
          ["none of the 2 files can be read", "warning: skipped", "bad.jpg", "empty.mp4"]),
     case("preresq", ["{in}/good.png", "--model", "x", "--dtype", "half"], ["invalid choice: 'half'"]),
     case("preresq", ["{in}/good.png", "--model", "tiny"], ["'tiny' is neither a folder nor a hub id",
-                                                           "python presets.py tiny"]),
+                                                           "python -m support.presets tiny"]),
     case("preresq", ["{in}/good.png", "--model", "{in}/notamodel"], ["is not a model folder"]),
     case("preresq", ["{in}/good.png", "--model", "x", "--device", "cuda"], ["--device cuda"], marks=CUDA),
     case("preresq", ["{in}/good.png", "--model", "x", "--samples", "0"], ["--samples must be at least 1"]),
@@ -251,8 +251,8 @@ def test_one_voice_for_failures_and_ctrl_c(capsys):
     def interrupted(argv):
         raise KeyboardInterrupt
 
-    assert cli.run("demo", fails) == 1
-    assert cli.run("demo", interrupted) == 130
+    assert cli.entry("demo", fails) == 1
+    assert cli.entry("demo", interrupted) == 130
     err = capsys.readouterr().err
     assert "demo: error: the disk is full; checkpoint-2 is intact" in err and "demo: interrupted" in err
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 import bench
 import grpo
-import lora
+from support import lora
 import preresq
-import runs
-from cli import InputError
+from support import runkeeping
+from support.cli import InputError
 
 G = 3
 
@@ -44,8 +44,9 @@ def with_adapters(model, rank=4, targets="language", **kw):
 
 def logprobs(model, rollout):
     with torch.no_grad():
-        return preresq.completion_logprobs(model, rollout.prompts, rollout.completions, rollout.mask, temperature=1.0,
-                                           num_generations=rollout.num_generations, suppressed=rollout.suppressed)
+        return preresq.completion_logprobs(model, preresq.cache_prompts(model, rollout.prompts), rollout.completions,
+                                           rollout.mask, temperature=1.0, num_generations=rollout.num_generations,
+                                           suppressed=rollout.suppressed)
 
 
 def config(**kw):
@@ -58,7 +59,9 @@ def config(**kw):
 def train(model, rollout, advantages, cfg, steps=3):
     """A few GRPO updates (grpo.update: the reference pass with adapters off, AdamW on the adapters)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    records = [grpo.update(cfg, model, model, optimizer, rollout, advantages) for _ in range(steps)]
+    cfg.lr, cfg.steps = 5e-2, 1  # optimizer_step sets the learning rate of step 0: 5e-2
+    records = [grpo.update(cfg, model, lora.Reference(model), optimizer, rollout, advantages, step=0)
+               for _ in range(steps)]
     return optimizer, records
 
 
@@ -120,26 +123,25 @@ def test_adapters_off_give_the_base_model_after_training(blank, inputs):
     assert not torch.allclose(logprobs(model, rollout), base, atol=1e-3)  # back on after the block
 
 
-def test_micro_batches_checkpointing_and_shared_vision_give_the_full_batch_gradient(blank, inputs):
-    """Adapters in the vision tower too, so that the shared-vision backward reaches them."""
+def test_micro_batches_and_checkpointing_give_the_full_batch_gradient(blank, inputs):
+    """Adapters in the vision tower too, so that the prompt's one backward reaches them."""
     rollout, advantages = inputs
     model = with_adapters(blank[0], targets="language,vision,merger")
     for m in lora.layers(model):
         torch.nn.init.normal_(m.lora_B, std=0.02)  # B = 0 would leave A without a gradient
     grads = []
-    for micro, shared, checkpointing in ((None, False, False), (2, True, True), (4, True, False)):
+    for micro, checkpointing in ((None, False), (2, True), (4, False)):
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.activation_checkpointing_disable()
         model.zero_grad(set_to_none=True)
-        grpo.policy_update(model, rollout, advantages, None, None,
-                           config(micro_batch_size=micro, shared_vision=shared))
+        grpo.policy_update(model, rollout, advantages, None, None, config(micro_batch_size=micro))
         grads.append(torch.cat([p.grad.flatten() for p in lora.adapter_weights(model).values()]))
     assert grads[0].abs().max() > 1e-4 and all(g.isfinite().all() for g in grads)
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], atol=1e-6)
-    # the vision adapters learned something through the shared features
+    # the vision adapters learned something through the prompt's backward
     assert any(p.grad.abs().max() > 0 for n, p in lora.adapter_weights(model).items() if ".visual." in n)
 
 
@@ -159,7 +161,7 @@ def test_merged_folder_loads_as_a_plain_model_with_the_adapter_log_probs(blank, 
     rollout, advantages = inputs
     model = with_adapters(blank[0])
     train(model, rollout, advantages, config())
-    runs.save_folder(tmp_path / "final", model, blank[1], blank[2], weights=lora.merged_weights(model))
+    runkeeping.save_folder(tmp_path / "final", model, blank[1], blank[2], weights=lora.merged_weights(model))
     assert {"model.safetensors", lora.ADAPTER_FILE, "config.json"} <= {p.name for p in (tmp_path / "final").iterdir()}
     merged = preresq.load_model(str(tmp_path / "final"), "cpu")[0]
     assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
@@ -177,8 +179,8 @@ def test_lora_flags_that_cannot_work_are_refused():
                            "unknown lm_head"), (["--lora-rank", "4", "--fsdp"], "--fsdp with --lora-rank"),
                            (["--lora-rank", "4", "--reference-device", "cpu"], "no reference copy")):
         with pytest.raises(InputError, match=message):
-            grpo.parse_args(flags)
-    assert grpo.parse_args(["--reference-device", "cpu"])[0].lora_rank is None  # full fine-tuning keeps it
+            runkeeping.parse_args(flags)
+    assert runkeeping.parse_args(["--reference-device", "cpu"])[0].lora_rank is None  # full fine-tuning keeps it
 
 
 # --------------------------------------------------------------------------- grpo.py --lora-rank end to end
@@ -208,9 +210,9 @@ def straight(tiny, tmp_path_factory):
 
 def test_a_lora_run_checkpoints_adapters_and_ends_with_a_merged_model(straight, tiny):
     ckpt = straight / "checkpoint-2"
-    assert {p.name for p in ckpt.iterdir()} >= {lora.ADAPTER_FILE, runs.CHECKPOINT_STATE}
+    assert {p.name for p in ckpt.iterdir()} >= {lora.ADAPTER_FILE, runkeeping.CHECKPOINT_STATE}
     assert not (ckpt / "model.safetensors").exists()  # the frozen weights are --model's
-    state = torch.load(ckpt / runs.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(ckpt / runkeeping.CHECKPOINT_STATE, weights_only=False)
     assert len(state["optimizer"]["state"]) == len(load_file(ckpt / lora.ADAPTER_FILE))  # adapters only
     log = [json.loads(l) for l in metrics(straight)]
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0  # against the policy with its adapters off
@@ -233,7 +235,7 @@ def test_a_lora_run_checkpoints_adapters_and_ends_with_a_merged_model(straight, 
 
 def test_lora_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    log_json = runs.log_json
+    log_json = runkeeping.log_json
 
     class Killed(Exception):
         pass
@@ -243,11 +245,11 @@ def test_lora_crash_then_resume_equals_the_straight_run(straight, tmp_path, monk
         if path.name == "metrics.jsonl" and record["step"] == 3:
             raise Killed
 
-    monkeypatch.setattr(runs, "log_json", log_then_die)
+    monkeypatch.setattr(runkeeping, "log_json", log_then_die)
     with pytest.raises(Killed):
         grpo.main(STRAIGHT + ["--out", str(out)])
     monkeypatch.undo()
-    assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"]
     assert grpo.main(["--out", str(out), "--resume"]) == 0
     assert metrics(out) == metrics(straight)
     same_files(out / "final", straight / "final", lora.ADAPTER_FILE)

@@ -1,4 +1,4 @@
-"""prefix.py: each prompt computed once for its G answers gives what a prompt + answer forward gives:
+"""prompt_sharing.py: each prompt computed once for its G answers gives what a prompt + answer forward gives:
 sampled logits, greedy tokens, log-probs and gradients (micro-batches, gradient checkpointing),
 M-RoPE positions of answers after pictures of different sizes and left-padded prompts."""
 import numpy as np
@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import prefix
+import oracles
 import preresq
+from support import prompt_sharing
 
 
 def pictures(sizes, seed=0):
@@ -24,26 +25,16 @@ def two_prompts(tok, ip, seed=0):
 
 
 def full_logits(model, batch, comp, attention, g):
-    """The model's own forward over each row's prompt + answer (pictures and all, positions left to
-    the model) -> (B*G, C, V) logits of the states that predict the answer tokens."""
-    patches = batch.image_grid_thw.prod(-1)
-    per_prompt = [int(p.sum()) for p in patches.split(batch.pictures_per_prompt)]
-    pixels = [c for c in batch.pixel_values.split(per_prompt) for _ in range(g)]
-    grids = [c for c in batch.image_grid_thw.split(batch.pictures_per_prompt) for _ in range(g)]
-    ids = torch.cat([batch.input_ids.repeat_interleave(g, 0), comp], 1)
-    mask = torch.cat([batch.attention_mask.repeat_interleave(g, 0), attention], 1)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixels),
-                    image_grid_thw=torch.cat(grids), mm_token_type_ids=preresq.mm_token_type_ids(model, ids))
-    return out.logits[:, -comp.shape[1] - 1:-1].float()
+        return oracles.joined_logits(model, batch, comp, attention, g)
 
 
 def test_sampled_logits_equal_a_full_forward_and_draws_equal_generate(blank, monkeypatch):
     model, tok, ip = blank
     batch, g = two_prompts(tok, ip), 3
     seen = []
-    choose = prefix._next_token
-    monkeypatch.setattr(prefix, "_next_token", lambda logits, config: choose(seen.append(logits.clone()) or logits,
+    choose = prompt_sharing._next_token
+    monkeypatch.setattr(prompt_sharing, "_next_token", lambda logits, config: choose(seen.append(logits.clone()) or logits,
                                                                              config))
     model.model.rope_deltas = torch.full((6, 1), 1000)  # a stale value from "another batch" must not matter
     torch.manual_seed(0)
@@ -56,8 +47,7 @@ def test_sampled_logits_equal_a_full_forward_and_draws_equal_generate(blank, mon
     assert (got[m] - expected[m]).abs().max() <= 1e-5
     # generate, with the same seed, makes the same draws (its probabilities differ only by rounding)
     torch.manual_seed(0)
-    assert torch.equal(preresq.sample_completions(model, tok, batch, g, temperature=0.7, max_new_tokens=24,
-                                                  shared_prefix=False), comp)
+    assert torch.equal(oracles.generate(model, tok, batch, g, temperature=0.7, max_new_tokens=24), comp)
 
 
 def test_rows_stop_at_the_end_of_turn_and_pad(blank, monkeypatch):
@@ -73,7 +63,7 @@ def test_rows_stop_at_the_end_of_turn_and_pad(blank, monkeypatch):
         step.append(0)
         return logits.argmax(-1)
 
-    monkeypatch.setattr(prefix, "_next_token", ends_early)
+    monkeypatch.setattr(prompt_sharing, "_next_token", ends_early)
     comp = preresq.sample_completions(model, tok, batch, 2, max_new_tokens=10)
     assert comp.shape == (4, 4)  # stopped once the last row ended, not at max_new_tokens
     for r in range(4):
@@ -104,7 +94,7 @@ def test_top_k_keeps_only_the_k_likeliest(blank):
     cache = preresq.cache_prompts(model, batch)
     logits = model.lm_head(cache.last_hidden).float()
     torch.manual_seed(0)
-    comp = prefix.sample(model, cache, config)
+    comp = prompt_sharing.sample(model, cache, config)
     allowed = logits.masked_fill(torch.isin(torch.arange(logits.shape[1]), torch.tensor(config.suppress_tokens)),
                                  float("-inf")).topk(3).indices
     assert all(comp[r, 0] in allowed[r // 4] for r in range(8))
@@ -117,7 +107,7 @@ def test_positions_continue_the_prompts(blank):
     batch = two_prompts(tok, ip)
     types = preresq.mm_token_type_ids(model, batch.input_ids)
     with torch.no_grad():
-        cache = prefix.prefill(model, batch.input_ids, batch.attention_mask, batch.image_grid_thw, types,
+        cache = prompt_sharing.prefill(model, batch.input_ids, batch.attention_mask, batch.image_grid_thw, types,
                                pixel_values=batch.pixel_values)
     ids = torch.cat([batch.input_ids, torch.full((2, 3), 7)], 1)
     mask = torch.cat([batch.attention_mask, torch.ones(2, 3, dtype=torch.long)], 1)
@@ -146,19 +136,19 @@ def test_logprobs_and_gradients_equal_the_joined_forward(blank_dir, checkpointin
     kw = dict(temperature=0.7, num_generations=g, suppressed=preresq.suppressed_ids(tok))
 
     model.zero_grad()
-    joined = preresq.completion_logprobs(model, batch, comp, mask, **kw)
+    joined = oracles.joined_logprobs(model, batch, comp, mask, **kw)
     (joined * weights).sum().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     model.zero_grad()
     cache = preresq.cache_prompts(model, batch)
-    leaves = prefix.detached(cache)
+    leaves = prompt_sharing.detached(cache)
     shared = []
     for r in (slice(0, 2), slice(2, 5), slice(5, 6)):  # a micro-batch may split a prompt's group
-        logp = preresq.completion_logprobs(model, batch, comp[r], mask[r], prompt_cache=leaves, rows=r, **kw)
+        logp = preresq.completion_logprobs(model, leaves, comp[r], mask[r], rows=r, **kw)
         (logp * weights[r]).sum().backward()
         shared.append(logp.detach())
-    prefix.backward(cache, leaves)
+    prompt_sharing.backward(cache, leaves)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     assert (torch.cat(shared) - joined.detach()).abs().max() <= 1e-5
@@ -168,17 +158,17 @@ def test_logprobs_and_gradients_equal_the_joined_forward(blank_dir, checkpointin
         assert (got[name] - grad).abs().max() <= 1e-5 * grad.abs().max().clamp(min=1e-6), name
 
 
-def test_shared_prefix_logprobs_without_a_cache(blank):
-    """shared_prefix=True computes the prompt cache itself; one row alone equals its place in the batch."""
+def test_one_row_alone_equals_its_place_in_the_batch(blank):
+    """A micro-batch of one row (rows=) reads its own prompt's keys and values."""
     model, tok, ip = blank
     batch, g = two_prompts(tok, ip, seed=5), 2
     comp = torch.randint(0, 200, (2 * g, 5))
     mask = torch.ones_like(comp)
     kw = dict(temperature=1.0, num_generations=g, suppressed=preresq.suppressed_ids(tok))
     with torch.no_grad():
-        shared = preresq.completion_logprobs(model, batch, comp, mask, shared_prefix=True, **kw)
-        joined = preresq.completion_logprobs(model, batch, comp, mask, **kw)
-        row = preresq.completion_logprobs(model, batch, comp[3:4], mask[3:4], shared_prefix=True, rows=slice(3, 4),
-                                          **kw)
+        cache = preresq.cache_prompts(model, batch)
+        shared = preresq.completion_logprobs(model, cache, comp, mask, **kw)
+        joined = oracles.joined_logprobs(model, batch, comp, mask, **kw)
+        row = preresq.completion_logprobs(model, cache, comp[3:4], mask[3:4], rows=slice(3, 4), **kw)
     assert (shared - joined).abs().max() <= 1e-5
     assert (row[0] - shared[3]).abs().max() <= 1e-5

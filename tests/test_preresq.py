@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 import data
-import prefix
+import oracles
+from support import prompt_sharing
 import preresq
-import presets
+from support import presets
 import rewards
 
 
@@ -79,8 +80,7 @@ def test_special_tokens_are_single_ids(blank):
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
 
 
-@pytest.mark.parametrize("shared_vision", [True, False])
-def test_recomputed_logprobs_equal_the_sampled_distribution(blank, shared_vision):
+def test_recomputed_logprobs_equal_the_sampled_distribution(blank):
     model, tok, ip = blank
     batch = preresq.encode_prompts(tok, ip, [[p] for p in pictures([(56, 84), (112, 140)])],
                                    [preresq.IMAGE_PROMPT] * 2)
@@ -88,8 +88,8 @@ def test_recomputed_logprobs_equal_the_sampled_distribution(blank, shared_vision
     comp, expected = sampled_with_scores(model, tok, batch, g)
     mask = preresq.completion_mask(comp, tok.convert_tokens_to_ids(preresq.END_OF_TURN))
     with torch.no_grad():
-        logp = preresq.completion_logprobs(model, batch, comp, mask, temperature=0.7, num_generations=g,
-                                           suppressed=preresq.suppressed_ids(tok), shared_vision=shared_vision)
+        logp = preresq.completion_logprobs(model, preresq.cache_prompts(model, batch), comp, mask, temperature=0.7,
+                                           num_generations=g, suppressed=preresq.suppressed_ids(tok))
     m = mask.bool()
     assert torch.isfinite(logp).all()
     assert (logp[m] - expected[m]).abs().max() <= 1e-5
@@ -112,27 +112,30 @@ def test_every_row_meets_its_own_pictures(blank):
     mask = torch.ones_like(comp)
     sup = preresq.suppressed_ids(tok)
     with torch.no_grad():
-        together = preresq.completion_logprobs(model, batch, comp, mask, temperature=1.0, num_generations=g,
-                                               suppressed=sup)
+        together = preresq.completion_logprobs(model, preresq.cache_prompts(model, batch), comp, mask,
+                                               temperature=1.0, num_generations=g, suppressed=sup)
         for row in range(3 * g):
             alone = preresq.encode_prompts(tok, ip, [[imgs[row // g]]], [preresq.IMAGE_PROMPT])
-            single = preresq.completion_logprobs(model, alone, comp[row:row + 1], mask[row:row + 1],
-                                                 temperature=1.0, num_generations=1, suppressed=sup)
+            single = preresq.completion_logprobs(model, preresq.cache_prompts(model, alone), comp[row:row + 1],
+                                                 mask[row:row + 1], temperature=1.0, num_generations=1, suppressed=sup)
             assert torch.allclose(together[row], single[0], atol=1e-5)
 
 
-def test_shared_vision_gradients_equal_the_naive_path(blank):
+def test_gradients_equal_the_joined_forward_with_the_vision_tower_per_row(blank):
+    """The prompt's forward runs once for its G answers; the gradient reaches the vision tower as
+    one forward per answer (pictures and all) gives it."""
     model, tok, ip = blank
     batch = preresq.encode_prompts(tok, ip, [[p] for p in pictures([(56, 84), (112, 140)], seed=2)],
                                    [preresq.IMAGE_PROMPT] * 2)
     comp = torch.randint(0, 200, (6, 5))
     mask = torch.ones_like(comp)
-    sup = preresq.suppressed_ids(tok)
+    kw = dict(temperature=1.0, num_generations=3, suppressed=preresq.suppressed_ids(tok))
     grads = []
     for shared in (True, False):
         model.zero_grad()
-        preresq.completion_logprobs(model, batch, comp, mask, temperature=1.0, num_generations=3,
-                                    suppressed=sup, shared_vision=shared).sum().backward()
+        logp = (preresq.completion_logprobs(model, preresq.cache_prompts(model, batch), comp, mask, **kw) if shared
+                else oracles.joined_logprobs(model, batch, comp, mask, **kw))
+        logp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     model.zero_grad()
     assert grads[0].shape == grads[1].shape
@@ -159,7 +162,7 @@ def test_shipped_generation_config_does_not_change_sampling(blank_dir, tmp_path)
 
 def test_top_k_is_explicit_in_the_generation_config(blank, monkeypatch):
     """top_k=0 (the whole distribution, whose log-probs GRPO computes) is written into the config,
-    never left to a default; any other top_k reaches the sampler (prefix.sample or generate) unchanged."""
+    never left to a default; any other top_k reaches the sampler (prompt_sharing.sample) unchanged."""
     model, tok, ip = blank
     assert preresq.sampling_config(tok).top_k == 0
     assert preresq.sampling_config(tok, top_k=50).top_k == 50
@@ -168,16 +171,11 @@ def test_top_k_is_explicit_in_the_generation_config(blank, monkeypatch):
         preresq.sampling_config(tok, top_k=-1)
     seen = []
 
-    def generate(input_ids, generation_config, **kwargs):
-        seen.append(generation_config)
-        return torch.cat([input_ids, input_ids[:, -1:]], 1)
-
     def shared_prefix_sample(model, cache, generation_config):  # the default sampler takes the same config
         seen.append(generation_config)
         return torch.zeros(cache.last_hidden.shape[0] * generation_config.num_return_sequences, 1, dtype=torch.long)
 
-    monkeypatch.setattr(model, "generate", generate)
-    monkeypatch.setattr(prefix, "sample", shared_prefix_sample)
+    monkeypatch.setattr(prompt_sharing, "sample", shared_prefix_sample)
     batch = preresq.encode_prompts(tok, ip, [pictures([(56, 56)])], [preresq.IMAGE_PROMPT])
     preresq.sample_completions(model, tok, batch, 2)
     preresq.sample_completions(model, tok, batch, 2, top_k=7)

@@ -2,12 +2,12 @@
 import json
 from pathlib import Path
 
-import presets
+from support import presets
 
 
 def test_the_shipped_tiny_preset_is_stamped_with_the_current_recipe():
     """Changing the recipe (settings, prompts, the recipe's code) changes the digest: then this fails until
-    `python presets.py tiny --ship` ships a preset built by the new recipe (and `--verify` confirms it)."""
+    `python -m support.presets tiny --ship` ships a preset built by the new recipe (and `--verify` confirms it)."""
     stamp = (presets.SHIPPED / "tiny" / presets.RECIPE_FILE).read_text().strip()
     assert stamp == presets.recipe_digest("tiny")
     assert presets.shipped_path("tiny") == presets.SHIPPED / "tiny"
@@ -22,7 +22,7 @@ def test_a_fresh_clone_loads_the_shipped_preset_without_building(tmp_path, monke
 
 def test_the_shipped_files_are_what_the_recipe_writes(blank_dir):
     """The tokenizer (trained from the recipe's corpus), the architecture and the processor settings of
-    a build are byte for byte the shipped ones. (The weights need the full build: `python presets.py
+    a build are byte for byte the shipped ones. (The weights need the full build: `python -m support.presets
     tiny --verify` rebuilds and compares every tensor.)"""
     shipped = presets.SHIPPED / "tiny"
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):

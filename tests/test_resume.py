@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 import data
 import grpo
-import runs
+from support import runkeeping
 import preresq
-import presets
+from support import presets
 
 # The `tiny` preset, small batches, short answers, no held-out evaluation: about a second a step.
 FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
@@ -66,18 +66,18 @@ def test_straight_run_learns_and_writes_a_complete_checkpoint(straight, tiny):
     assert any(not torch.equal(final[k], initial[k]) for k in final)
     assert len(set(metrics(straight))) == 4
     # checkpoint-2: a Hugging Face folder + the trainer state; no checkpoint at the last step (final/ is it)
-    assert [p.name for p in runs.checkpoints(straight)] == ["checkpoint-2"]
+    assert [p.name for p in runkeeping.checkpoints(straight)] == ["checkpoint-2"]
     ckpt = straight / "checkpoint-2"
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
-            runs.CHECKPOINT_STATE} <= {p.name for p in ckpt.iterdir()}
+            runkeeping.CHECKPOINT_STATE} <= {p.name for p in ckpt.iterdir()}
     assert not list(straight.glob(".checkpoint-*"))
-    state = torch.load(ckpt / runs.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(ckpt / runkeeping.CHECKPOINT_STATE, weights_only=False)
     assert state["step"] == 2 and state["stage"] == 2
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
-    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 2
+    assert state["optimizer"]["state"] and state["optimizer"]["state"][0]["step"] == 2  # two AdamW steps
     assert state["data"]["next_step"] == 2 and state["data"]["items"] == len(data.synthetic_dataset())
     assert state["counters"] == {"skipped_items": 0, "nonfinite_steps": 0}
-    cfg = grpo.parse_args(STRAIGHT + ["--out", str(straight)])[0]
+    cfg = runkeeping.parse_args(STRAIGHT + ["--out", str(straight)])[0]
     assert state["config"] == {**asdict(cfg), "out": str(straight)}
     # the folder loads as an ordinary model
     model = preresq.load_model(str(ckpt), "cpu")[0]
@@ -87,7 +87,7 @@ def test_straight_run_learns_and_writes_a_complete_checkpoint(straight, tiny):
 def test_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypatch):
     """Killed after step 3 was logged (checkpoint-2 is the newest); `--out DIR --resume` alone finishes it."""
     out = tmp_path / "run"
-    log_json = runs.log_json
+    log_json = runkeeping.log_json
 
     class Killed(Exception):
         pass
@@ -99,11 +99,11 @@ def test_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypat
                 f.write('{"step": 4, "rew')  # a line torn by the kill
             raise Killed
 
-    monkeypatch.setattr(runs, "log_json", log_then_die)
+    monkeypatch.setattr(runkeeping, "log_json", log_then_die)
     with pytest.raises(Killed):
         grpo.main(STRAIGHT + ["--out", str(out)])
     monkeypatch.undo()
-    assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-2"] and not (out / "final").exists()
+    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"] and not (out / "final").exists()
 
     assert grpo.main(["--out", str(out), "--resume"]) == 0  # every other flag from the checkpoint
     assert_same_weights(out / "final", straight / "final")
@@ -116,13 +116,13 @@ def test_resume_reloads_the_reference_model_and_crosses_the_stage_boundary(tmp_p
     run = FLAGS + ["--beta", "0.04", "--num-iterations", "2", "--schedule", "explore-stable", "--stage1-steps", "1",
                    "--stage1-generations", "3", "--stage2-generations", "2", "--steps", "2", "--save-every", "1"]
     assert grpo.main(run + ["--out", str(tmp_path / "straight")]) == 0
-    save = runs.save_checkpoint
+    save = runkeeping.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # killed right after the checkpoint
 
-    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(runkeeping, "save_checkpoint", save_then_die)
     assert grpo.main(run + ["--out", str(tmp_path / "run")]) == 130
     monkeypatch.undo()
     assert grpo.main(["--out", str(tmp_path / "run"), "--resume"]) == 0
@@ -197,12 +197,12 @@ def test_resume_on_changed_data_is_refused(tmp_path, capsys):
 def test_data_fingerprint_sees_scores_files_and_order():
     a = data.Item("/x/a.png", 3.0, 3.0, "s")
     b = data.Item("/x/b.png", 4.0, 4.0, "s")
-    base = runs.data_fingerprint({"s": [a, b]})
-    assert runs.data_fingerprint({"s": [a, b]}) == base
-    assert runs.data_fingerprint({"s": [a, data.Item("/x/b.png", 4.5, 4.5, "s")]}) != base
-    assert runs.data_fingerprint({"s": [a, data.Item("/x/c.png", 4.0, 4.0, "s")]}) != base
-    assert runs.data_fingerprint({"s": [b, a]}) != base
-    assert runs.data_fingerprint({"s": [a, data.Item("/elsewhere/b.png", 4.0, 4.0, "s")]}) == base  # moved folder
+    base = runkeeping.data_fingerprint({"s": [a, b]})
+    assert runkeeping.data_fingerprint({"s": [a, b]}) == base
+    assert runkeeping.data_fingerprint({"s": [a, data.Item("/x/b.png", 4.5, 4.5, "s")]}) != base
+    assert runkeeping.data_fingerprint({"s": [a, data.Item("/x/c.png", 4.0, 4.0, "s")]}) != base
+    assert runkeeping.data_fingerprint({"s": [b, a]}) != base
+    assert runkeeping.data_fingerprint({"s": [a, data.Item("/elsewhere/b.png", 4.0, 4.0, "s")]}) == base  # moved folder
 
 
 def test_resume_needs_a_checkpoint(tmp_path, capsys):
@@ -219,15 +219,15 @@ def test_half_written_checkpoint_is_ignored(straight, tmp_path):
     out = copy_run(straight, tmp_path / "run")
     partial = out / "checkpoint-3"  # e.g. copied by hand without its trainer state
     shutil.copytree(out / "checkpoint-2", partial)
-    (partial / runs.CHECKPOINT_STATE).unlink()
+    (partial / runkeeping.CHECKPOINT_STATE).unlink()
     (out / ".checkpoint-4-k2x9q1").mkdir()  # a save cut short
-    assert [p.name for p in runs.checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"]
 
 
 def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
-    runs.truncate_log(log, 2)
+    runkeeping.truncate_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
@@ -270,7 +270,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(straight, tmp_path)
     assert 1 <= done < 4
     assert "SIGTERM: finishing this step" in message
     assert f"stopped after step {done} of 4" in message and f"python grpo.py --out {out} --resume" in message
-    assert runs.checkpoints(out)[-1].name == f"checkpoint-{done}" and not (out / "final").exists()
+    assert runkeeping.checkpoints(out)[-1].name == f"checkpoint-{done}" and not (out / "final").exists()
 
     assert grpo.main(["--out", str(out), "--resume"]) == 0
     assert_same_weights(out / "final", straight / "final")
@@ -310,5 +310,5 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     assert time.time() - t < 20  # not the minute the step still had to go
     message = err.read_text()
     assert "interrupted" in message and "No checkpoint was saved yet" in message and "Traceback" not in message
-    assert not runs.checkpoints(out) and not list(out.glob(".checkpoint-*"))
+    assert not runkeeping.checkpoints(out) and not list(out.glob(".checkpoint-*"))
     assert logged_steps(out) == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rewards
-import rewards_reference
+from support import rewards_reference
 from rewards import (aspect_spread_penalty, fidelity_reward, format_reward, gaussian_reward,
                      group_rank, pairwise_fidelity, parse_answer, parse_completions,
                      preresq_reward, threshold_reward, triplet_accuracy, triplet_balance)

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 import scipy.io
 
-from cli import InputError
+from support.cli import InputError
 
 SPLITS = ("train", "val", "test", "all")
 

@@ -1,6 +1,6 @@
 """The laptop presets: Qwen2.5-VL models small enough to train with GRPO on a CPU, built offline.
 
-    python presets.py tiny                       # build `tiny` once (minutes) and print its folder
+    python -m support.presets tiny                       # build `tiny` once (minutes) and print its folder
     model, tok, ip = preresq.load_model(presets.model_path("tiny"), "cpu")
 
 `tiny` is the laptop demo's model; `small` is a bigger stand-in for measuring speed. The paper
@@ -38,10 +38,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
-import cli
-import files
+from support import cli
+from support import files
 import preresq
-import synthetic
+from support import synthetic
 
 # Preset architectures and training budgets. Images in the presets' processor are bounded by
 # min/max pixels (patch 14, 2x2 merge: one visual token per 28x28 pixels).
@@ -72,7 +72,7 @@ OPINION_LEVELS = np.linspace(1.5, 4.5, len(DEGRADATION_NAMES))
 
 # Presets shipped with the repository (models/<name>/, an ordinary Hugging Face folder) and the
 # digest of the recipe that built them: a fresh clone trains at once instead of building for minutes.
-SHIPPED = Path(__file__).resolve().parent / "models"
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
 RECIPE_FILE = "recipe-digest.txt"
 
 
@@ -109,7 +109,7 @@ def model_path(name_or_path: str) -> str:
 
 def ship(name: str) -> Path:
     """Copy the preset built by the current recipe (built now if needed) to models/<name>, stamped
-    with the recipe's digest. `python presets.py tiny --ship` after a change to the recipe."""
+    with the recipe's digest. `python -m support.presets tiny --ship` after a change to the recipe."""
     source = preset_path(name)
     if not (source / "config.json").exists():
         build_preset(name, source)
@@ -127,7 +127,7 @@ def verify(name: str) -> list[str]:
 
     shipped = shipped_path(name)
     if shipped is None:
-        return [f"models/{name} is missing or was built by another recipe (python presets.py {name} --ship)"]
+        return [f"models/{name} is missing or was built by another recipe (python -m support.presets {name} --ship)"]
     with tempfile.TemporaryDirectory() as tmp:
         build_preset(name, Path(tmp) / name)
         built = Path(tmp) / name
@@ -502,8 +502,8 @@ def command(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python presets.py tiny [small]`: exit 0 with the folders printed, 2 for an unknown name, 130 on Ctrl-C."""
-    return cli.run("presets.py", command, argv)
+    """`python -m support.presets tiny [small]`: exit 0 with the folders printed, 2 for an unknown name, 130 on Ctrl-C."""
+    return cli.entry("presets.py", command, argv)
 
 
 if __name__ == "__main__":

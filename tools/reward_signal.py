@@ -1,6 +1,6 @@
 """How many GRPO steps does a reward need when perception is perfect? A tabular policy.
 
-    python docs/reward_signal.py                   # every reward, two learning rates
+    python tools/reward_signal.py                   # every reward, two learning rates
 
 The policy is a 5 x 5 table of logits: the first digit of the score (1..5) given a caption bin
 (0..4) that reports the image's distortion level with noise (as the preset's reasoning does).

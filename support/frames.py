@@ -10,7 +10,7 @@ Choices (the authors did not release their frame extraction):
   index, exact whatever the container claims; longer clips are read by seeking to the middle
   of each wanted frame's time slot. A missing frame count (mkv, webm, raw H.264) is made by
   counting packets; a truncated file or a corrupt packet gives indices over the frames that
-  really decode. Errors are VideoError, a DataError naming the file.
+  really decode. Errors are VideoError, naming the file.
 - Resizing runs in FFmpeg (area filter) on the YUV frame and never enlarges, so a 4K clip
   never becomes full-size RGB arrays.
 - The display rotation of phone clips is applied in quarter turns (flips are ignored), and
@@ -29,7 +29,6 @@ import av
 import numpy as np
 from PIL import Image
 
-from benchmarks import DataError
 
 # A seek decodes from the key frame before the target, half a GOP on average (x264's default
 # GOP is 250 frames), and the default views need 20 seeks: measured on 360p clips with that
@@ -42,8 +41,10 @@ _TRANSPOSE = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
               3: Image.Transpose.ROTATE_270}
 
 
-class VideoError(DataError):
-    """A clip that cannot be opened, has no video stream, or has too few decodable frames."""
+class VideoError(ValueError):
+    """A clip that cannot be opened, has no video stream, or has too few decodable frames. The tools
+    exit 2 (support.cli); data.read_visual turns it into a DataError, which training skips and counts."""
+    exit_status = 2
 
 
 def fit_size(width: float, height: float, max_side: int | None, max_pixels: int | None) -> tuple[int, int]:

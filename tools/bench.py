@@ -1,14 +1,14 @@
 """Speed and memory measurements, one subcommand per thing measured.
 
-    python bench.py step                                  # GRPO steps of the tiny preset on the CPU
-    python bench.py step --model small --image-size 224x224 --images-per-step 4 --compare-unshared --threads 1
-    python bench.py step --model small --images-per-step 2 --num-generations 8 --visual-tokens 529 --compare-unshared
-    python bench.py step --labels my_gt.txt --data-root ~/pictures --image-size 224x224   # pictures of a label file
-    python bench.py step --model qwen2.5-vl-3b --device cuda --micro-batch-size 8   # the real 3B shapes
-    python bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
-    python bench.py step --model small --lora-rank 8      # LoRA, then full fine-tuning on the same shapes
-    python bench.py video                                 # decode a 10 s 1080p clip into its views
-    python bench.py rewards                               # every reward in rewards.REWARDS, B=32, G=12, A=5
+    python tools/bench.py step                                  # GRPO steps of the tiny preset on the CPU
+    python tools/bench.py step --model small --image-size 224x224 --images-per-step 4 --compare-unshared --threads 1
+    python tools/bench.py step --model small --images-per-step 2 --num-generations 8 --visual-tokens 529 --compare-unshared
+    python tools/bench.py step --labels my_gt.txt --data-root ~/pictures --image-size 224x224   # pictures of a label file
+    python tools/bench.py step --model qwen2.5-vl-3b --device cuda --micro-batch-size 8   # the real 3B shapes
+    python tools/bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
+    python tools/bench.py step --model small --lora-rank 8      # LoRA, then full fine-tuning on the same shapes
+    python tools/bench.py video                                 # decode a 10 s 1080p clip into its views
+    python tools/bench.py rewards                               # every reward in rewards.REWARDS, B=32, G=12, A=5
 
 `step` times GRPO steps with the training code itself, phase by phase (bench_grpo_step): picture
 loading (a label file's pictures with --labels, else random ones; encoded into prompts),
@@ -69,8 +69,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cli
-from frames import check_video
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository's modules, from wherever the tool is run
+
+from support import cli
+from support.frames import check_video
 
 
 def _time_ms(fn, repeats: int, device: torch.device) -> float:
@@ -223,7 +226,7 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype, folder: str | N
     preresq.load_model (a checkpoint folder or hub id).
     """
     import preresq
-    import presets
+    from support import presets
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if name in QWEN_SHAPES:
@@ -411,7 +414,7 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
     advantages), reference pass (grpo.reference_logprobs; skipped when beta = 0), policy forward and
     backward (grpo.policy_update; its torch.autograd.backward calls are the backward, _BackwardClock),
     optimizer (clip_grad_norm_ + AdamW at `lr`) and logging (the step's record appended to a
-    metrics.jsonl with runs.log_json). compare_unshared: each step also runs on the path before
+    metrics.jsonl with runkeeping.log_json). compare_unshared: each step also runs on the path before
     prefix sharing (generate, each prompt run once per answer: grpo.py --no-shared-prefix), in
     alternating order; only the shared path's gradients are stepped, and the optimizer, the same
     work on both paths, is counted in both. naive_vision: that path also runs the vision tower
@@ -429,9 +432,9 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
     advantages (the same shapes every step and on both paths; the reward's are recorded only). Mutates image_processor's max_pixels when image_size is above it.
     """
     import grpo
-    import lora
+    from support import lora
     import preresq
-    import runs
+    from support import runkeeping
 
     device = model.device
     B, G, C = images_per_step, num_generations, completion_tokens
@@ -519,7 +522,7 @@ def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int =
             timed("optimizer", optimizer_step)
         optimizer.zero_grad(set_to_none=True)  # the unshared path's gradients are dropped
         record = {**record, **stats, **{f"{p}_seconds": round(s, 4) for p, s in seconds.items()}}
-        timed("logging", lambda: runs.log_json(metrics, {"step": k + 1, **record}))
+        timed("logging", lambda: runkeeping.log_json(metrics, {"step": k + 1, **record}))
         return StepTimes({p: seconds[p] for p in PHASES}, generated, max(peaks))
 
     gen = torch.Generator().manual_seed(seed)
@@ -691,7 +694,7 @@ def compare_lora(lora_run: dict, full: dict, rank: int, report=print) -> dict:
 
 def synthetic_clip(path: str, seconds: float = 10.0, width: int = 1920, height: int = 1080, fps: int = 25) -> None:
     """A clip of moving coloured gradients with mild noise, written with synthetic.write_clip (libx264)."""
-    import synthetic
+    from support import synthetic
 
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -858,9 +861,9 @@ def command(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python bench.py step|video|rewards`: exit 0 when measured, 2 for bad usage or input (nothing is
+    """`python tools/bench.py step|video|rewards`: exit 0 when measured, 2 for bad usage or input (nothing is
     built), 1 when the work fails part way (out of memory), 130 on Ctrl-C."""
-    return cli.run("bench.py", command, argv)
+    return cli.entry("bench.py", command, argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The README's video pictures: a synthetic 4 s clip (640x360, 25 fps), a ball crossing a gradient,
 the frame number drawn in each frame, so the sampled indices can be read off the views.
 
-    python docs/make_video_demo.py ball.mp4 && python video.py ball.mp4 --out docs
+    python tools/make_video_demo.py ball.mp4 && python video.py ball.mp4 --out docs
 """
 import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
-import synthetic
+from support import synthetic
 
 def frames(n=100, w=640, h=360):
     font = ImageFont.load_default(size=72)

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from scipy import ndimage
 
-from benchmarks import DataError
-from files import atomic_folder, cache_dir
+from support.label_formats import DataError
+from support.files import atomic_folder, cache_dir
 
 # --------------------------------------------------------------------------- synthetic images
 

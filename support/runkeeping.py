@@ -9,7 +9,7 @@
 - checkpoints and exact resume, and Ctrl-C / SIGTERM (Stop).
 
 Every checkpoint is an ordinary Hugging Face folder (from_pretrained loads it) plus
-trainer_state.pt: optimizer, scheduler, the RNG states of every rank, step, counters, the data
+trainer_state.pt: optimizer, the RNG states of every rank, step, counters, the data
 position and the config. `--resume` continues from the newest complete one and gives the same
 weights and metrics as a run that never stopped. Folders are written into a temporary sibling and
 renamed into place (files.atomic_folder), so a crash, a kill or a full disk never leaves a damaged one.
@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-import warnings
+import argparse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,16 +41,20 @@ from tqdm import tqdm
 
 import data
 import evaluate
-import lora
-import plots
+import grpo
+from support import lora
+from support import plots
 import preresq
-import presets
-from distributed import (SINGLE, Dist, all_reduce, broadcast, call, check_global_batch, full_optimizer_state, full_weights,
-                         is_sharded, load_optimizer_state, rank_seed, shard_model, unwrap)
-from cli import Failure, InputError, Warnings, check_device
-from files import atomic_folder
+from support import presets
+from support.distributed import (SINGLE, Dist, Ranks, all_reduce, broadcast, call, check_global_batch,
+                                 full_optimizer_state, full_weights, is_sharded, load_optimizer_state, rank_seed,
+                                 shard_model, unwrap)
+from support.cli import Failure, InputError, Warnings, add_flags, check_device, default_text
+from support.files import atomic_folder
 
 CHECKPOINT_STATE = "trainer_state.pt"
+# The run's logs, one JSON line per record with its "step"; a resumed run cuts each back to its checkpoint.
+LOGS = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
 # A run stops when this many steps in a row give non-finite rewards, losses or gradients.
 MAX_NONFINITE_STEPS = 5
 # Flags that may change between a run and its resumption; all others must match (or --force).
@@ -78,7 +82,7 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, optimizer, scheduler, cfg,
+def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, optimizer, cfg,
                     extra: dict, dist: Dist = SINGLE) -> Path:
     """Write OUT/checkpoint-<step>/ atomically, then prune to the newest cfg.keep_last.
 
@@ -95,7 +99,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, opt
     if not dist.main:
         return final
     save_folder(final, unwrap(model), tokenizer, image_processor,
-                {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                {"step": step, "optimizer": optimizer_state,
                  "rng": ranks[0], **({"rng_ranks": ranks} if dist.world > 1 else {}), "world_size": dist.world,
                  "config": asdict(cfg), **extra}, weights=weights, adapters_only=adapters_only)
     if cfg.keep_last:  # only now: the new checkpoint is complete
@@ -193,7 +197,7 @@ def create_run_folder(out: Path, resume: bool, dist: Dist = SINGLE) -> None:
     except OSError as e:
         raise InputError(f"cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
     if not resume:
-        for name in ("metrics.jsonl", "eval.jsonl"):
+        for name in LOGS:
             (out / name).unlink(missing_ok=True)
 
 
@@ -214,10 +218,10 @@ def check_same_data(state: dict | None, sets: dict, force: bool) -> None:
                          "resume on the new data.")
 
 
-def restore(state: dict, out: Path, model, optimizer, scheduler, cfg, dist: Dist = SINGLE) -> None:
-    """Optimizer, scheduler and RNG states from a checkpoint; the logs cut back to its step."""
+def restore(state: dict, out: Path, model, optimizer, cfg, dist: Dist = SINGLE) -> None:
+    """Optimizer and RNG states from a checkpoint (the learning rate is a function of the step);
+    the logs cut back to its step."""
     load_optimizer_state(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     ranks = state.get("rng_ranks", [state["rng"]])
     if len(ranks) == dist.world:
         set_rng_states(ranks[dist.rank])
@@ -226,8 +230,8 @@ def restore(state: dict, out: Path, model, optimizer, scheduler, cfg, dist: Dist
         if dist.rank:
             torch.manual_seed(rank_seed(cfg.seed + state["step"], dist.rank))
     if dist.main:
-        truncate_log(out / "metrics.jsonl", state["step"])
-        truncate_log(out / "eval.jsonl", state["step"])
+        for name in LOGS:
+            truncate_log(out / name, state["step"])
 
 
 def say_how_to_resume(out: str | None) -> None:
@@ -403,7 +407,7 @@ def load_models(cfg, source: str, device, dist: Dist):
     """(policy, frozen reference or None, tokenizer, image processor), placed and sharded as configured.
     The reference is the initial model: a copy, or --model again when resuming from `source`.
     Under --lora-rank the policy is --model with adapters (read from `source` when resuming) and
-    the reference is the policy itself: grpo.update switches its adapters off (lora.adapters_off)."""
+    the reference is the policy with its adapters switched off (lora.Reference)."""
     if not dist.main:  # rank 0 loads first: a preset missing from the cache is built once, not by every rank
         tdist.barrier()
     loaded = cfg.model if cfg.lora_rank else source  # a LoRA checkpoint holds only the adapters
@@ -448,7 +452,7 @@ def add_adapters(cfg, model, source: str, dist: Dist):
         print(f"LoRA: rank {cfg.lora_rank} adapters on {len(wrapped)} layers ({cfg.lora_targets}): "
               f"{trained / 1e6:.2f} M trained parameters of {total / 1e6:.2f} M ({100 * trained / total:.1f} %); "
               "the reference is the policy with its adapters off", flush=True)
-    return model if cfg.beta or cfg.reasoning_beta else None
+    return lora.Reference(model) if cfg.beta or cfg.reasoning_beta else None
 
 
 def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = SINGLE, warn=None) -> dict | None:
@@ -480,8 +484,8 @@ class Run:
     tokenizer: object
     image_processor: object
     optimizer: torch.optim.Optimizer
-    scheduler: object
     counters: dict
+    comm: Ranks
     nonfinite_in_a_row: int = 0
     warn: Warnings = field(default_factory=lambda: Warnings("grpo.py"))
 
@@ -501,12 +505,12 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     if dist.main:
         print(model_line, flush=True)
     sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed, dist.rank, dist.world)
-    steps = cfg.total_steps(sum(map(len, sets.values())), dist.world)
+    cfg.set_length(sum(map(len, sets.values())), dist.world)
+    steps = cfg.steps
     source = str(checkpoints(out)[-1]) if state else cfg.model
     model, reference, tokenizer, image_processor = load_models(cfg, source, device, dist)
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters under --lora-rank
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
     # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
     # global generators, and whether that happens must not change the run. Sampling differs per rank.
     random.seed(cfg.seed)
@@ -514,7 +518,7 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     torch.manual_seed(rank_seed(cfg.seed, dist.rank))
     start = state["step"] if state else 0
     if state:
-        restore(state, out, model, optimizer, scheduler, cfg, dist)
+        restore(state, out, model, optimizer, cfg, dist)
     if dist.main:
         if state:
             print(f"resumed from {source} at step {start} (stage {cfg.stage(start)})")
@@ -524,23 +528,24 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     counters = {"skipped_items": 0, "nonfinite_steps": 0, **(state.get("counters", {}) if state else {})}
     return Run(out, dist, sets, held, sampler, steps, start, model, reference, tokenizer, image_processor,
-               optimizer, scheduler, counters)
+               optimizer, counters, Ranks(dist, is_sharded(model)))
 
 
 # --------------------------------------------------------------------------- logs, evaluation, the end
 
-def step_metrics(terms: dict, scores, valid, mos, rollout, dist: Dist = SINGLE) -> dict:
-    """A step's line in metrics.jsonl: reward (mean, std, each term), groups with no spread, parse
-    failures, answer lengths and the batch SRCC, over the global batch."""
-    reward = terms["total"]
-    tokens, sequences = all_reduce([rollout.mask.sum().item() if rollout.mask is not None else 0,
-                                    len(rollout.texts)], dist)
+def step_metrics(scored) -> dict:
+    """A step's reward line in metrics.jsonl (grpo.Scored -> plain numbers over the global batch):
+    reward mean and std, each term's mean, groups with no spread, parse failures, answer lengths and
+    the batch SRCC."""
+    if not scored.terms:
+        return {}
+    reward, valid = scored.terms["total"], scored.valid
     return {"reward": reward.mean().item(), "reward_std": reward.std().item() if reward.numel() > 1 else 0.0,
-            **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
+            **{f"reward/{k}": v.mean().item() for k, v in scored.terms.items() if k != "total"},
             "zero_std_groups": (reward.std(1) < 1e-6).float().mean().item() if reward.shape[1] > 1 else 1.0,
             "parse_failure_rate": 1 - valid.float().mean().item(),
-            "completion_length": tokens / sequences, "completion_tokens": int(tokens),
-            "batch_srcc": batch_srcc(scores, valid, mos)}
+            "completion_length": scored.tokens / max(scored.sequences, 1), "completion_tokens": int(scored.tokens),
+            "batch_srcc": batch_srcc(scored.scores, valid, scored.mos)}
 
 
 def batch_srcc(scores: torch.Tensor, valid: torch.Tensor, mos: torch.Tensor) -> float:
@@ -559,24 +564,45 @@ def batch_srcc(scores: torch.Tensor, valid: torch.Tensor, mos: torch.Tensor) -> 
     return float(spearmanr(p.numpy(), mos[keep].numpy()).statistic)
 
 
-def log_step(cfg, run: Run, step: int, record: dict, problems: list[str], seconds: float) -> dict:
-    """After a step: the learning-rate schedule, the counters, metrics.jsonl (rank 0), and a RunError
-    after MAX_NONFINITE_STEPS non-finite steps in a row. Returns the full record."""
+def answers(done, items: list) -> list[dict]:
+    """This process's groups of a step (grpo.Step) as plain data, one dict per image: its file, MOS and
+    prompt, and per answer the text, parsed scores (None when unparsed), every reward term, total,
+    advantage and length in tokens: a line of rollouts.jsonl."""
+    rollout, scored = done.rollout, done.scored
+    g, adv, own = rollout.num_generations, scored.advantages, scored.own
+    terms = {name: v[own] for name, v in scored.terms.items()}
+    scores, valid = scored.scores[own], scored.valid[own]
+    lengths = rollout.mask.sum(1).tolist() if rollout.mask is not None else []
+    out = []
+    for i, item in enumerate(items[:len(valid)]):
+        rows = [{"text": rollout.texts[i * g + j],
+                 "scores": [round(s, 4) for s in scores[i, j].tolist()] if valid[i, j] else None,
+                 "terms": {n: round(v[i, j].item(), 5) for n, v in terms.items() if n != "total"},
+                 "total": round(terms["total"][i, j].item(), 5),
+                 "advantage": round(adv[i * g + j].item(), 5) if adv is not None else None,
+                 "length": int(lengths[i * g + j])} for j in range(g)]
+        out.append({"file": str(item.path), "mos": round(float(item.mos), 4),
+                    "prompt": rollout.questions[i] if rollout.questions else "", "answers": rows})
+    return out
+
+
+def log_step(cfg, run: Run, step: int, done, items: list, problems: list[str], seconds: float) -> dict:
+    """After a step (grpo.Step): the counters, metrics.jsonl and, every --log-rollouts steps,
+    rollouts.jsonl (rank 0), and a RunError after MAX_NONFINITE_STEPS non-finite steps in a row.
+    Returns the step's metrics."""
     for p in problems:
         run.warn(f"skipped an unreadable item: {p}")
     run.counters["skipped_items"] += int(all_reduce([len(problems)], run.dist)[0])
-    record = {"step": step + 1, "stage": cfg.stage(step), "epoch": round(run.sampler.epoch(step + 1), 4), **record}
-    with warnings.catch_warnings():
-        # A skipped step still advances the schedule, which is keyed to the step number;
-        # PyTorch warns when that happens before the first optimizer step.
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
-        run.scheduler.step()
+    head = {"step": step + 1, "stage": cfg.stage(step)}
+    if cfg.log_rollouts and (step + 1) % cfg.log_rollouts == 0 and done.scored.terms and run.dist.main:
+        log_json(run.out / "rollouts.jsonl", {**head, "groups": answers(done, items)})
+    record = {**head, "epoch": round(run.sampler.epoch(step + 1), 4), **step_metrics(done.scored), **done.stats}
     run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if record.get("nonfinite") else 0
     if record.get("nonfinite"):
         run.counters["nonfinite_steps"] += 1
         if run.dist.main:
             tqdm.write(f"warning: step {step + 1}: non-finite {record['nonfinite']}; step skipped", file=sys.stderr)
-    record.update(run.counters, lr=run.scheduler.get_last_lr()[0], seconds=round(seconds, 3))
+    record.update(run.counters, lr=record.get("lr", cfg.learning_rate(step)), seconds=round(seconds, 3))
     if "completion_tokens" in record:
         record["tokens_per_second"] = round(record["completion_tokens"] / max(record["seconds"], 1e-9), 1)
     if run.dist.main:
@@ -628,7 +654,7 @@ def evaluate_and_log(cfg, run: Run, step: int) -> dict | None:
 def save(cfg, run: Run, done: int) -> Path:
     total = sum(map(len, run.sets.values()))
     return save_checkpoint(
-        run.out, done, run.model, run.tokenizer, run.image_processor, run.optimizer, run.scheduler, cfg,
+        run.out, done, run.model, run.tokenizer, run.image_processor, run.optimizer, cfg,
         {"stage": cfg.stage(done), "counters": run.counters,
          "data": {"seed": cfg.seed, "next_step": done, "epoch": run.sampler.epoch(done), "items": total,
                   "fingerprint": data_fingerprint(run.sets)}}, run.dist)
@@ -651,3 +677,43 @@ def finish(cfg, run: Run, first_eval: dict | None, last_eval: dict | None) -> Pa
               f"{last_eval['srcc']:.3f}, PLCC {first_eval['plcc']:.3f} -> {last_eval['plcc']:.3f}")
     print(f"final model: {out / 'final'}   metrics: {out / 'metrics.jsonl'}   curves: {out / 'curves.png'}")
     return out
+
+
+# --------------------------------------------------------------------------- grpo.py's command line
+
+def build_parser() -> argparse.ArgumentParser:
+    """grpo.py's flags: one per grpo.Config field, grouped, each default shown once."""
+    p = argparse.ArgumentParser(prog="grpo.py", description="Train a Qwen2.5-VL quality judge with GRPO and the "
+                                "PreResQ-R1 reward. With no flags: synthetic images and the `tiny` preset on the CPU "
+                                "(a few minutes). Defaults in [brackets] depend on --model: a preset's, or the "
+                                "paper's for a real one.")
+    tables = {**grpo.PRESET_DEFAULTS, "paper": grpo.PAPER_DEFAULTS, "paper video": grpo.PAPER_VIDEO_DEFAULTS}
+    add_flags(p, grpo.Config, default_text(tables), extra={"data": f" (known: {', '.join(data.DATASETS)})"})
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a configuration that differs "
+                   "from the checkpoint's")
+    return p
+
+
+def parse_args(argv=None) -> tuple["grpo.Config", bool, bool]:
+    """Command line -> (config, resume, force). With --resume, flags not given come from the checkpoint."""
+    p = build_parser()
+    args = vars(p.parse_args(argv))
+    resume, force = args.pop("resume"), args.pop("force")
+    if resume:
+        if not args["out"]:
+            p.error("--resume needs --out DIR (the folder of the run to continue)")
+        saved = saved_config(Path(args["out"]))
+        if saved is None:
+            p.error(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
+        unset = object()
+        given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(args, unset))))
+        args = {k: saved.get(k, v) if given[k] is unset else given[k] for k, v in args.items()}
+    try:
+        cfg = grpo.Config(**args).resolve()
+    except grpo.ConfigError as e:
+        raise InputError(str(e)) from None
+    errors = lora.config_errors(cfg)  # the --lora-* flags, and what LoRA does not combine with
+    if errors:
+        raise InputError("; ".join(errors))
+    return cfg, resume, force

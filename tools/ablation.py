@@ -1,7 +1,7 @@
 """The paper's reward ablation, in miniature: the same preset, budget and seeds under each reward.
 
-    python ablation.py                        # every variant below, 5 seeds, the preset's default budget
-    python ablation.py --jobs 2 --seeds 0,1,2 --variants preresq,fidelity --out runs/ablation
+    python tools/ablation.py                        # every variant below, 5 seeds, the preset's default budget
+    python tools/ablation.py --jobs 2 --seeds 0,1,2 --variants preresq,fidelity --out runs/ablation
 
 Each run is an ordinary `grpo.py` run (synthetic data, preset `tiny` unless --model says otherwise)
 whose only difference is the reward or the schedule; the table reports held-out SRCC/PLCC after the
@@ -22,9 +22,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cli
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository's modules, from wherever the tool is run
+
+from support import cli
 import grpo
-import presets
+from support import presets
+from support import runkeeping
 
 # name -> grpo.py flags that define the variant
 VARIANTS = {
@@ -47,12 +51,12 @@ def run_variant(name: str, seed: int, common: list[str], out: Path, threads: int
         start = time.time()
         flags = common + VARIANTS[name] + ["--seed", str(seed), "--out", str(folder)]
         if threads is None:
-            grpo.train(grpo.parse_args(flags)[0])
+            grpo.train(runkeeping.parse_args(flags)[0])
         else:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             log_path = out / f"{name}-seed{seed}.log"
             with open(log_path, "w") as log:
-                done = subprocess.run([sys.executable, str(Path(__file__).with_name("grpo.py")), *flags],
+                done = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *flags],
                                       env=env, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode:
                 raise cli.Failure(f"the {name} run with seed {seed} failed (exit {done.returncode}); its output is "
@@ -123,7 +127,7 @@ def command(argv=None) -> int:
     cli.at_least(p, args, steps=1, jobs=1)
     common = ["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []) + extra
     # Every run's flags are checked before the first run starts, which may be hours before the last.
-    configs = [grpo.parse_args(common + VARIANTS[name])[0] for name in names]
+    configs = [runkeeping.parse_args(common + VARIANTS[name])[0] for name in names]
     cli.check_device(configs[0].device)
     print(presets.describe_model(args.model))
     out = cli.check_out(args.out)
@@ -145,9 +149,9 @@ def command(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python ablation.py`: exit 0 with the table written, 2 for bad usage or input (no run is started),
+    """`python tools/ablation.py`: exit 0 with the table written, 2 for bad usage or input (no run is started),
     1 when a run fails part way (finished runs are kept and reused), 130 on Ctrl-C."""
-    return cli.run("ablation.py", command, argv)
+    return cli.entry("ablation.py", command, argv)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ what the reward needs from the whole global batch is small and is gathered (pars
 MOS), and what the loss needs is summed (token and sequence counts, then the gradients).
 gloo on the CPU, nccl on CUDA; with one process no process group is made (SINGLE).
 
-Why not DistributedDataParallel: its hooks assume one `model(...)` call per backward, while
-grpo.policy_update runs the vision tower once, then calls the decoder and lm_head directly and
-back-propagates micro-batch by micro-batch; all_reduce_gradients does what DDP does after the
-backward (bucketed sums), without overlapping it. --fsdp shards with FSDP2 (shard_model), every
-pass entering through FSDPRoot so FSDP2 can gather the parameters each pass needs.
+The step (grpo.grpo_step) reaches the other processes through one object, Ranks: the parsed
+scores gathered, a few numbers summed, the gradients summed. Why not DistributedDataParallel:
+its hooks assume one `model(...)` call per backward, while grpo.policy_update runs each prompt
+once, then the answers against its keys and values micro-batch by micro-batch;
+all_reduce_gradients does what DDP does after the backward (bucketed sums), without overlapping
+it. --fsdp shards with FSDP2 (shard_model), every model pass entering through FSDPRoot.enter so
+FSDP2 can gather the parameters each pass needs, and every rank running the same passes
+(Ranks.in_step gives each the same number of images).
 """
 from __future__ import annotations
 
@@ -22,8 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-import preresq
-from cli import InputError
+from support.cli import InputError
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
@@ -54,7 +56,7 @@ def init_distributed(device: str | None) -> tuple[Dist, str | None]:
     if world == 1:
         return SINGLE, device
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    device = device or preresq.default_device()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if device != "cuda":
             raise InputError(f"--device {device} under torchrun: give --device cuda; each process "
@@ -69,6 +71,12 @@ def init_distributed(device: str | None) -> tuple[Dist, str | None]:
         tdist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                                  device_id=torch.device(device) if backend == "nccl" else None)
     return Dist(rank, world, device if backend == "nccl" else "cpu"), device
+
+
+def leave(dist: Dist) -> None:
+    """The end of this process's part in the torchrun job (nothing to do in one process)."""
+    if dist.world > 1:
+        tdist.destroy_process_group()
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -136,6 +144,38 @@ def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
             rows[:, 2 + g:2 + 2 * g].float(), counts)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """What a GRPO step exchanges with the other processes (grpo.OneProcess is the one-process
+    version, with the same methods). sharded: the model is under FSDP2, whose backward already
+    reduces the gradients and whose passes every rank must run alike."""
+    dist: Dist = SINGLE
+    sharded: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    def gather_scores(self, batch_size: int, mos, scores, valid, fmt):
+        return gather_scores(self.dist, batch_size, mos, scores, valid, fmt)
+
+    def sum(self, values: list[float]) -> list[float]:
+        return all_reduce(values, self.dist)
+
+    def sum_gradients(self, model) -> None:
+        if not self.sharded:
+            all_reduce_gradients(model.parameters(), self.dist)
+
+    def in_step(self, items: list, visuals: list, problems: list[str]) -> tuple[list, list, list[str]]:
+        """This rank's readable images of a step. Under --fsdp every rank must run the same sharded
+        passes, so each keeps as many as the rank with fewest (the others are counted as skipped)."""
+        if not self.sharded:
+            return items, visuals, problems
+        n = int(all_reduce([len(items)], self.dist, "min")[0])
+        dropped = [f"{it.path} (kept out to keep the ranks in step under --fsdp)" for it in items[n:]]
+        return items[:n], visuals[:n], problems + dropped
+
+
 def all_reduce_gradients(params, dist: Dist, bucket_bytes: int = 25 * 2**20) -> None:
     """Sum the gradients over ranks in flat buckets of about 25 MB, as DistributedDataParallel does
     after backward. A gradient missing on some rank counts as zero there; a parameter without one on
@@ -182,12 +222,16 @@ class FSDPRoot(torch.nn.Module):
     def forward(self, fn):
         return fn(self.model)
 
+    def enter(self, fn, *args, **kwargs):
+        """fn(model, *args, **kwargs) through the root (preresq.model_pass calls it for every pass)."""
+        return self(lambda m: fn(m, *args, **kwargs))
+
 
 def shard_model(model, device: str) -> FSDPRoot:
     """FSDP2 (fully_shard): each decoder layer and vision block is a unit, the root holds the rest.
 
-    The gradients FSDP2 reduce-scatters are averaged over ranks; policy_update's grad_scale turns
-    them into sums.
+    FSDP2 would average the gradients it reduce-scatters over ranks; divided by 1 they are sums,
+    as all_reduce_gradients makes them without --fsdp.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -202,6 +246,8 @@ def shard_model(model, device: str) -> FSDPRoot:
         fully_shard(layer, mesh=mesh)
     root = FSDPRoot(model)
     fully_shard(root, mesh=mesh)
+    for module in [*model.model.visual.blocks, *model.model.language_model.layers, root]:
+        module.set_gradient_divide_factor(1.0)
     # transformers' generate then keeps every rank stepping until all have finished (synced_gpus),
     # so that the ranks run the same sharded forwards.
     model._is_fsdp_managed_module = True
@@ -214,7 +260,7 @@ def is_sharded(model) -> bool:
 
 def call(model, fn, *args, **kwargs):
     """fn(model, *args, **kwargs), entering through the root when the model is sharded (--fsdp)."""
-    return model(lambda m: fn(m, *args, **kwargs)) if is_sharded(model) else fn(model, *args, **kwargs)
+    return model.enter(fn, *args, **kwargs) if is_sharded(model) else fn(model, *args, **kwargs)
 
 
 def unwrap(model):

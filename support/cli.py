@@ -3,14 +3,14 @@ field, help that shows each default once, everything checked before anything is 
 voice for errors and warnings.
 
     @dataclass
-    class Config:
+    class Config:                             # fields declared with grpo.flag
         lr: float = flag(None, float, "AdamW learning rate", "GRPO")
 
     add_flags(parser, Config, default_text)   # --lr, grouped, with its help and default
     p = parser("video.py", "...")             # plain argparse tools: each default shown once
     add_model_flags(p, "checkpoint folder or hub id")   # --model, --device, --dtype alike everywhere
     check_device(args.device); out = check_out(args.out)  # refused (exit 2) before any work
-    sys.exit(run("video.py", command))        # "<tool>: error: ..." and exit 2 / 1 / 130, no traceback
+    sys.exit(entry("video.py", command))        # "<tool>: error: ..." and exit 2 / 1 / 130, no traceback
 
 Exit status of every tool: 0 done; 1 the work failed part way, or some inputs were skipped where
 the tool says so (the message says what is intact); 2 bad usage or input, nothing was created;
@@ -21,13 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import field, fields
+from dataclasses import fields
 from pathlib import Path
-
-
-def flag(default, type_, help: str, group: str, **argparse_options):
-    """A dataclass field and its command-line flag: one place for the default, the type and the help."""
-    return field(default=default, metadata=dict(type=type_, help=help, group=group, **argparse_options))
 
 
 def default_text(tables: dict[str, dict]):
@@ -40,29 +35,31 @@ def default_text(tables: dict[str, dict]):
     return text
 
 
-def add_flags(parser: argparse.ArgumentParser, config_class, default_text=lambda name: "") -> None:
+def add_flags(parser: argparse.ArgumentParser, config_class, default_text=lambda name: "",
+              extra: dict[str, str] | None = None) -> None:
     """One flag per field of `config_class` (declared with `flag`), in argument groups.
 
     Booleans: a field defaulting to True gets --no-NAME (its help says what that flag does), one
     defaulting to False gets --NAME, one defaulting to None (decided later, e.g. by the model) gets
     both. default_text(name) describes a default that depends on other flags; otherwise a non-None
-    default is shown as "(default: X)".
+    default is shown as "(default: X)". extra: text to add to a flag's help, by field name.
     """
     groups = {}
     for f in fields(config_class):
         m = f.metadata
         group = groups.setdefault(m["group"], parser.add_argument_group(m["group"]))
+        help_ = m["help"] + (extra or {}).get(f.name, "")
         name = "--" + f.name.replace("_", "-")
         if m["type"] is bool:
             if f.default is None:
-                group.add_argument(name, action=argparse.BooleanOptionalAction, help=m["help"] + default_text(f.name))
+                group.add_argument(name, action=argparse.BooleanOptionalAction, help=help_ + default_text(f.name))
             elif f.default:
-                group.add_argument(f"--no-{name[2:]}", dest=f.name, action="store_false", help=m["help"])
+                group.add_argument(f"--no-{name[2:]}", dest=f.name, action="store_false", help=help_)
             else:
-                group.add_argument(name, action="store_true", help=m["help"])
+                group.add_argument(name, action="store_true", help=help_)
             continue
         shown = default_text(f.name) or (f" (default: {f.default})" if f.default is not None else "")
-        group.add_argument(name, type=m["type"], default=f.default, choices=m.get("choices"), help=m["help"] + shown)
+        group.add_argument(name, type=m["type"], default=f.default, choices=m.get("choices"), help=help_ + shown)
 
 
 # --------------------------------------------------------------------------- one voice
@@ -96,18 +93,22 @@ class Warnings:
             print(f"{self.tool}: {self.total} {what} (see the warnings above)", file=sys.stderr)
 
 
-def run(tool: str, main, argv=None) -> int:
+def entry(tool: str, main, argv=None) -> int:
     """main(argv) in the voice every tool shares: errors print as "<tool>: error: ..." without a
     traceback and exit 2 for bad usage or input (InputError), 1 for a failure during the work
-    (Failure), 130 on Ctrl-C. argparse's own usage errors already read "<tool>: error:" and exit 2."""
+    (Failure), 130 on Ctrl-C. An error class of a paper file that must not import this module
+    (preresq.ModelLoadError, grpo.ConfigError, frames.VideoError) says its status in `exit_status`.
+    argparse's own usage errors already read "<tool>: error:" and exit 2."""
     try:
         return main(argv) or 0
-    except InputError as e:
+    except (InputError, Failure) as e:
         print(f"{tool}: error: {e}", file=sys.stderr)
-        return 2
-    except Failure as e:
+        return 2 if isinstance(e, InputError) else 1
+    except Exception as e:
+        if getattr(e, "exit_status", None) is None:
+            raise
         print(f"{tool}: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
     except KeyboardInterrupt:
         print(f"\n{tool}: interrupted", file=sys.stderr)
         return 130

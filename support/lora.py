@@ -127,6 +127,19 @@ def adapters_off(model: torch.nn.Module):
             m.enabled = True
 
 
+class Reference(torch.nn.Module):
+    """GRPO's frozen reference under LoRA: the policy itself with its adapters off, no second copy.
+    Every model pass (preresq.model_pass) runs through `enter`, inside adapters_off."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def enter(self, fn, *args, **kwargs):
+        with adapters_off(self.policy):
+            return fn(self.policy, *args, **kwargs)
+
+
 def adapter_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained tensors: {"<layer>.lora_A": (r, in), "<layer>.lora_B": (out, r)}."""
     return {n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
