@@ -7,7 +7,7 @@ Paper map (PreResQ-R1, arXiv 2511.05393: SRCC and PLCC on each test set):
   papers fit a logistic first. Always named: `plcc` (raw), `plcc_logistic4`, `plcc_logistic5`.
 - `evaluate`: every item is judged by `preresq.judge`. Protocol "ours" (default): the training
   parser's aspect mean of a greedy answer (or of K sampled ones), 256 tokens. Protocol "authors",
-  as their inference scripts (inference_PreResIQA_R1.py, inference_PreResVQA-R1.py): their prompt
+  as their inference scripts (inference_PreResIQA_R1, inference_PreResVQA-R1): their prompt
   (`AUTHORS_IMAGE_PROMPT`, `AUTHORS_VIDEO_PROMPT`, `authors_label`), one answer sampled with top_k 50,
   top_p 1, up to 512 tokens, and the checkpoint's generation_config.json for the rest (temperature
   and repetition penalty; `authors_decoding`); an image scores the first number of the last
@@ -203,9 +203,9 @@ def fitted_curve(metrics):
 def authors_score(text, video=False):
     """The authors' parsers, unclipped; None where their scripts substitute random.randint(1, 5).
 
-    Image (inference_PreResIQA_R1.py): the first number (regex \\d+(\\.\\d+)?) of the last
+    Image (inference_PreResIQA_R1): the first number (regex \\d+(\\.\\d+)?) of the last
     <answer>...</answer>, or of the whole text when it has none (of a five-aspect answer: the
-    saturation rating). Video (inference_PreResVQA-R1.py): the mean of every number (\\d+\\.?\\d*)
+    saturation rating). Video (inference_PreResVQA-R1): the mean of every number (\\d+\\.?\\d*)
     in the last <answer>...</answer>; no answer block or no number: None.
     """
     answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
@@ -323,7 +323,8 @@ def parse_args(argv=None):
                    help="ours: aspect mean of a greedy answer (or --samples K), 256 tokens; authors: as "
                    "their inference scripts, their prompt and one answer sampled at top_k 50, top_p 1, 512 tokens, "
                    "temperature and repetition penalty from the checkpoint's generation_config.json; an image "
-                   "scores the answer's first number, a video the mean of its numbers")
+                   "scores the answer's first number, a video the mean of its numbers (what still differs: "
+                   "docs/evaluation.md)")
     g.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
     g.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
     g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: 0, all)")
