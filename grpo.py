@@ -19,8 +19,8 @@ As the authors ran it: one update per batch (mu = 1), so the ratio rho is exactl
 never acts (the loss reads ~0 while gradients are not); k3 KL to the initial model, beta = 0.04;
 "grpo" aggregation averages each sequence's tokens, then the sequences. Deviations: README.
 
-Under torchrun B is per process (the paper's "8 per device"); distributed.py gathers scores and sums
-gradients. runs.py keeps the run folder, checkpoints and exact resume.
+Under torchrun B is per process (the authors' script: 48 answers per device, 8 images x G = 6);
+distributed.py gathers scores and sums gradients. runs.py keeps the run folder, checkpoints and exact resume.
 """
 from __future__ import annotations
 
@@ -141,11 +141,11 @@ class Stage:
 
 
 def explore_stable(cfg: "Config", step: int) -> Stage:
-    """Exploration-to-Stability (the paper's two-stage schedule): stage 1 for the first stage1_steps steps, then stage 2.
+    """Exploration-to-Stability (the paper's framework figure): stage 1 for the first stage1_steps steps, then stage 2.
 
-    Stage 1 explores: each sample's prompt is drawn from a pool of paraphrases
-    (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (2 x num_generations: 12 in the paper), the
-    aspect-spread penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations
+    Stage 1 explores: each image's prompt is drawn from a pool of paraphrases
+    (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (2 x num_generations: 12, as in the paper's
+    ablation figure), the aspect-spread penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations
     (num_generations: 6), no spread penalty. --schedule single trains every step like the public
     code: one prompt, G = num_generations, the penalty always on (reported as stage 2).
     """
@@ -209,7 +209,7 @@ class Config:
     num_iterations: int = flag(1, int, "mu, updates per batch (the ratio differs from 1 only when mu > 1)", "GRPO")
     temperature: float = flag(1.0, float, "sampling temperature", "GRPO")
     top_k: int = flag(0, int, "sample among the k likeliest tokens; 0: the whole distribution, whose "
-                      "log-probs GRPO computes (the authors' code most likely sampled with top_k 50)", "GRPO")
+                      "log-probs GRPO computes (the authors' training most likely sampled with top_k 50)", "GRPO")
     max_new_tokens: int = flag(None, int, "answer length limit in tokens", "GRPO")
     loss_type: str = flag("grpo", str, "loss aggregation", "GRPO", choices=["grpo", "dapo", "dr_grpo"])
     scale_rewards: str = flag("group", str, "advantage std scaling", "GRPO", choices=["group", "batch", "none"])

@@ -60,8 +60,10 @@ IMAGE_PROMPT = (
     "excellent). Think inside <think> </think>, then give the five ratings, one per line, inside <answer> "
     "</answer>."
 )
-# Stage 1 of the Exploration-to-Stability schedule draws each sample's prompt from this pool
-# (paper §4: "several paraphrased prompts"); stage 2 and inference use IMAGE_PROMPT.
+# Stage 1 of the Exploration-to-Stability schedule draws each image's prompt from this pool: the
+# paper's framework figure shows several prompts in stage 1 and one in stage 2. The wording is this
+# project's, as is IMAGE_PROMPT's (the authors' training script holds a pool of five, unused); stage 2
+# and inference use IMAGE_PROMPT.
 IMAGE_PROMPT_POOL = (
     IMAGE_PROMPT,
     "Judge this picture's quality in five aspects: saturation, granularity (noise, grain), sharpness, foreground "
