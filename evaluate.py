@@ -7,13 +7,19 @@ Paper map (PreResQ-R1, arXiv 2511.05393: SRCC and PLCC on each test set):
   papers fit a logistic first. Always named: `plcc` (raw), `plcc_logistic4`, `plcc_logistic5`.
 - `evaluate`: every item is judged by `preresq.judge`. Protocol "ours" (default): the training
   parser's aspect mean of a greedy answer (or of K sampled ones), 256 tokens. Protocol "authors",
-  as their inference script: the first number of one answer sampled at top_k 50, temperature 1.0,
-  up to 512 tokens (`AUTHORS_DECODING`, `authors_score`).
+  as their inference scripts (inference_PreResIQA_R1, inference_PreResVQA-R1): their prompt
+  (`AUTHORS_IMAGE_PROMPT`, `AUTHORS_VIDEO_PROMPT`, `authors_label`), one answer sampled with top_k 50,
+  top_p 1, up to 512 tokens, and the checkpoint's generation_config.json for the rest (temperature
+  and repetition penalty; `authors_decoding`); an image scores the first number of the last
+  answer, a video the mean of its numbers (`authors_score`).
 reports.py writes summary.json, predictions-<set>.csv and scatter-<set>.png, and the table.
 
 Deliberate deviations from the authors' evaluation code:
 - An answer that cannot be parsed is counted (`parse_failures`) and left out of the
   correlations; the authors' script substitutes a random integer 1..5 for it.
+- Under "authors", special and vision tokens are still suppressed while sampling (their script
+  suppresses none) and videos are shown as this project's views (video.py; their frames are
+  pre-extracted PNGs, extraction unreleased).
 - The logistic fits are bounded to increase with the prediction: a free fit turns over for
   predictions that run against the MOS and reports a strong positive PLCC (+0.97 for SRCC -0.96).
 - An unreadable file is counted (`unreadable`), warned about with its path, and skipped.
@@ -44,8 +50,40 @@ from support import presets
 from support import reports
 
 MIN_ITEMS = 3  # fewer scored items than this: every correlation is NaN
-# The authors' inference: one answer sampled with transformers' top_k=50 and up to 512 tokens.
-AUTHORS_DECODING = dict(samples=1, temperature=1.0, top_k=50, max_new_tokens=512)
+
+# The authors' inference scripts: one user turn, the question then their fixed instruction. The image
+# text is their three strings joined as Python joins them (no space after "parts:" or "rating.").
+_AUTHORS_TEMPLATE = ("{} First output the thinking process in <think> </think> tags and then output the final "
+                     "answer with only one score in <answer> </answer> tags.")
+AUTHORS_IMAGE_PROMPT = _AUTHORS_TEMPLATE.format(
+    "You are doing the image quality assessment task. Compare the two distorted images and answer in five parts:"
+    "saturation rating; granularity rating; sharpness rating; foreground rating; and background rating."
+    "All ratings should be floats between 1 and 5, rounded to two decimals, where 1 represents very poor quality "
+    "and 5 represents excellent quality.")
+AUTHORS_VIDEO_PROMPT = _AUTHORS_TEMPLATE.format(
+    "You are doing the video quality assessment task. Please compare the multi-frame images and evaluate their "
+    "global temporal smoothness. Then compare and describe the rest magnifying local single frame pictures in five "
+    "parts: saturation rating; granularity rating; sharpness rating; foreground rating; and background rating. "
+    "Then, please rate both global and local quality of this video. The ratings should be two float scores between "
+    "1 and 5, rounded to two decimal places, with 1 representing very poor quality and 5 representing excellent "
+    "quality.")
+
+
+def authors_label(k, video):
+    """The text before picture k (from 0) in the authors' inference prompt: their video view labels, then
+    "Picture k+1: ", which Qwen's chat template writes with add_vision_id=True (as their scripts call it)."""
+    view = ("Global multiframe picture:" if k == 0 else f"Local single frame picture {k}:") if video else ""
+    return f"{view}Picture {k + 1}: "
+
+
+def authors_decoding(generation_config=None):
+    """How the authors' inference samples: generate(do_sample=True, top_k=50, top_p=1, max_new_tokens=512)
+    on top of the checkpoint's generation config, which supplies temperature and repetition penalty
+    (Qwen2.5-VL's: 0.1 and 1.05; transformers' default 1.0 where unset). One answer per item."""
+    temperature = getattr(generation_config, "temperature", None) or 1.0
+    penalty = getattr(generation_config, "repetition_penalty", None) or 1.0
+    return dict(samples=1, temperature=float(temperature), top_k=50, top_p=1.0,
+                repetition_penalty=float(penalty), max_new_tokens=512)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -162,23 +200,45 @@ def fitted_curve(metrics):
 
 # --------------------------------------------------------------------------- scoring a labelled set
 
-def authors_score(text):
-    """The authors' parser: the first number (regex \\d+(\\.\\d+)?) of the last <answer>...</answer>, or
-    of the whole text when it has none (of a five-aspect answer: the saturation rating), unclipped.
-    None where their script substitutes random.randint(1, 5)."""
+def authors_score(text, video=False):
+    """The authors' parsers, unclipped; None where their scripts substitute random.randint(1, 5).
+
+    Image (inference_PreResIQA_R1): the first number (regex \\d+(\\.\\d+)?) of the last
+    <answer>...</answer>, or of the whole text when it has none (of a five-aspect answer: the
+    saturation rating). Video (inference_PreResVQA-R1): the mean of every number (\\d+\\.?\\d*)
+    in the last <answer>...</answer>; no answer block or no number: None.
+    """
     answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    if video:
+        numbers = [float(x) for x in re.findall(r"\d+\.?\d*", answers[-1])] if answers else []
+        return sum(numbers) / len(numbers) if numbers else None
     found = re.search(r"\d+(\.\d+)?", answers[-1].strip() if answers else text.strip())
     return float(found.group()) if found else None
 
 
 def _row(item, judgement, aspect_names, protocol):
     if protocol == "authors":
-        score, aspects = authors_score(judgement.texts[0]), None
+        score, aspects = authors_score(judgement.texts[0], video=item.is_video), None
     else:
         score, aspects = judgement.score, judgement.aspects
     return dict(path=item.path, mos=item.mos, score=score,
                 **dict(zip(aspect_names, aspects or [None] * len(aspect_names))),
                 parsed=score is not None, text="\n---\n".join(judgement.texts))
+
+
+def _protocol(model, protocol, decoding):
+    """(judge's decoding settings, {video: judge's prompt settings}) of a protocol; ValueError for a
+    protocol that is not known or for decoding settings given to "authors", which fixes them."""
+    if protocol not in ("ours", "authors"):
+        raise ValueError(f"evaluate: protocol must be 'ours' or 'authors', got {protocol!r}")
+    if protocol == "ours":
+        return decoding, {False: {}, True: {}}
+    if decoding != dict(samples=None, temperature=1.0, top_k=0, max_new_tokens=None):
+        raise ValueError("evaluate: protocol 'authors' fixes the decoding (authors_decoding); "
+                         "leave samples, temperature, top_k and max_new_tokens unset")
+    return authors_decoding(model.generation_config), {
+        video: dict(prompt=AUTHORS_VIDEO_PROMPT if video else AUTHORS_IMAGE_PROMPT, labels=authors_label)
+        for video in (False, True)}
 
 
 def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", samples=None, temperature=1.0,
@@ -188,8 +248,9 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
     Items are read with data.read_visual and judged `batch_size` at a time (the batch starting at
     item i uses seed + i: the same seed and batch size give the same numbers). Protocol "ours":
     the training parser's aspect mean of a greedy answer (samples=None) or of K answers sampled
-    at `temperature` and `top_k` (0: all tokens). "authors": `authors_score` of one answer decoded
-    as AUTHORS_DECODING (then leave samples, temperature, top_k, max_new_tokens unset). Unreadable
+    at `temperature` and `top_k` (0: all tokens). "authors": `authors_score` of one answer to their
+    prompt, decoded as `authors_decoding(model.generation_config)` (then leave samples, temperature,
+    top_k, max_new_tokens unset). Unreadable
     files and unparsed answers are counted, never given a score; warn(message) is told of each such
     file (default: a cli.Warnings, a counted line on stderr).
 
@@ -200,13 +261,8 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
     """
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be at least 1, got {batch_size}")
-    decoding = dict(samples=samples, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens)
-    if protocol == "authors" and decoding != dict(samples=None, temperature=1.0, top_k=0, max_new_tokens=None):
-        raise ValueError("evaluate: protocol 'authors' fixes the decoding (AUTHORS_DECODING); "
-                         "leave samples, temperature, top_k and max_new_tokens unset")
-    if protocol not in ("ours", "authors"):
-        raise ValueError(f"evaluate: protocol must be 'ours' or 'authors', got {protocol!r}")
-    decoding = AUTHORS_DECODING if protocol == "authors" else decoding
+    decoding, prompts = _protocol(model, protocol, dict(samples=samples, temperature=temperature, top_k=top_k,
+                                                        max_new_tokens=max_new_tokens))
     warn, rows, unreadable = warn or cli.Warnings("evaluate"), [], 0
     bar = tqdm(total=len(items), desc=items[0].dataset if items else "evaluate", unit="item",
                disable=not progress)
@@ -225,7 +281,8 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
                      if item.is_video == video]
             if group:
                 judgements = preresq.judge(model, tokenizer, image_processor, [v for _, _, v in group],
-                                           video=video, seed=seed + start, batch_size=batch_size, **decoding)
+                                           video=video, seed=seed + start, batch_size=batch_size, **decoding,
+                                           **prompts[video])
                 judged.update((k, _row(item, j, aspect_names, protocol))
                               for (k, item, _), j in zip(group, judgements))
         rows.extend(judged[k] for k in sorted(judged))
@@ -263,8 +320,11 @@ def parse_args(argv=None):
     g.add_argument("--max-pixels", type=int, help="downscale larger images to this many pixels")
     g = p.add_argument_group("decoding")
     g.add_argument("--protocol", choices=("ours", "authors"), default="ours",
-                   help="ours: aspect mean of a greedy answer (or --samples K), 256 tokens; authors: the "
-                   "first number of one answer sampled at top_k 50, temperature 1.0, 512 tokens")
+                   help="ours: aspect mean of a greedy answer (or --samples K), 256 tokens; authors: as "
+                   "their inference scripts, their prompt and one answer sampled at top_k 50, top_p 1, 512 tokens, "
+                   "temperature and repetition penalty from the checkpoint's generation_config.json; an image "
+                   "scores the answer's first number, a video the mean of its numbers (what still differs: "
+                   "docs/evaluation.md)")
     g.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
     g.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
     g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: 0, all)")
@@ -284,8 +344,9 @@ def parse_args(argv=None):
     args.decoding = {k: getattr(args, k) for k in ("samples", "temperature", "top_k", "max_new_tokens")
                      if getattr(args, k) is not None}
     if args.protocol == "authors" and args.decoding:
-        p.error("--protocol authors fixes the decoding (one answer sampled at top_k 50, temperature "
-                "1.0, 512 tokens): drop --" + ", --".join(k.replace("_", "-") for k in args.decoding))
+        p.error("--protocol authors fixes the decoding (one answer sampled at top_k 50, top_p 1, 512 tokens, "
+                "temperature and repetition penalty from the checkpoint's generation_config.json): drop --"
+                + ", --".join(k.replace("_", "-") for k in args.decoding))
     try:
         args.sets = data.pair_sets(args.data, args.data_root, args.labels)
     except data.DataError as err:
@@ -325,7 +386,7 @@ def command(argv=None):
     print(model_line, file=sys.stderr)
     model, tokenizer, image_processor = preresq.load_model(presets.model_path(args.model), args.device, args.dtype)
     cli.make_out(out)
-    decoding = AUTHORS_DECODING if args.protocol == "authors" else args.decoding or "greedy"
+    decoding = authors_decoding(model.generation_config) if args.protocol == "authors" else args.decoding or "greedy"
     print(f"protocol {args.protocol}; decoding {decoding}; seed {args.seed}", file=sys.stderr)
     summary, warn = {}, cli.Warnings("evaluate.py")
     for name, items in sets.items():

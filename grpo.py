@@ -15,12 +15,12 @@ One step of the paper's GRPO, in the order grpo_step runs it (each line names it
   7. loss = aggregate( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta * KL_k3 ), backward  policy_update, grpo_loss
   8. grad-norm clip 1.0, AdamW at the linearly decaying learning rate                 optimizer_step
 
-As the authors ran it: one update per batch (mu = 1), so the ratio rho is exactly 1 and the clip
-never acts (the loss reads ~0 while gradients are not); k3 KL to the initial model, beta = 0.04;
-"grpo" aggregation averages each sequence's tokens, then the sequences. Deviations: README.
-The step needs only this file, rewards.py, preresq.py and support/prompt_sharing.py; what it
-exchanges with other processes goes through `comm` (OneProcess, or support.distributed.Ranks under
-torchrun). The loop's run-keeping (support/runkeeping.py) comes in where the loop starts.
+As the authors ran it: one update per batch (mu = 1), so the ratio rho is exactly 1 and the clip never
+acts (the loss reads ~0 while gradients are not); k3 KL to the initial model, beta = 0.04; "grpo"
+aggregation averages each sequence's tokens, then the sequences. Deviations: README. B is per process
+under torchrun (the authors' script: 8 images x G 6 = 48 answers per device). The step needs only this
+file, rewards.py, preresq.py and support/prompt_sharing.py; it reaches other processes through `comm`
+(OneProcess, or support.distributed.Ranks); the loop's run-keeping comes in where the loop starts.
 """
 from __future__ import annotations
 
@@ -133,11 +133,11 @@ class Stage:
 
 
 def explore_stable(cfg: "Config", step: int) -> Stage:
-    """Exploration-to-Stability (the paper's two-stage schedule): stage 1 for the first stage1_steps steps, then stage 2.
+    """Exploration-to-Stability (the paper's framework figure): stage 1 for the first stage1_steps steps, then stage 2.
 
-    Stage 1 explores: each sample's prompt is drawn from a pool of paraphrases
-    (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (2 x num_generations: 12 in the paper), the
-    aspect-spread penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations
+    Stage 1 explores: each image's prompt is drawn from a pool of paraphrases
+    (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (2 x num_generations: 12, as in the paper's
+    ablation figure), the aspect-spread penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations
     (num_generations: 6), no spread penalty. --schedule single trains every step like the public
     code: one prompt, G = num_generations, the penalty always on (reported as stage 2).
     """
@@ -212,7 +212,7 @@ class Config:
     num_iterations: int = flag(1, int, "mu, updates per batch (the ratio differs from 1 only when mu > 1)", "GRPO")
     temperature: float = flag(1.0, float, "sampling temperature", "GRPO")
     top_k: int = flag(0, int, "sample among the k likeliest tokens; 0: the whole distribution, whose "
-                      "log-probs GRPO computes (the authors' code most likely sampled with top_k 50)", "GRPO")
+                      "log-probs GRPO computes (the authors' training most likely sampled with top_k 50)", "GRPO")
     max_new_tokens: int = flag(None, int, "answer length limit in tokens", "GRPO")
     loss_type: str = flag("grpo", str, "loss aggregation", "GRPO", choices=["grpo", "dapo", "dr_grpo"])
     scale_rewards: str = flag("group", str, "advantage std scaling", "GRPO", choices=["group", "batch", "none"])

@@ -26,7 +26,7 @@ Traps avoided, each of which silently changes what is trained:
   a full-vocabulary float32 log-softmax of the whole batch (which would not fit in memory).
 - Shared vision: the vision tower runs once per distinct picture and its features serve all G
   completions (exact: Qwen2.5-VL injects image features only at the placeholder tokens).
-- Shared prefix: the language model reads each prompt once for its G answers (prompt_sharing.py; exact:
+- Shared prefix: the language model reads each prompt once for its G answers (support/prompt_sharing.py; exact:
   attention is causal), with the answers' M-RoPE positions passed explicitly, never left to the
   model's `rope_deltas` kept from another batch.
 - Inference never invents a score: an unparsable answer is reported as unparsed.
@@ -58,8 +58,10 @@ IMAGE_PROMPT = (
     "excellent). Think inside <think> </think>, then give the five ratings, one per line, inside <answer> "
     "</answer>."
 )
-# Stage 1 of the Exploration-to-Stability schedule draws each sample's prompt from this pool
-# (paper §4: "several paraphrased prompts"); stage 2 and inference use IMAGE_PROMPT.
+# Stage 1 of the Exploration-to-Stability schedule draws each image's prompt from this pool: the
+# paper's framework figure shows several prompts in stage 1 and one in stage 2. The wording is this
+# project's, as is IMAGE_PROMPT's (the authors' training script holds a pool of five, unused); stage 2
+# and inference use IMAGE_PROMPT.
 IMAGE_PROMPT_POOL = (
     IMAGE_PROMPT,
     "Judge this picture's quality in five aspects: saturation, granularity (noise, grain), sharpness, foreground "
@@ -178,16 +180,23 @@ def load_model(path_or_hub_id: str, device: str | None = None, dtype: torch.dtyp
 
 # --------------------------------------------------------------------------- prompts
 
-def render_prompt(images_per_visual: list[int], prompt: str, video: bool = False) -> str:
+def picture_label(k: int, video: bool) -> str:
+    """The text before picture k (from 0) of a prompt: a video view's label, nothing for an image."""
+    if not video:
+        return ""
+    return VIDEO_LABELS[0] if k == 0 else f"{VIDEO_LABELS[1][:-1]} {k}:"
+
+
+def render_prompt(images_per_visual: list[int], prompt: str, video: bool = False, labels=None) -> str:
     """One user turn in Qwen's chat format, pictures first, `<|image_pad|>` repeated per picture.
 
     images_per_visual: visual tokens of each picture of this prompt (a video's views are several
-    pictures, each preceded by its label, as in the authors' data flow).
+    pictures, each preceded by its label, as in the authors' data flow). labels(k, video): the text
+    before picture k (default `picture_label`).
     """
     parts = []
     for k, n in enumerate(images_per_visual):
-        if video:
-            parts.append(VIDEO_LABELS[0] if k == 0 else f"{VIDEO_LABELS[1][:-1]} {k}:")
+        parts.append((labels or picture_label)(k, video))
         parts.append("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>")
     return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
             + "".join(parts) + prompt + "<|im_end|>\n<|im_start|>assistant\n")
@@ -210,15 +219,16 @@ class PromptBatch:
 
 
 def encode_prompts(tokenizer, image_processor, visuals: list[list[Image.Image]], prompts: list[str],
-                   video: bool = False) -> PromptBatch:
-    """Tokenise B prompts with their pictures (each entry of `visuals` is a list of pictures)."""
+                   video: bool = False, labels=None) -> PromptBatch:
+    """Tokenise B prompts with their pictures (each entry of `visuals` is a list of pictures);
+    labels as in render_prompt."""
     flat = [img for pics in visuals for img in pics]
     enc = image_processor(images=flat, return_tensors="pt")
     merge = image_processor.merge_size ** 2
     tokens = (enc["image_grid_thw"].prod(-1) // merge).tolist()
     texts, k = [], 0
     for pics, prompt in zip(visuals, prompts):
-        texts.append(render_prompt(tokens[k:k + len(pics)], prompt, video=video))
+        texts.append(render_prompt(tokens[k:k + len(pics)], prompt, video=video, labels=labels))
         k += len(pics)
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return PromptBatch(batch["input_ids"], batch["attention_mask"], enc["pixel_values"], enc["image_grid_thw"],
@@ -250,13 +260,14 @@ def suppressed_ids(tokenizer) -> list[int]:
 
 
 def sampling_config(tokenizer, *, num_generations: int = 1, temperature: float = 1.0, max_new_tokens: int = 256,
-                    greedy: bool = False, top_k: int = 0):
+                    greedy: bool = False, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0):
     """A complete GenerationConfig, so nothing comes from the checkpoint's generation_config.json.
 
     top_k: sample among the k likeliest tokens; 0 (default): the whole distribution. Training keeps
-    0: GRPO's log-probs (completion_logprobs) are of the untruncated softmax, which a truncated
-    sampler does not draw from. The authors' inference most likely sampled with transformers'
-    default top_k=50 (evaluate.py --protocol authors). Ignored when greedy.
+    0, top_p 1 and no repetition penalty: GRPO's log-probs (completion_logprobs) are of the
+    untruncated softmax, which a truncated or penalised sampler does not draw from. The authors'
+    inference script passes top_k=50 and top_p=1 and takes the rest from the checkpoint
+    (evaluate.py --protocol authors). top_k and top_p are ignored when greedy.
     """
     from transformers import GenerationConfig
 
@@ -265,10 +276,10 @@ def sampling_config(tokenizer, *, num_generations: int = 1, temperature: float =
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     common = dict(num_return_sequences=num_generations, max_new_tokens=max_new_tokens, eos_token_id=end,
                   pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppressed_ids(tokenizer),
-                  repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
+                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=0, use_cache=True)
     if greedy:
         return GenerationConfig(do_sample=False, top_k=None, top_p=None, temperature=None, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0, min_p=None, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, min_p=None, **common)
 
 
 @model_pass
@@ -284,13 +295,24 @@ def cache_prompts(model, prompts: PromptBatch) -> prompt_sharing.PromptCache:
 @model_pass
 @torch.no_grad()
 def sample_completions(model, tokenizer, batch: PromptBatch, num_generations: int, *, temperature: float = 1.0,
-                       max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0) -> torch.Tensor:
+                       max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0, top_p: float = 1.0,
+                       repetition_penalty: float = 1.0) -> torch.Tensor:
     """Sample G completions per prompt -> (B*G, C) token ids (rows grouped by prompt; pad after the end).
     Settings as in sampling_config (top_k=0: the whole distribution, as GRPO needs). Each prompt runs
-    once and its G answers continue it (prompt_sharing.sample: generate's choices and random draws)."""
+    once and its G answers continue it (prompt_sharing.sample: generate's choices and random draws).
+    A top_p or repetition penalty, which prompt_sharing.sample does not apply (only evaluate.py
+    --protocol authors asks for them), goes to transformers' generate, which runs each prompt G times."""
     config = sampling_config(tokenizer, num_generations=num_generations, temperature=temperature,
-                             max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k)
-    return prompt_sharing.sample(model, cache_prompts(model, batch), config)
+                             max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty)
+    if top_p == 1.0 and repetition_penalty == 1.0:
+        return prompt_sharing.sample(model, cache_prompts(model, batch), config)
+    batch = batch.to(model.device)
+    out = model.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=mm_token_type_ids(model, batch.input_ids),
+        generation_config=config)
+    return out[:, batch.input_ids.shape[1]:]
 
 
 def completion_mask(completion_ids: torch.Tensor, end_id: int) -> torch.Tensor:
@@ -389,14 +411,16 @@ def _judgement(answers: list[str], num_aspects: int) -> Judgement:
 
 @torch.no_grad()
 def judge(model, tokenizer, image_processor, visuals: list, *, video: bool = False, samples: int | None = None,
-          temperature: float = 1.0, top_k: int = 0, max_new_tokens: int | None = None, seed: int = 0,
-          batch_size: int = 8, progress: bool = False, prompt: str | None = None) -> list[Judgement]:
+          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+          max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
+          prompt: str | None = None, labels=None) -> list[Judgement]:
     """Score items with the training prompt and parser -> one Judgement per item.
 
     visuals: one entry per item: a PIL image, or (video=True) the list of view pictures.
-    samples=None: greedy decoding (reproducible); samples=K: K answers sampled at `temperature` and
-    `top_k` (0: the whole distribution, as in training; see sampling_config), averaged. Answers
-    have at most max_new_tokens (default 256) tokens. The same seed gives the same numbers.
+    samples=None: greedy decoding (reproducible); samples=K: K answers sampled at `temperature`,
+    `top_k` (0: the whole distribution, as in training), `top_p` and `repetition_penalty` (see
+    sampling_config), averaged. Answers have at most max_new_tokens (default 256) tokens. prompt,
+    labels: another instruction and picture labels (render_prompt). The same seed gives the same numbers.
     """
     num_aspects = len(VIDEO_ASPECTS if video else IMAGE_ASPECTS)
     prompt = prompt or (VIDEO_PROMPT if video else IMAGE_PROMPT)
@@ -406,9 +430,10 @@ def judge(model, tokenizer, image_processor, visuals: list, *, video: bool = Fal
         torch.manual_seed(seed)
         for start in tqdm(range(0, len(visuals), batch_size), desc="judging", disable=not progress, leave=False):
             chunk = [v if isinstance(v, (list, tuple)) else [v] for v in visuals[start:start + batch_size]]
-            batch = encode_prompts(tokenizer, image_processor, chunk, [prompt] * len(chunk), video=video)
-            ids = sample_completions(model, tokenizer, batch, k, temperature=temperature, top_k=top_k,
-                                     max_new_tokens=max_new_tokens or 256, greedy=samples is None)
+            batch = encode_prompts(tokenizer, image_processor, chunk, [prompt] * len(chunk), video=video, labels=labels)
+            ids = sample_completions(model, tokenizer, batch, k, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens or 256,
+                                     greedy=samples is None)
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
             results += [_judgement(texts[i * k:(i + 1) * k], num_aspects) for i in range(len(chunk))]
     return results

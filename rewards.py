@@ -8,17 +8,19 @@ image's MOS on the 1..5 scale.
 
     R = R_format + ( 0.375 R_pair - P_std + 0.25 R_tripbal + 0.125 R_trip3 + 1.0 R_rank ) / 3
 
-Video drops R_rank and the division by 3 (`video=True`).
+Video drops R_rank and the division by 3 (`video=True`). Every weight, threshold and formula is
+the authors' training code's (grpo_preres_IQA_r1, grpo_preres_VQA_r1); the paper's figures
+name the other terms, but R_rank, the largest weight (1 against R_pair's 0.375), is in none of them.
 
-| term      | paper name                                      | function                |
+| term      | name, and where it is shown                     | function                |
 |-----------|-------------------------------------------------|-------------------------|
-| R_format  | format reward                                   | `format_reward`         |
-| P_std     | std penalty (response branch)                   | `aspect_spread_penalty` |
-| R_tripbal | response triplet ranking balance                | `triplet_balance`       |
-| R_pair    | pairwise score-and-rank fidelity (preference)   | `pairwise_fidelity`     |
-| R_trip3   | triplet ranking accuracy (preference)           | `triplet_accuracy`      |
-| R_rank    | within-group rank reward (preference)           | `group_rank`            |
-| R         | the combination                                 | `preresq_reward`        |
+| R_format  | format reward (authors' code)                   | `format_reward`         |
+| P_std     | stage-1 std penalty (response branch; figures)  | `aspect_spread_penalty` |
+| R_tripbal | response triplet ranking balance (figures)      | `triplet_balance`       |
+| R_pair    | pairwise score and ranking (preference; figures)| `pairwise_fidelity`     |
+| R_trip3   | triplet ranking (preference; figures)           | `triplet_accuracy`      |
+| R_rank    | group rank (authors' code only: in no figure)   | `group_rank`            |
+| R         | the combination (authors' code)                 | `preresq_reward`        |
 | rival     | VisualQuality-R1 Thurstone fidelity             | `fidelity_reward`       |
 | rival     | Q-Insight score threshold                       | `threshold_reward`      |
 | rival     | VQAThinker Gaussian score                       | `gaussian_reward`       |
@@ -67,8 +69,8 @@ Where this file differs from the authors' code, and why:
    counts, whatever the float rounding (3.30 - 3.25 is 0.04999.. in float64 but
    1.05 - 1.00 is 0.05000..; the authors' code counted one and not the other).
 10. R_rank's group size N is the number of valid rollouts + 1 (the authors: G + 1, all valid).
-11. P_std is on whenever the response branch is (the public code; the paper uses it in stage 1
-    only). A stage-2 run passes `w_std=0`.
+11. P_std is on whenever the response branch is (the public code; the framework figure shows it
+    in stage 1 only). A stage-2 run passes `w_std=0`.
 Kept on purpose: R_pair's known defects, as the reference behaviour (`test_rewards.py` shows
 them with numbers). A wrongly ordered pair whose predictions are both far from their MOS has s
 near 0 and scores sqrt(1 - s) near 1, more than a correctly ordered pair with moderate errors.

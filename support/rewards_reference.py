@@ -6,12 +6,12 @@ this file is the reading aid and the reference tests/test_rewards.py compares it
 on random batches with ties, threshold-edge values and unparsed answers. Inputs are nested
 lists: d[i][j][a] aspect scores (B x G x A), g[i] MOS, valid[i][j], fmt[i][j] format rewards.
 
-Each term, for rollout j of image i (p = mean of its aspects):
+Each term, for rollout j of image i (p = mean of its aspects; n_i = image i's valid rollouts):
     P_std    = 0.5 max(0, 0.5 - sigma(d[i][j]))                        aspect-spread penalty
     R_tripbal = points of j over the triples of its group / (triples x A)   triplet balance
     R_pair   = mean over other images z of sqrt(c s) + sqrt((1-c)(1-s)) pairwise fidelity
     R_trip3  = mean over pairs (a, b) of the fraction of the three orders right   triplet accuracy
-    R_rank   = 1 if |p - g| < 0.02 else exp(-rank distance / (N + 1))    group rank
+    R_rank   = 1 if |p - g| < 0.02 else exp(-rank distance / N)    group rank, N = n_i + 1
     R        = R_format + (0.375 R_pair - P_std + 0.25 R_tripbal + 0.125 R_trip3 + R_rank) / 3
 """
 import itertools

@@ -5,6 +5,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import types
 import warnings
 
 import numpy as np
@@ -14,6 +16,7 @@ import scipy.optimize
 import scipy.stats
 import torch
 from PIL import Image
+from transformers import GenerationConfig
 
 import data
 import evaluate
@@ -374,28 +377,38 @@ HAND_MOS = [3.3, 1.4, 4.4, 2.2, 3.0, 2.5, 4.9]
 
 @pytest.fixture
 def hand_written(monkeypatch):
-    """preresq.judge with generation replaced: item k's answer is HAND_WRITTEN[k]'s text."""
+    """preresq.judge with generation replaced: item k's answer is HAND_WRITTEN[k]'s text. Each
+    sampler call records its settings, and the prompt and picture labels it was asked with."""
     calls = []
 
+    def encode_prompts(tok, ip, visuals, prompts, video=False, labels=None):
+        return visuals, prompts[0], (labels or preresq.picture_label)(0, video)
+
     def sample_completions(model, tokenizer, batch, num_generations, **settings):
-        calls.append(dict(num_generations=num_generations, **settings))
-        return torch.tensor([[k] for (k,) in batch for _ in range(num_generations)])
+        visuals, prompt, label = batch
+        calls.append(dict(num_generations=num_generations, **settings, prompt=prompt, label=label))
+        return torch.tensor([[k] for (k,) in visuals for _ in range(num_generations)])
 
     class Tokenizer:
         def batch_decode(self, ids, skip_special_tokens=False):
             return [HAND_WRITTEN[k][0] for k in ids[:, 0].tolist()]
 
     monkeypatch.setattr(data, "read_visual", lambda path, max_pixels=None: int(path[1:-4]))
-    monkeypatch.setattr(preresq, "encode_prompts", lambda tok, ip, visuals, prompts, video=False: visuals)
+    monkeypatch.setattr(preresq, "encode_prompts", encode_prompts)
     monkeypatch.setattr(preresq, "sample_completions", sample_completions)
     items = [data.Item(path=f"/{k}.png", mos=m, raw=m, dataset="hand") for k, m in enumerate(HAND_MOS)]
     return items, Tokenizer(), calls
 
 
+# A checkpoint whose generation_config.json carries Qwen2.5-VL's temperature and repetition penalty.
+CHECKPOINT = types.SimpleNamespace(generation_config=GenerationConfig(temperature=0.1, repetition_penalty=1.05,
+                                                                      top_k=1, top_p=0.001, do_sample=True))
+
+
 @pytest.mark.parametrize("protocol", ["ours", "authors"])
 def test_both_protocols_score_hand_written_answers(hand_written, protocol):
     items, tokenizer, calls = hand_written
-    metrics, rows = evaluate.evaluate(None, tokenizer, None, items, protocol=protocol, batch_size=4,
+    metrics, rows = evaluate.evaluate(CHECKPOINT, tokenizer, None, items, protocol=protocol, batch_size=4,
                                       progress=False)
     expected = [ours if protocol == "ours" else authors for _, ours, authors in HAND_WRITTEN]
     assert [r["score"] for r in rows] == pytest.approx(expected)
@@ -409,11 +422,42 @@ def test_both_protocols_score_hand_written_answers(hand_written, protocol):
     assert metrics["plcc"] == pytest.approx(scipy.stats.pearsonr(pred, mos).statistic)
     if protocol == "ours":
         assert rows[0]["saturation"] == 3.25 and rows[0]["background"] == 4.25
-        settings = dict(num_generations=1, temperature=1.0, top_k=0, max_new_tokens=256, greedy=True)
-    else:  # one number per answer: no aspects
+        settings = dict(num_generations=1, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                        max_new_tokens=256, greedy=True, prompt=preresq.IMAGE_PROMPT, label="")
+    else:  # one number per answer: no aspects; the checkpoint's temperature and penalty, their top_k and top_p
         assert all(r[a] is None for r in rows for a in preresq.IMAGE_ASPECTS)
-        settings = dict(num_generations=1, temperature=1.0, top_k=50, max_new_tokens=512, greedy=False)
+        settings = dict(num_generations=1, temperature=0.1, top_k=50, top_p=1.0, repetition_penalty=1.05,
+                        max_new_tokens=512, greedy=False, prompt=evaluate.AUTHORS_IMAGE_PROMPT, label="Picture 1: ")
     assert calls == [settings, settings]  # two batches of 4 and 3
+
+
+# Hand-worked: an image scores the first number of the last answer, a video the mean of its numbers.
+@pytest.mark.parametrize("text, image, video", [
+    ("<think>a</think><answer>2.00\n4.00</answer>", 2.0, 3.0),
+    ("<answer>global: 2.5, local: 4</answer>", 2.5, 3.25),
+    ("<answer>1</answer><answer>3.5\n4.0\n</answer>", 3.5, 3.75),     # the last answer
+    ("global 2 and local 4, no answer block", 2.0, None),               # video: a random 1..5 there
+    ("<answer>fine</answer>", None, None),
+])
+def test_authors_score_images_and_videos(text, image, video):
+    assert evaluate.authors_score(text) == image
+    assert evaluate.authors_score(text, video=True) == video
+
+
+def test_authors_protocol_scores_a_video_by_the_mean_of_its_numbers(monkeypatch):
+    seen = []
+
+    def judge(model, tokenizer, image_processor, visuals, *, video=False, **kwargs):
+        seen.append((video, kwargs["prompt"], kwargs["labels"](1, video)))
+        return [preresq.Judgement(None, None, ["<answer>2.00\n4.00</answer>"], 0) for _ in visuals]
+
+    monkeypatch.setattr(preresq, "judge", judge)
+    monkeypatch.setattr(data, "read_visual", lambda path, max_pixels=None: path)
+    items = [data.Item(path=p, mos=m, raw=m, dataset="mixed") for p, m in (("a.mp4", 2.0), ("b.png", 3.0))]
+    _, rows = evaluate.evaluate(CHECKPOINT, None, None, items, protocol="authors", progress=False)
+    assert [r["score"] for r in rows] == [3.0, 2.0]
+    assert seen == [(False, evaluate.AUTHORS_IMAGE_PROMPT, "Picture 2: "),
+                    (True, evaluate.AUTHORS_VIDEO_PROMPT, "Local single frame picture 1:Picture 2: ")]
 
 
 def test_authors_protocol_fixes_the_decoding(hand_written):
@@ -429,7 +473,8 @@ def test_sampling_settings_reach_the_sampler(hand_written):
     items, tokenizer, calls = hand_written
     evaluate.evaluate(None, tokenizer, None, items[:2], samples=3, temperature=0.7, top_k=5,
                       max_new_tokens=32, progress=False)
-    assert calls == [dict(num_generations=3, temperature=0.7, top_k=5, max_new_tokens=32, greedy=False)]
+    assert calls == [dict(num_generations=3, temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.0,
+                          max_new_tokens=32, greedy=False, prompt=preresq.IMAGE_PROMPT, label="")]
 
 
 def test_evaluate_judges_images_and_videos_separately_keeping_order(monkeypatch):
@@ -508,8 +553,8 @@ def no_model(monkeypatch):
     (["--data", "koniq", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--data", "koniq", "--top-k", "-1"], "--top-k must be at least 0"),
     (["--data", "koniq", "--protocol", "authors", "--samples", "4", "--top-k", "5"],
-     "--protocol authors fixes the decoding (one answer sampled at top_k 50, temperature 1.0, 512 "
-     "tokens): drop --samples, --top-k"),
+     "--protocol authors fixes the decoding (one answer sampled at top_k 50, top_p 1, 512 tokens, temperature "
+     "and repetition penalty from the checkpoint's generation_config.json): drop --samples, --top-k"),
     (["--data", "koniq", "--protocol", "greedy"], "invalid choice: 'greedy'"),
     (["--data", "koniq,spaq,kadid", "--split", "test,all"], "--split gives 2 splits for 3 sets"),
 ])
@@ -614,3 +659,51 @@ def test_end_to_end_files_agree_and_the_seed_fixes_the_numbers(tiny, synthetic_h
     assert _run_cli(tmp_path / "b", tiny, synthetic_handful, monkeypatch, *decoding) == summary
     assert ((tmp_path / "a" / "predictions-handful.csv").read_text()
             == (tmp_path / "b" / "predictions-handful.csv").read_text())
+
+
+# ---------------------------------------------------------------------------------------
+# the authors' protocol against transformers' generate, with the checkpoint's generation config
+# ---------------------------------------------------------------------------------------
+
+def test_authors_prompt_is_their_chat_template_with_vision_ids():
+    """Qwen2.5-VL's chat template with add_vision_id=True writes "Picture k: " before each picture."""
+    head, tail = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", \
+        "<|im_end|>\n<|im_start|>assistant\n"
+    picture = "<|vision_start|><|image_pad|><|vision_end|>"
+    image = preresq.render_prompt([1], "Q", labels=evaluate.authors_label)
+    assert image == head + "Picture 1: " + picture + "Q" + tail
+    video = preresq.render_prompt([1, 1, 1], "Q", video=True, labels=evaluate.authors_label)
+    assert video == (head + "Global multiframe picture:Picture 1: " + picture + "Local single frame picture 1:"
+                     "Picture 2: " + picture + "Local single frame picture 2:Picture 3: " + picture + "Q" + tail)
+
+
+def test_authors_protocol_samples_as_generate_does_with_the_checkpoints_config(tmp_path):
+    """A copy of the tiny preset whose generation_config.json carries a temperature and a repetition
+    penalty: the authors' protocol draws what generate(do_sample=True, top_k=50, top_p=1,
+    max_new_tokens=512) draws from that checkpoint (the suppressed tokens aside, which both get)."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(presets.model_path("tiny"), folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.7, repetition_penalty=1.3, top_k=1, top_p=0.001)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    model, tok, ip = preresq.load_model(str(folder), "cpu")
+    decoding = evaluate.authors_decoding(model.generation_config)
+    assert decoding == dict(samples=1, temperature=0.7, top_k=50, top_p=1.0, repetition_penalty=1.3,
+                            max_new_tokens=512)
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    ours = preresq.judge(model, tok, ip, pictures, seed=5, prompt=evaluate.AUTHORS_IMAGE_PROMPT,
+                         labels=evaluate.authors_label, **decoding)
+    batch = preresq.encode_prompts(tok, ip, [[p] for p in pictures], [evaluate.AUTHORS_IMAGE_PROMPT] * 3,
+                                   labels=evaluate.authors_label)
+    torch.manual_seed(5)
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                         mm_token_type_ids=preresq.mm_token_type_ids(model, batch.input_ids), use_cache=True,
+                         max_new_tokens=512, do_sample=True, top_k=50, top_p=1,
+                         suppress_tokens=preresq.suppressed_ids(tok))
+    theirs = tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    assert [j.texts[0] for j in ours] == theirs
+    plain = preresq.judge(model, tok, ip, pictures, seed=5, prompt=evaluate.AUTHORS_IMAGE_PROMPT,
+                          labels=evaluate.authors_label, **dict(decoding, temperature=1.0, repetition_penalty=1.0))
+    assert [j.texts[0] for j in plain] != theirs  # the checkpoint's settings change what is drawn

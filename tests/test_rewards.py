@@ -3,7 +3,9 @@ symmetry and monotonicity properties, NaN-free edge cases, and a fuzz test of th
 
 import math
 import random
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -470,6 +472,26 @@ def test_format_reward_is_strict():
         assert format_reward(text, 5) == 0.0, text
     assert parse_answer(GOOD.replace("4.10", "Sharpness: 4.10"), 5) is not None
     assert format_reward(None, 5) == 0.0
+
+
+# The authors' format regexes (grpo_preres_IQA_r1, grpo_preres_VQA_r1), as peers.
+AUTHORS_IMAGE_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>(?:\s*\d+\.?\d*\s*\n){4}\s*\d+\.?\d*\s*</answer>",
+                                  re.DOTALL)
+AUTHORS_VIDEO_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>(?:\s*\d+\.?\d*\s*\n){2}\s*</answer>", re.DOTALL)
+
+
+def test_video_format_is_the_image_rule_which_the_authors_video_regex_tightens():
+    """Our video check is the image one with two scores: no newline needed after the last score,
+    as in the authors' image regex; their video regex requires one. The docs say which."""
+    bare, closed = "<think>v</think><answer>3.5\n4.0</answer>", "<think>v</think><answer>3.5\n4.0\n</answer>"
+    assert format_reward(bare, 2) == format_reward(closed, 2) == 1.0
+    assert AUTHORS_VIDEO_FORMAT.fullmatch(bare) is None and AUTHORS_VIDEO_FORMAT.fullmatch(closed)
+    assert AUTHORS_IMAGE_FORMAT.fullmatch(GOOD) and format_reward(GOOD, 5) == 1.0
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "docs/method.md"):
+        text = " ".join((root / doc).read_text().split())
+        at = text.find(r"`<answer>3.5\n4.0</answer>`")
+        assert at >= 0 and "rejects" in text[at:at + 200] and "looser" not in text, doc
 
 
 def test_parse_completions_builds_reward_inputs():
