@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 import distributed as D
-from cli import DTYPES, InputError, add_flags, default_text, flag, run
+from cli import DTYPES, InputError, add_flags, default_text, flag, number_errors, run
 import lora
 import prefix
 import preresq
@@ -294,8 +294,7 @@ class Config:
             errors.append("--no-response-branch / --no-preference-branch apply to --reward preresq only")
         if not (self.response_branch or self.preference_branch):
             errors.append("dropping both branches leaves only the format reward; keep at least one")
-        if self.temperature <= 0:
-            errors.append("--temperature must be > 0 (GRPO needs sampled answers)")
+        errors += number_errors(vars(self))  # every number finite, and within cli.BOUNDS
         if self.fsdp and self.reference_device:
             errors.append("--fsdp shards the reference model with the policy; drop --reference-device")
         errors += lora.config_errors(self)  # the --lora-* flags, and what LoRA does not combine with
