@@ -267,6 +267,8 @@ def test_unreadable_files_during_evaluation_are_counted_warnings_not_tracebacks(
     for k in range(7):
         (root / f"cut{k}.png").write_bytes(whole[:len(whole) // 2])
         lines.append(f"cut{k}.png 2.5")
+    Image.new("RGB", (2000, 3), (90, 90, 90)).save(root / "wide.png")  # a shape the image processor refuses
+    lines.append("wide.png 2.5")
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
     model = tmp_path / "model"
     model.mkdir()
@@ -279,9 +281,9 @@ def test_unreadable_files_during_evaluation_are_counted_warnings_not_tracebacks(
     err = capsys.readouterr().err
     assert f"model: {model} (a local checkpoint folder)" in err
     assert err.count("evaluate.py: warning: skipped: cannot decode image") == 5
-    assert "further warnings of this run are counted" in err and "evaluate.py: 7 unreadable files" in err
+    assert "further warnings of this run are counted" in err and "evaluate.py: 8 unreadable files" in err
     assert "UserWarning" not in err and "Traceback" not in err and "warnings.warn" not in err
-    assert json.loads((out / "summary.json").read_text())["labels"]["unreadable"] == 7
+    assert json.loads((out / "summary.json").read_text())["labels"]["unreadable"] == 8
 
 
 def test_preresq_scores_what_it_can_read_and_exits_1_for_the_rest(inputs, monkeypatch, capsys):
