@@ -285,6 +285,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+# The Qwen2-VL image processor (smart_resize) refuses a picture whose long side is over 200 times its
+# short one; it scales every other size, however small, to at least 56 x 56 pixels.
+MAX_ASPECT_RATIO = 200
+
+
+def check_shape(path: str, width: int, height: int, downscaled: bool = False) -> None:
+    """DataError for a picture the model's image processor refuses: a long side over MAX_ASPECT_RATIO
+    times the short one. downscaled: the size is --max-pixels' downscale of a larger picture."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        size = f"{width} x {height} pixels" + (" once downscaled to --max-pixels" if downscaled else "")
+        raise DataError(f"{path} is {size}: the model's image processor takes no picture whose long side is "
+                        f"over {MAX_ASPECT_RATIO} times its short one; crop it"
+                        + (", or raise --max-pixels" if downscaled else ""))
+
+
 def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB, upright, with at most max_pixels pixels.
 
@@ -294,6 +309,7 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
+            downscaled = bool(max_pixels) and im.width * im.height > max_pixels
             if max_pixels and im.format in ("JPEG", "MPO") and im.width * im.height > max_pixels:
                 s = math.sqrt(max_pixels / (im.width * im.height))
                 im.draft("RGB", (math.ceil(im.width * s), math.ceil(im.height * s)))
@@ -309,6 +325,7 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
         s = math.sqrt(max_pixels / (im.width * im.height))
         size = (max(1, int(im.width * s)), max(1, int(im.height * s)))
         im = im.resize(size, Image.Resampling.BICUBIC)
+    check_shape(path, *im.size, downscaled)
     return im
 
 
@@ -318,9 +335,12 @@ def read_visual(path: str, max_pixels: int | None = None) -> Image.Image | list[
     max_pixels (default video.LOCAL_MAX_PIXELS). Raises DataError naming the file."""
     if is_video(path):
         try:
-            return video.video_views(path, local_max_pixels=max_pixels or video.LOCAL_MAX_PIXELS)
+            views = video.video_views(path, local_max_pixels=max_pixels or video.LOCAL_MAX_PIXELS)
         except video.VideoError as e:
             raise DataError(str(e)) from None
+        for view in views:
+            check_shape(path, *view.size)
+        return views
     return load_image(path, max_pixels=max_pixels)
 
 
@@ -357,10 +377,12 @@ def check_readable(path: str) -> None:
     if is_video(path):
         return checked_video(path)
     try:
-        Image.open(path).close()
+        with Image.open(path) as im:
+            size = im.size
     except _DECODE_ERRORS as e:
         raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__}: {e}); pass an image "
                         "or a video file") from None
+    check_shape(path, *size)
 
 
 def checked_video(path: str, decode: bool = False) -> None:
@@ -419,6 +441,7 @@ def command(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42, help="seed of the random 80/20 splits and synthetic sets")
     p.add_argument("--check-images", action="store_true", help="also decode every file")
     args = p.parse_args(argv)
+    cli.at_least(p, args)
     if bool(args.name) == bool(args.data):
         p.error("name one dataset: --data NAME")
     return summary(args.data or args.name, args.data_root, args.split, args.labels, args.seed, args.check_images)

@@ -302,7 +302,7 @@ class Config:
             errors.append("--no-response-branch / --no-preference-branch apply to --reward preresq only")
         if not (self.response_branch or self.preference_branch):
             errors.append("dropping both branches leaves only the format reward; keep at least one")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             errors.append("--temperature must be > 0 (GRPO needs sampled answers)")
         if self.fsdp and self.reference_device:
             errors.append("--fsdp shards the reference model with the policy; drop --reference-device")

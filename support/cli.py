@@ -19,6 +19,8 @@ the tool says so (the message says what is intact); 2 bad usage or input, nothin
 from __future__ import annotations
 
 import argparse
+import math
+import operator
 import os
 import sys
 from dataclasses import fields
@@ -146,11 +148,49 @@ def add_model_flags(parser: argparse.ArgumentParser, model_help: str, model_defa
 
 
 def at_least(parser: argparse.ArgumentParser, args, **least) -> None:
-    """A usage error (exit 2) for the first flag given below its least value: at_least(p, args, grid=1)."""
+    """A usage error (exit 2) for the first flag given below its least value: at_least(p, args, grid=1);
+    then for the first other number flag that is not finite or outside its BOUNDS (number_errors)."""
     for name, low in least.items():
         value = getattr(args, name)
         if value is not None and value < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    errors = number_errors({k: v for k, v in vars(args).items() if k not in least})
+    if errors:
+        parser.error(errors[0])
+
+
+# The bounds of the number flags, by their name in any tool (the same name means the same thing in
+# every tool). float("nan") and float("inf") parse as numbers, so every number must also be finite:
+# a NaN passes every comparison unnoticed (nan <= 0 is False) and reaches the optimizer or the sampler.
+BOUNDS = {
+    "lr": ((">", 0),), "temperature": ((">", 0),), "epochs": ((">", 0),), "max_grad_norm": ((">", 0),),
+    "lora_alpha": ((">", 0),), "seconds": ((">", 0),),
+    "beta": ((">=", 0),), "reasoning_beta": ((">=", 0),), "epsilon": ((">=", 0),), "weight_decay": ((">=", 0),),
+    "stage1_steps": ((">=", 0),), "eval_every": ((">=", 0),), "save_every": ((">=", 0),),
+    "keep_last": ((">=", 1),), "eval_size": ((">=", 1),), "eval_samples": ((">=", 1),), "workers": ((">=", 1),),
+    "max_pixels": ((">=", 1),), "jobs": ((">=", 1),),
+    # numpy's generators take no negative seed
+    "seed": ((">=", 0),),
+    "lora_dropout": ((">=", 0), ("<", 1)), "invalid": ((">=", 0), ("<=", 1)),
+}
+_COMPARE = {">": (operator.gt, "greater than"), ">=": (operator.ge, "at least"), "<": (operator.lt, "less than"),
+            "<=": (operator.le, "at most")}
+
+
+def number_errors(values: dict) -> list[str]:
+    """One message per number in `values` (flag name -> value; None and non-numbers are passed over)
+    that is not finite or is outside its BOUNDS: ["--lr must be greater than 0, got -0.001"]."""
+    errors = []
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if not math.isfinite(value):
+            errors.append(f"{flag} must be a finite number, got {value}")
+            continue
+        errors += [f"{flag} must be {words} {bound}, got {value}" for op, bound in BOUNDS.get(name, ())
+                   for compare, words in [_COMPARE[op]] if not compare(value, bound)][:1]
+    return errors
 
 
 def check_device(device: str | None) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as tdist
+from safetensors import safe_open
 from tqdm import tqdm
 
 import data
@@ -49,7 +50,7 @@ from support import presets
 from support.distributed import (SINGLE, Dist, Ranks, all_reduce, broadcast, call, check_global_batch,
                                  full_optimizer_state, full_weights, is_sharded, load_optimizer_state, rank_seed,
                                  shard_model, unwrap)
-from support.cli import Failure, InputError, Warnings, add_flags, check_device, default_text
+from support.cli import Failure, InputError, Warnings, add_flags, check_device, default_text, number_errors
 from support.files import atomic_folder
 
 CHECKPOINT_STATE = "trainer_state.pt"
@@ -136,11 +137,51 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[11:]))
 
 
+def damage(folder: Path) -> str | None:
+    """What is damaged in a checkpoint folder, or None: every file is opened the cheap way (JSON parsed,
+    safetensors headers read, the training state mapped, not read) so a truncated or overwritten file
+    is found before --resume loads anything."""
+    try:  # mmap: the optimizer state is mapped, not read; a cut zip has lost its directory at the end
+        torch.load(folder / CHECKPOINT_STATE, weights_only=False, mmap=True)["step"]
+    except Exception as e:
+        return f"{CHECKPOINT_STATE} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "it holds no weights (*.safetensors)"
+    # what save_folder always writes (config.json is the model's, absent where only adapters are kept)
+    needed = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"]
+    missing = [n for n in needed + ["config.json"] * (not (folder / lora.ADAPTER_FILE).exists())
+               if not (folder / n).exists()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for f in [*sorted(folder.glob("*.json")), *weights]:
+        try:
+            json.loads(f.read_text()) if f.suffix == ".json" else safe_open(str(f), "pt").keys()
+        except Exception as e:
+            return f"{f.name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def newest_sound_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
+    """(OUT's newest complete checkpoint with nothing damaged, or None; what is damaged in the newer
+    ones, a line each). InputError when checkpoints exist but every one is damaged."""
+    damaged = []
+    for folder in reversed(checkpoints(out)):
+        what = damage(folder)
+        if what is None:
+            return folder, damaged
+        damaged.append(f"{folder}: {what}")
+    if damaged:
+        raise InputError("--resume: every checkpoint in {} is damaged:\n  {}\nNo run can continue from them: "
+                         "start the run again with another --out.".format(out, "\n  ".join(damaged)))
+    return None, damaged
+
+
 def saved_config(out: Path) -> dict | None:
-    """The configuration in OUT's newest complete checkpoint (None when there is none)."""
-    found = checkpoints(out)
+    """The configuration in OUT's newest sound checkpoint (None when there is none)."""
+    found = newest_sound_checkpoint(out)[0]
     # mmap: only the small config is read, not the optimizer state.
-    return torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False, mmap=True)["config"] if found else None
+    return torch.load(found / CHECKPOINT_STATE, weights_only=False, mmap=True)["config"] if found else None
 
 
 def config_differences(state: dict, cfg, world: int) -> list[str]:
@@ -170,13 +211,16 @@ def check_run_folder(cfg, resume: bool, force: bool, dist: Dist = SINGLE) -> dic
         raise InputError(f"--out {out} is a file, not a folder; choose another --out.")
     state = None
     if resume:
-        found = checkpoints(out)
+        found, damaged = newest_sound_checkpoint(out)
         if not found:
             raise InputError(f"--resume: no complete checkpoint in {out}; start without --resume.")
-        state = torch.load(found[-1] / CHECKPOINT_STATE, weights_only=False)
+        for line in damaged if dist.main else []:
+            print(f"grpo.py: warning: damaged checkpoint {line}; resuming from {found}, the newest sound one",
+                  file=sys.stderr)
+        state = {**torch.load(found / CHECKPOINT_STATE, weights_only=False), "folder": found}
         diffs = config_differences(state, cfg, dist.world)
         if diffs and not force:
-            raise InputError(f"--resume from {found[-1]} with a different configuration:\n  "
+            raise InputError(f"--resume from {found} with a different configuration:\n  "
                              + "\n  ".join(diffs) + "\nDrop those flags (--resume takes every flag not given "
                              "from the checkpoint), or add --force to resume with them anyway.")
     elif out.exists() and checkpoints(out):
@@ -385,12 +429,28 @@ def load_visuals(items: list, max_pixels: int | None) -> tuple[list, list, list[
 
 # --------------------------------------------------------------------------- setting a run up
 
+def check_some_picture_reads(name: str, items: list, max_pixels: int | None) -> None:
+    """DataError when no item of a training set can be read: training would skip every step. The
+    items are read in order until one reads, so a sound set costs one picture."""
+    first = None
+    for item in items:
+        try:
+            data.read_visual(item.path, max_pixels=max_pixels)
+            return
+        except data.DataError as e:
+            first = first or str(e)
+    raise data.DataError(f"no picture of training set {name!r} could be read: all {len(items)} failed, the "
+                         f"first with: {first}. Check the files (python data.py --data ... --check-images lists "
+                         "each unreadable one).")
+
+
 def load_training_data(cfg) -> tuple[dict, list]:
     """Training sets by name, and the held-out items (a fixed seeded subset of --eval-split)."""
     sets = data.load_datasets(cfg.data, cfg.data_root, cfg.split, labels=cfg.labels, seed=cfg.seed)
     for name, items in sets.items():
         if not items:
             raise data.DataError(f"dataset {name!r} has no items in split {cfg.split!r}; choose another --split.")
+        check_some_picture_reads(name, items, cfg.max_pixels)
     held = []
     if cfg.eval_split != "none":
         try:
@@ -507,7 +567,7 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed, dist.rank, dist.world)
     cfg.set_length(sum(map(len, sets.values())), dist.world)
     steps = cfg.steps
-    source = str(checkpoints(out)[-1]) if state else cfg.model
+    source = str(state["folder"]) if state else cfg.model
     model, reference, tokenizer, image_processor = load_models(cfg, source, device, dist)
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters under --lora-rank
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -639,7 +699,8 @@ def draw_run_curves(out: Path) -> None:
     series = {"mean reward": [(m["step"], m["reward"]) for m in steps if m.get("reward") is not None],
               "held-out SRCC": [(e["step"], e["srcc"]) for e in evals if e.get("srcc") is not None],
               "held-out PLCC": [(e["step"], e["plcc"]) for e in evals if e.get("plcc") is not None]}
-    plots.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
+    if any(series.values()):  # every step skipped (no readable picture in its batch): nothing to draw
+        plots.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
 
 
 def evaluate_and_log(cfg, run: Run, step: int) -> dict | None:
@@ -709,6 +770,9 @@ def parse_args(argv=None) -> tuple["grpo.Config", bool, bool]:
         unset = object()
         given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(args, unset))))
         args = {k: saved.get(k, v) if given[k] is unset else given[k] for k, v in args.items()}
+    errors = number_errors(args)  # every number finite, and within cli.BOUNDS
+    if errors:
+        raise InputError("; ".join(errors))
     try:
         cfg = grpo.Config(**args).resolve()
     except grpo.ConfigError as e:

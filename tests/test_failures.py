@@ -117,6 +117,36 @@ def test_corrupt_images_in_training_are_skipped_counted_and_named(tmp_path, caps
     assert (out / "final" / "model.safetensors").exists()
 
 
+def test_a_picture_the_image_processor_refuses_is_skipped_and_counted(tmp_path, capsys):
+    """2000 x 3 pixels: Qwen2-VL's smart_resize refuses a long side over 200 times the short one."""
+    flags = labelled_folder(tmp_path / "set", good=3)
+    Image.new("RGB", (2000, 3), (90, 90, 90)).save(tmp_path / "set" / "wide.png")
+    with open(tmp_path / "set" / "labels.txt", "a") as f:
+        f.write("wide.png 2.0\n")
+    out = tmp_path / "run"
+    assert grpo.main(FLAGS + flags + ["--steps", "2", "--out", str(out)]) == 0  # one pass over the 4 items
+    err = capsys.readouterr().err
+    assert f"skipped an unreadable item: {tmp_path / 'set' / 'wide.png'} is 2000 x 3 pixels" in err
+    assert "over 200 times its short one" in err and records(out)[-1]["skipped_items"] == 1
+
+
+def test_a_training_set_with_no_readable_picture_is_refused_before_training(tmp_path, capsys):
+    flags = labelled_folder(tmp_path / "set", good=0, corrupt=3)
+    (tmp_path / "set" / "labels.txt").write_text("".join(f"bad{i}.png {1 + i}\n" for i in range(3)))
+    message = fails(FLAGS + flags + ["--steps", "2", "--out", str(tmp_path / "run")], capsys)
+    assert message.startswith("grpo.py: error: no picture of training set 'labels' could be read: all 3 failed")
+    assert f"cannot decode image {tmp_path / 'set' / 'bad0.png'}" in message and "--check-images" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_every_step_was_skipped_ends_without_curves(tmp_path):
+    """One readable picture among unreadable ones: steps whose batch has none are skipped; a run of only
+    such steps has no reward to draw, and ends normally."""
+    runkeeping.log_json(tmp_path / "metrics.jsonl", {"step": 1, "skipped": "no readable images in this batch"})
+    runkeeping.draw_run_curves(tmp_path)
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_missing_file_and_corrupt_clip_at_load_time_are_reported_not_fatal(tmp_path):
     import data
 

@@ -56,6 +56,22 @@ CASES = [
     case("grpo", ["--device", "cuda"], ["--device cuda", "--device cpu"], marks=CUDA),
     case("grpo", ["--out", "{in}/afile"], ["--out", "afile is a file"]),
     case("grpo", ["--dtype", "half"], ["argument --dtype: invalid choice: 'half'"]),
+    case("grpo", ["--lr", "nan"], ["--lr must be a finite number, got nan"]),
+    case("grpo", ["--lr", "-0.001"], ["--lr must be greater than 0, got -0.001"]),
+    case("grpo", ["--lr", "inf"], ["--lr must be a finite number, got inf"]),
+    case("grpo", ["--beta", "-0.04"], ["--beta must be at least 0, got -0.04"]),
+    case("grpo", ["--temperature", "nan"], ["--temperature must be a finite number"]),
+    case("grpo", ["--temperature", "0"], ["--temperature must be greater than 0, got 0.0"]),
+    case("grpo", ["--epochs", "inf"], ["--epochs must be a finite number, got inf"]),
+    case("grpo", ["--epsilon", "nan"], ["--epsilon must be a finite number"]),
+    case("grpo", ["--max-grad-norm", "0"], ["--max-grad-norm must be greater than 0"]),
+    case("grpo", ["--weight-decay", "-1"], ["--weight-decay must be at least 0"]),
+    case("grpo", ["--lora-rank", "2", "--lora-dropout", "1"], ["--lora-dropout must be less than 1, got 1.0"]),
+    case("grpo", ["--lora-rank", "2", "--lora-alpha", "inf"], ["--lora-alpha must be a finite number"]),
+    case("grpo", ["--seed", "-1"], ["--seed must be at least 0, got -1"]),
+    case("grpo", ["--keep-last", "0"], ["--keep-last must be at least 1"]),
+    case("grpo", ["--max-pixels", "0"], ["--max-pixels must be at least 1"]),
+    case("grpo", ["--workers", "0"], ["--workers must be at least 1"]),
     # evaluate.py
     case("evaluate", ["--model", "tiny", "--data", "koniq"], ["'koniq' needs --data-root"]),
     case("evaluate", ["--model", "tiny", "--data", "koniq", "--data-root", "{in}/nope"], ["nope", "is not a folder"]),
@@ -71,6 +87,9 @@ CASES = [
     case("evaluate", ["--model", "tiny", "--data", "synthetic", "--data-root", "{in}/photos"],
          ["not a synthetic set"]),
     case("evaluate", ["--model", "tiny", "--data", "synthetic", "--samples", "0"], ["--samples must be at least 1"]),
+    case("evaluate", ["--model", "tiny", "--data", "synthetic", "--temperature", "nan"],
+         ["--temperature must be a finite number, got nan"]),
+    case("evaluate", ["--model", "tiny", "--data", "synthetic", "--seed", "-3"], ["--seed must be at least 0"]),
     # preresq.py: the files are checked in seconds, before a model is found, built or loaded
     case("preresq", ["{in}/bad.jpg", "--model", "tiny"], ["bad.jpg", "not an image"], absent=[LABEL_FILE]),
     case("preresq", ["{in}/empty.mp4", "--model", "tiny"], ["empty.mp4", "cannot open as a video"],
@@ -84,18 +103,24 @@ CASES = [
     case("preresq", ["{in}/good.png", "--model", "{in}/notamodel"], ["is not a model folder"]),
     case("preresq", ["{in}/good.png", "--model", "x", "--device", "cuda"], ["--device cuda"], marks=CUDA),
     case("preresq", ["{in}/good.png", "--model", "x", "--samples", "0"], ["--samples must be at least 1"]),
+    case("preresq", ["{in}/wide.png", "--model", "tiny"], ["wide.png is 2000 x 3 pixels", "over 200 times",
+                                                           "crop it"]),
+    case("preresq", ["{in}/tall.png", "--model", "tiny"], ["tall.png is 2 x 403 pixels", "over 200 times"]),
+    case("preresq", ["{in}/good.png", "--model", "x", "--seed", "-1"], ["--seed must be at least 0"]),
     # data.py
     case("data", ["--data", "nope"], ["unknown dataset 'nope'", "koniq"]),
     case("data", ["--data", "koniq"], ["'koniq' needs --data-root"]),
     case("data", ["--data", "synthetic", "--data-root", "{in}/photos"], ["not a synthetic set"]),
     case("data", ["--data", "labels", "--data-root", "{in}/labels"], ["--data labels needs --labels FILE"]),
     case("data", [], ["name one dataset: --data NAME"]),
+    case("data", ["--data", "synthetic", "--seed", "-1"], ["--seed must be at least 0"]),
     # video.py
     case("video", ["{in}/clip.mp4", "--grid", "0", "--out", "views"], ["--grid must be at least 1"]),
     case("video", ["{in}/clip.mp4", "--out", "{in}/afile"], ["--out", "is a file"]),
     case("video", ["{in}/clip.mp4", "--out", "{in}/afile/views"], ["cannot create --out", "afile is a file"]),
     case("video", ["{in}/missing.mp4", "--out", "views"], ["missing.mp4: cannot open as a video"]),
     case("video", ["{in}/empty.mp4", "--out", "views"], ["empty.mp4: cannot open as a video"]),
+    case("video", ["{in}/clip.mp4", "--seed", "-1", "--out", "views"], ["--seed must be at least 0"]),
     # presets.py
     case("presets", ["nope"], ["invalid choice: 'nope'", "tiny"]),
     case("presets", [], ["required: NAME"]),
@@ -114,6 +139,9 @@ CASES = [
     case("bench", ["step", "--images-per-step", "0"], ["--images-per-step must be at least 1"]),
     case("bench", ["video", "--clip", "{in}/empty.mp4"], ["empty.mp4: cannot open as a video"]),
     case("bench", ["rewards", "--repeats", "0"], ["--repeats must be at least 1"]),
+    case("bench", ["step", "--beta", "nan"], ["--beta must be a finite number"]),
+    case("bench", ["step", "--beta", "-1"], ["--beta must be at least 0"]),
+    case("bench", ["video", "--seconds", "inf"], ["--seconds must be a finite number"]),
     case("bench", ["rewards", "--device", "cuda"], ["--device cuda", "--device cpu"], marks=CUDA),
 ]
 
@@ -126,8 +154,11 @@ def inputs(tmp_path_factory):
     (root / "empty.mp4").write_bytes(b"")
     (root / "afile").write_text("a file where a folder should be")
     (root / "notamodel").mkdir()
+    (root / "readonly").mkdir()
     (root / "notamodel" / "weights.txt").write_text("no config.json here")
     Image.new("RGB", (64, 48), (200, 90, 40)).save(root / "good.png")
+    Image.new("RGB", (2000, 3), (200, 90, 40)).save(root / "wide.png")  # the image processor refuses both
+    Image.new("RGB", (2, 403), (200, 90, 40)).save(root / "tall.png")
     (root / "photos").mkdir()
     Image.new("RGB", (64, 48), (20, 90, 140)).save(root / "photos" / "holiday.jpg")
     (root / "labels").mkdir()
@@ -189,6 +220,26 @@ def test_a_bad_input_is_refused_before_anything_is_made(tool, argv, code, words,
     assert "Traceback" not in printed, printed
 
 
+@pytest.mark.parametrize("tool, argv", [("grpo", []), ("evaluate", ["--model", "tiny", "--data", "synthetic"])])
+@pytest.mark.parametrize("cache, words", [
+    ("{in}/afile", ["PRERESQ_CACHE={in}/afile: cannot create", "afile is a file"]),
+    ("{in}/afile/cache", ["PRERESQ_CACHE={in}/afile/cache: cannot create", "afile is a file"]),
+    ("{in}/readonly/cache", ["PRERESQ_CACHE={in}/readonly/cache: cannot create", "readonly is not writable"]),
+])
+def test_a_cache_that_cannot_be_written_is_refused_before_anything_is_made(tool, argv, cache, words, inputs,
+                                                                           front_door, capsys, monkeypatch):
+    """The synthetic set is generated into PRERESQ_CACHE on first use: a file there, or a read-only place
+    (simulated at the access check: the tests run as root, for whom permissions do not bite)."""
+    readonly, access = inputs / "readonly", os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == readonly else access(p, mode))
+    monkeypatch.setenv("PRERESQ_CACHE", cache.replace("{in}", str(inputs)))
+    got, printed = run_tool(tool, argv, capsys, monkeypatch)
+    assert got == 2 and printed.startswith(f"{tool}.py: error: "), printed
+    for word in words:
+        assert word.replace("{in}", str(inputs)) in printed, printed
+    assert "point PRERESQ_CACHE at a writable folder" in printed and "Traceback" not in printed
+
+
 def test_the_table_covers_every_tool_and_enough_bad_inputs():
     tools = {p.values[0] for p in CASES}
     assert tools == set(TOOLS) and len(CASES) >= 30
@@ -216,6 +267,8 @@ def test_unreadable_files_during_evaluation_are_counted_warnings_not_tracebacks(
     for k in range(7):
         (root / f"cut{k}.png").write_bytes(whole[:len(whole) // 2])
         lines.append(f"cut{k}.png 2.5")
+    Image.new("RGB", (2000, 3), (90, 90, 90)).save(root / "wide.png")  # a shape the image processor refuses
+    lines.append("wide.png 2.5")
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
     model = tmp_path / "model"
     model.mkdir()
@@ -228,9 +281,9 @@ def test_unreadable_files_during_evaluation_are_counted_warnings_not_tracebacks(
     err = capsys.readouterr().err
     assert f"model: {model} (a local checkpoint folder)" in err
     assert err.count("evaluate.py: warning: skipped: cannot decode image") == 5
-    assert "further warnings of this run are counted" in err and "evaluate.py: 7 unreadable files" in err
+    assert "further warnings of this run are counted" in err and "evaluate.py: 8 unreadable files" in err
     assert "UserWarning" not in err and "Traceback" not in err and "warnings.warn" not in err
-    assert json.loads((out / "summary.json").read_text())["labels"]["unreadable"] == 7
+    assert json.loads((out / "summary.json").read_text())["labels"]["unreadable"] == 8
 
 
 def test_preresq_scores_what_it_can_read_and_exits_1_for_the_rest(inputs, monkeypatch, capsys):

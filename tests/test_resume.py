@@ -224,6 +224,56 @@ def test_half_written_checkpoint_is_ignored(straight, tmp_path):
     assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"]
 
 
+def cut(path: Path) -> None:
+    """A copy cut short, as a full disk or a kill during a copy leaves it."""
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"\x00\xff not what was saved " * 40)
+
+
+@pytest.mark.parametrize("damage", [cut, garbage])
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before(straight, tmp_path, damage,
+                                                                                       capsys):
+    """checkpoint-3's training state damaged: the run says so, resumes from checkpoint-2 and ends with the
+    straight run's weights and metrics."""
+    out = copy_run(straight, tmp_path / "run")
+    shutil.rmtree(out / "final")
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    damage(out / "checkpoint-3" / runkeeping.CHECKPOINT_STATE)
+    assert grpo.main(["--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"grpo.py: warning: damaged checkpoint {out / 'checkpoint-3'}: trainer_state.pt cannot be read" in err
+    assert f"resuming from {out / 'checkpoint-2'}, the newest sound one" in err and "Traceback" not in err
+    assert_same_weights(out / "final", straight / "final")
+    assert metrics(out) == metrics(straight)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                  "preprocessor_config.json", runkeeping.CHECKPOINT_STATE])
+@pytest.mark.parametrize("damage", [cut, garbage])
+def test_every_file_of_a_checkpoint_is_checked(straight, tmp_path, name, damage):
+    folder = shutil.copytree(straight / "checkpoint-2", tmp_path / "checkpoint-2")
+    assert runkeeping.damage(folder) is None
+    damage(folder / name)
+    assert runkeeping.damage(folder).startswith(f"{name} cannot be read (")
+    (folder / name).unlink()  # a folder without its training state is no checkpoint (checkpoints skips it)
+    assert runkeeping.damage(folder).startswith(f"{name} missing" if name.endswith(".json") else
+                                          f"{name} cannot be read (FileNotFoundError" if name == runkeeping.CHECKPOINT_STATE
+                                          else "it holds no weights (*.safetensors)")
+
+
+def test_every_checkpoint_damaged_is_refused_naming_each(straight, tmp_path, capsys):
+    out = copy_run(straight, tmp_path / "run")
+    cut(out / "checkpoint-2" / "model.safetensors")
+    before = sorted(p.name for p in out.rglob("*"))
+    message = refused(["--out", str(out), "--resume"], capsys)
+    assert f"--resume: every checkpoint in {out} is damaged:\n  {out / 'checkpoint-2'}: model.safetensors" in message
+    assert "start the run again with another --out" in message
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
