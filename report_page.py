@@ -46,16 +46,18 @@ MAX_FAILURES = 20  # parse failures shown on the evaluation page
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }
-h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+h1 { font-size: 1.4em; margin: 0.2em 0; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
 .note { color: #555; } .charts { display: flex; flex-wrap: wrap; gap: 1em; }
 svg { background: #fff; border: 1px solid #ddd; } svg text { font: 11px sans-serif; fill: #333; }
 .group, .item { display: flex; gap: 1em; margin: 1em 0; padding: 0.6em; border: 1px solid #ddd; }
-.side { width: 170px; flex: none; font-size: 12px; word-break: break-all; }
+.side { width: 150px; flex: none; font-size: 12px; word-break: break-all; }
 .thumb { max-width: 160px; max-height: 160px; display: block; margin-bottom: 0.3em; }
 .missing { width: 160px; height: 90px; background: #eee; font-size: 11px; overflow: hidden; }
-table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ddd; padding: 2px 5px; }
+table { border-collapse: collapse; font-size: 12px; }
+td, th { border: 1px solid #ddd; padding: 2px 5px; vertical-align: top; } th { font-size: 11px; }
+td.answer { min-width: 200px; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-pre { white-space: pre-wrap; margin: 0; max-width: 560px; font-size: 12px; }
+pre { white-space: pre-wrap; margin: 0; max-width: 520px; font-size: 11px; }
 tr.best { background: #e3f5e1; } tr.worst { background: #fbe3e3; }
 .flag { background: #fff0c2; border: 1px solid #e0b400; padding: 0 4px; font-size: 11px; }
 .mark { font-weight: bold; white-space: nowrap; }
@@ -187,7 +189,8 @@ def chart(series: dict, *, title: str, x_label: str, y_label: str, scatter: bool
             parts += [f'<circle cx="{px(p[0]):.1f}" cy="{py(p[1]):.1f}" r="{3 if scatter else 2.5}" fill="{colour}"'
                       f' fill-opacity="0.7">' + (f'<title>{esc(p[2])}</title>' if len(p) > 2 else "") + "</circle>"
                       for p in pts]
-        parts.append(f'<text x="{left + 8}" y="{top + 14 + 14 * k}" fill="{colour}">&#9632; {esc(name)}</text>')
+        parts.append(f'<rect x="{left + 8}" y="{top + 6 + 14 * k}" width="8" height="8" fill="{colour}"/>'
+                     f'<text x="{left + 20}" y="{top + 14 + 14 * k}">{esc(name)}</text>')
     return "".join(parts) + "</svg>"
 
 
@@ -263,7 +266,7 @@ def answer_row(j: int, answer: dict, terms: list[str], mark: str) -> str:
     marker = {"best": "&#9650; best", "worst": "&#9660; worst"}.get(mark, "")
     values = answer.get("terms") or {}
     cells = [f'<td class="num">{j + 1}<br><span class="mark">{marker}</span></td>',
-             f"<td>{answer_html(answer.get('text'))}</td>", f'<td class="num">{scores_html(answer.get("scores"))}</td>',
+             f'<td class="answer">{answer_html(answer.get("text"))}</td>', f'<td class="num">{scores_html(answer.get("scores"))}</td>',
              *(f'<td class="num">{number(values.get(t))}</td>' for t in terms),
              f'<td class="num">{number(answer.get("total"))}</td>',
              f'<td class="num">{number(answer.get("advantage"), sign=True)}</td>',
@@ -285,7 +288,7 @@ def group_html(group: dict, load_picture=None, cache=None) -> str:
     if group.get("prompt"):
         side.append(f"<details><summary>prompt</summary><pre>{esc(group['prompt'])}</pre></details>")
     header = ("<tr><th>#</th><th>answer</th><th>aspect scores</th>"
-              + "".join(f"<th>{esc(t)}</th>" for t in terms) + "<th>total</th><th>advantage</th><th>tokens</th></tr>")
+              + "".join(f"<th>{esc(t).replace('_', '_<wbr>')}</th>" for t in terms) + "<th>total</th><th>advantage</th><th>tokens</th></tr>")
     rows = [answer_row(j, a, terms, marks.get(j, "")) for j, a in enumerate(answers)]
     return (f'<div class="group"><div class="side">{"".join(side)}</div>'
             f"<table>{header}{''.join(rows)}</table></div>")
@@ -298,37 +301,39 @@ def rollouts_html(rollouts: list[dict], load_picture=None) -> str:
     steps, cache = chosen_steps(rollouts), {}
     parts = [f'<p class="note">{len(steps)} of {len(rollouts)} logged steps are shown (at most {MAX_STEPS}: the '
              f"first and last of each stage, then the newest), at most {MAX_GROUPS} images each. One row per "
-             "answer; &#9650; best marks the highest advantage of a group, &#9660; worst the lowest.</p>"]
+             "answer; &#9650; best marks the highest advantage of a group, &#9660; worst the lowest. Go to step "
+             + " &middot; ".join(f'<a href="#step-{esc(r.get("step"))}">{esc(r.get("step"))}</a>' for r in steps)
+             + ".</p>"]
     for record in steps:
         groups = record.get("groups") or []
         shown = f" (first {MAX_GROUPS} of {len(groups)} images)" if len(groups) > MAX_GROUPS else ""
-        parts.append(f'<section class="step"><h3>step {esc(record.get("step"))} &middot; stage '
+        parts.append(f'<section class="step" id="step-{esc(record.get("step"))}"><h3>step {esc(record.get("step"))} &middot; stage '
                      f'{esc(record.get("stage"))}{shown}</h3>')
         parts += [group_html(g, load_picture, cache) for g in groups[:MAX_GROUPS]]
         parts.append("</section>")
     return "\n".join(parts)
 
 
-def curves_html(metrics: list[dict], evals: list[dict]) -> str:
-    """Mean reward per step and held-out SRCC / PLCC per evaluation, side by side."""
+def curves_html(metrics: list[dict], evals: list[dict], eval_items: list[dict] | None) -> str:
+    """Mean reward per step, held-out SRCC / PLCC per evaluation and the held-out scatter, side by side."""
     reward = chart({"mean reward": [(m.get("step"), m.get("reward")) for m in metrics]},
-                   title="mean reward per step", x_label="step", y_label="reward")
+                   title="mean reward per step", x_label="step", y_label="reward", width=360, height=200)
     held_out = chart({key.upper(): [(e.get("step"), e.get(key)) for e in evals] for key in ("srcc", "plcc")},
-                     title="held-out SRCC / PLCC", x_label="step", y_label="correlation")
-    return f'<div class="charts">{reward}{held_out}</div>'
+                     title="held-out SRCC / PLCC", x_label="step", y_label="correlation", width=360, height=200)
+    return f'<div class="charts">{reward}{held_out}<div>{held_out_scatter_html(evals, eval_items)}</div></div>'
 
 
 def held_out_scatter_html(evals: list[dict], eval_items: list[dict] | None) -> str:
     """The latest evaluation's predictions against MOS, or a note that no per-item predictions were kept."""
     if not eval_items:
-        return '<p class="note">No per-item predictions were kept for the held-out set (eval_items.jsonl).</p>'
+        return '<p class="note">Held-out scatter: no per-item predictions were kept<br>(eval_items.jsonl).</p>'
     points = [(i.get("prediction"), i.get("mos"), f"{i.get('file')}: MOS {number(i.get('mos'), 2)}, "
                f"predicted {number(i.get('prediction'), 2)}") for i in eval_items]
     unparsed = sum(not _is_number(i.get("prediction")) for i in eval_items)
     step = evals[-1].get("step") if evals else None
     title = "held-out predictions" + (f" at step {step}" if step is not None else "")
-    return (chart({"item": points}, title=title, x_label="prediction", y_label="MOS", scatter=True, width=420, height=420)
-            + f'<p class="note">{len(eval_items)} items, {unparsed} unparsed (left out); dashed: prediction = MOS.</p>')
+    return (chart({"item": points}, title=title, x_label="prediction", y_label="MOS", scatter=True, width=200, height=200)
+            + f'<p class="note">{len(eval_items)} items, {unparsed} unparsed (left out);<br>dashed: prediction = MOS.</p>')
 
 
 def training_page(metrics: list[dict], evals: list[dict], rollouts: list[dict], eval_items: list[dict] | None = None,
@@ -341,8 +346,7 @@ def training_page(metrics: list[dict], evals: list[dict], rollouts: list[dict], 
                else f"{len(metrics)} steps logged; no held-out evaluation yet")
     return page(f"{title}: training report", [
         f"<h1>{esc(title)}: training report</h1>", f'<p class="note">{summary}.</p>',
-        "<h2>Curves</h2>", curves_html(metrics, evals),
-        "<h2>Held-out scatter</h2>", held_out_scatter_html(evals, eval_items),
+        curves_html(metrics, evals, eval_items),
         "<h2>Answers, reward terms and advantages</h2>", rollouts_html(rollouts, load_picture)])
 
 
