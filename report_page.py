@@ -51,6 +51,7 @@ h1 { font-size: 1.4em; margin: 0.2em 0; } h2 { margin-top: 1.6em; border-bottom:
 svg { background: #fff; border: 1px solid #ddd; } svg text { font: 11px sans-serif; fill: #333; }
 .group, .item { display: flex; gap: 1em; margin: 1em 0; padding: 0.6em; border: 1px solid #ddd; }
 .side { width: 150px; flex: none; font-size: 12px; word-break: break-all; }
+.side .aspects { word-break: normal; }
 .thumb { max-width: 160px; max-height: 160px; display: block; margin-bottom: 0.3em; }
 .missing { width: 160px; height: 90px; background: #eee; font-size: 11px; overflow: hidden; }
 table { border-collapse: collapse; font-size: 12px; }
@@ -375,7 +376,7 @@ def item_html(row: dict, load_picture=None) -> str:
     if error is not None:
         facts.append(f"error {number(error, 2, sign=True)}")
     side = [picture_html(path, load_picture), f'<div title="{esc(path)}">{esc(os.path.basename(str(path)))}</div>',
-            *(f"<div>{f}</div>" for f in facts), f"<div>{', '.join(aspects)}</div>" if aspects else ""]
+            *(f"<div>{f}</div>" for f in facts), f'<div class="aspects">{", ".join(aspects)}</div>' if aspects else ""]
     return f'<div class="item"><div class="side">{"".join(side)}</div>{answer_html(row.get("text"))}</div>'
 
 
