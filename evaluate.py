@@ -12,7 +12,9 @@ Paper map (PreResQ-R1, arXiv 2511.05393: SRCC and PLCC on each test set):
   top_p 1, up to 512 tokens, and the checkpoint's generation_config.json for the rest (temperature
   and repetition penalty; `authors_decoding`); an image scores the first number of the last
   answer, a video the mean of its numbers (`authors_score`).
-reports.py writes summary.json, predictions-<set>.csv and scatter-<set>.png, and the table.
+reports.py writes summary.json, predictions-<set>.csv and scatter-<set>.png, and the table;
+report_page.py writes report-<set>.html: the scatter, the largest errors with their pictures and
+answers, the parse failures.
 
 Deliberate deviations from the authors' evaluation code:
 - An answer that cannot be parsed is counted (`parse_failures`) and left out of the
@@ -47,6 +49,7 @@ from support import cli
 import data
 import preresq
 from support import presets
+from support import report_page
 from support import reports
 
 MIN_ITEMS = 3  # fewer scored items than this: every correlation is NaN
@@ -331,7 +334,7 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 256)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
     g.add_argument("--batch-size", type=int, default=8, help="items judged at once")
-    p.add_argument("--out", default="eval", help="folder for summary.json, CSVs and scatter plots")
+    p.add_argument("--out", default="eval", help="folder for summary.json, CSVs, scatter plots and HTML reports")
     args = p.parse_args(argv)
     args.names = [n.strip() for n in args.data.split(",") if n.strip()]
     unknown = [n for n in args.names if n not in data.DATASETS]
@@ -394,12 +397,14 @@ def command(argv=None):
                                  batch_size=args.batch_size, max_pixels=args.max_pixels, warn=warn, **args.decoding)
         summary[name] = metrics
         reports.write_dataset_files(out, name, metrics, rows, fitted_curve(metrics))
+        report_page.write_evaluation_page(out / f"report-{name}.html", name, metrics, rows, data.read_visual)
         reports.write_summary(out / "summary.json", summary)  # kept current per set
         if metrics["logistic_note"]:
             print(f"{name}: {metrics['logistic_note']}", file=sys.stderr)
     print(reports.format_table(summary))
     warn.summary("unreadable files skipped (counted as unreadable)")
-    print(f"files in {out}/: summary.json, predictions-<set>.csv, scatter-<set>.png", file=sys.stderr)
+    print(f"files in {out}/: summary.json, predictions-<set>.csv, scatter-<set>.png, report-<set>.html",
+          file=sys.stderr)
 
 
 def main(argv=None):

@@ -45,6 +45,7 @@ import evaluate
 import grpo
 from support import lora
 from support import plots
+from support import report_page
 import preresq
 from support import presets
 from support.distributed import (SINGLE, Dist, Ranks, all_reduce, broadcast, call, check_global_batch,
@@ -241,7 +242,7 @@ def create_run_folder(out: Path, resume: bool, dist: Dist = SINGLE) -> None:
     except OSError as e:
         raise InputError(f"cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
     if not resume:
-        for name in LOGS:
+        for name in (*LOGS, "eval_items.jsonl"):
             (out / name).unlink(missing_ok=True)
 
 
@@ -515,18 +516,22 @@ def add_adapters(cfg, model, source: str, dist: Dist):
     return lora.Reference(model) if cfg.beta or cfg.reasoning_beta else None
 
 
-def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = SINGLE, warn=None) -> dict | None:
-    """Held-out metrics, computed on rank 0 while the other ranks wait (None there); under --fsdp
-    every rank runs the same sharded passes."""
-    metrics = None
+def held_out(cfg, model, tokenizer, image_processor, items: list, dist: Dist = SINGLE,
+             warn=None) -> tuple[dict | None, list[dict]]:
+    """Held-out metrics and each item's {"file", "mos", "prediction"} (None when unparsed), computed on
+    rank 0 while the other ranks wait (None, [] there); under --fsdp every rank runs the same passes."""
+    metrics, rows = None, []
     model.eval()  # the held-out answers are sampled without dropout (--lora-dropout), as in training
     if dist.main or is_sharded(model):
-        metrics, _ = call(model, evaluate.evaluate, tokenizer, image_processor, items, samples=cfg.eval_samples,
-                            seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
-                            max_pixels=cfg.max_pixels, progress=False, warn=warn)
+        metrics, rows = call(model, evaluate.evaluate, tokenizer, image_processor, items, samples=cfg.eval_samples,
+                             seed=cfg.seed, batch_size=16, max_new_tokens=cfg.max_new_tokens,
+                             max_pixels=cfg.max_pixels, progress=False, warn=warn)
     if dist.world > 1:
         tdist.barrier()
-    return {k: metrics[k] for k in ("n", "srcc", "plcc", "krcc", "parse_failures")} if dist.main else None
+    if not dist.main:
+        return None, []
+    kept = [{"file": str(r["path"]), "mos": r["mos"], "prediction": r["score"]} for r in rows]
+    return {k: metrics[k] for k in ("n", "srcc", "plcc", "krcc", "parse_failures")}, kept
 
 
 @dataclass
@@ -704,12 +709,25 @@ def draw_run_curves(out: Path) -> None:
 
 
 def evaluate_and_log(cfg, run: Run, step: int) -> dict | None:
-    metrics = held_out(cfg, run.model, run.tokenizer, run.image_processor, run.held, run.dist, run.warn)
+    """Held-out evaluation: eval.jsonl, eval_items.jsonl (this evaluation's predictions), the curves
+    and the run's page (rank 0)."""
+    metrics, rows = held_out(cfg, run.model, run.tokenizer, run.image_processor, run.held, run.dist, run.warn)
     if run.dist.main:
         log_json(run.out / "eval.jsonl", {"step": step, **metrics})
+        (run.out / "eval_items.jsonl").write_text("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
         if step:
             draw_run_curves(run.out)
+        write_page(run)
     return metrics
+
+
+def write_page(run: Run) -> None:
+    """report.html, refreshed from the logs: the curves, the logged answers, the held-out scatter. A
+    page that cannot be written is warned about; the run goes on."""
+    try:
+        report_page.write_training_page(run.out, load_picture=data.read_visual)
+    except Exception as e:  # a page is never worth a run
+        run.warn(f"could not write {run.out / 'report.html'}: {type(e).__name__}: {e}")
 
 
 def save(cfg, run: Run, done: int) -> Path:
@@ -733,10 +751,11 @@ def finish(cfg, run: Run, first_eval: dict | None, last_eval: dict | None) -> Pa
     if not dist.main:
         return out
     draw_run_curves(out)
+    write_page(run)
     if first_eval and last_eval:
         print(f"held-out {cfg.eval_split} ({first_eval['n']} items): SRCC {first_eval['srcc']:.3f} -> "
               f"{last_eval['srcc']:.3f}, PLCC {first_eval['plcc']:.3f} -> {last_eval['plcc']:.3f}")
-    print(f"final model: {out / 'final'}   metrics: {out / 'metrics.jsonl'}   curves: {out / 'curves.png'}")
+    print(f"final model: {out / 'final'}   metrics: {out / 'metrics.jsonl'}   page: {out / 'report.html'}")
     return out
 
 
