@@ -95,16 +95,26 @@ def shipped_path(name: str) -> Path | None:
 
 
 def model_path(name_or_path: str) -> str:
-    """What preresq.load_model takes: a preset name -> its folder (the shipped one, else built once
-    into the cache: minutes); anything else (a checkpoint folder, a hub id) is returned as it is."""
+    """What preresq.load_model takes: a preset name -> its folder: the shipped one, as shipped (a prompt
+    or recipe edited since only earns a note: `--verify` tells whether it still matches), else built
+    once into the cache (minutes); anything else (a checkpoint folder, a hub id) is returned as it is."""
     if name_or_path not in PRESETS:
         return str(name_or_path)
-    if shipped_path(name_or_path):
-        return str(shipped_path(name_or_path))
+    folder = SHIPPED / name_or_path
+    if (folder / "config.json").exists():
+        if not shipped_path(name_or_path) and name_or_path not in _NOTED:
+            _NOTED.add(name_or_path)
+            print(f"note: models/{name_or_path} was built by an earlier recipe (the presets' settings, prompts or "
+                  f"code changed since); it is used as shipped. `python -m support.presets {name_or_path} --verify` "
+                  "tells whether a build would still match, `--ship` rebuilds it (minutes).", file=sys.stderr)
+        return str(folder)
     path = preset_path(name_or_path)
     if not (path / "config.json").exists():
         build_preset(name_or_path, path)
     return str(path)
+
+
+_NOTED: set[str] = set()  # presets whose changed recipe was noted once in this process
 
 
 def ship(name: str) -> Path:
@@ -125,9 +135,13 @@ def verify(name: str) -> list[str]:
     every tensor bit for bit, and every other file. Returns the differences (none: it matches)."""
     from safetensors.torch import load_file
 
-    shipped = shipped_path(name)
-    if shipped is None:
-        return [f"models/{name} is missing or was built by another recipe (python -m support.presets {name} --ship)"]
+    shipped = SHIPPED / name
+    if not (shipped / "config.json").exists():
+        return [f"models/{name} is missing (python -m support.presets {name} --ship builds and ships it)"]
+    stamp = (shipped / RECIPE_FILE).read_text().strip() if (shipped / RECIPE_FILE).exists() else "none"
+    if stamp != recipe_digest(name):
+        return [f"the recipe changed since models/{name} was shipped (digest {stamp}, now {recipe_digest(name)}); "
+                f"python -m support.presets {name} --ship rebuilds it"]
     with tempfile.TemporaryDirectory() as tmp:
         build_preset(name, Path(tmp) / name)
         built = Path(tmp) / name
@@ -142,7 +156,7 @@ def describe_model(name: str) -> str:
     """The line a tool prints before it loads its model: which model and why. A preset is described
     without being built; anything else must be there (preresq.locate_model, else ModelLoadError)."""
     if name in PRESETS:
-        return (f"model: the {name} preset, a laptop stand-in (presets.py); for the paper's model pass "
+        return (f"model: the {name} preset, a laptop stand-in (support/presets.py); for the paper's model pass "
                 "--model Qwen/Qwen2.5-VL-7B-Instruct")
     folder = preresq.locate_model(name)
     return f"model: {name} " + ("(a local checkpoint folder)" if Path(name).expanduser().exists()
@@ -495,7 +509,7 @@ def command(argv=None) -> int:
                 raise cli.Failure(f"models/{name} differs from a build of its recipe: {', '.join(diffs[:5])}")
             print(f"models/{name} matches a build of its recipe ({recipe_digest(name)})")
             continue
-        if not shipped_path(name) and not (preset_path(name) / "config.json").exists():
+        if not (SHIPPED / name / "config.json").exists() and not (preset_path(name) / "config.json").exists():
             print(f"presets.py: building the {name} preset once into {preset_path(name)} (minutes)", file=sys.stderr)
         print(ship(name) if args.ship else model_path(name))
     return 0

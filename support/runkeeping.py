@@ -61,7 +61,8 @@ LOGS = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
 MAX_NONFINITE_STEPS = 5
 # Flags that may change between a run and its resumption; all others must match (or --force).
 RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
-                     "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp"}
+                     "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp",
+                     "log_rollouts"}
 
 
 class RunError(Failure):

@@ -20,6 +20,25 @@ def test_a_fresh_clone_loads_the_shipped_preset_without_building(tmp_path, monke
     assert not cache.exists()  # nothing built, nothing cached
 
 
+def test_an_edited_prompt_keeps_the_shipped_preset_and_says_how_to_check(tmp_path, monkeypatch, capsys):
+    """A student editing a prompt (part of the recipe) must not start a build of minutes: the shipped
+    folder is used as shipped, with one note naming --verify; --verify then names the changed recipe."""
+    import preresq
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PRERESQ_CACHE", str(cache))
+    monkeypatch.setattr(preresq, "IMAGE_PROMPT_POOL", (preresq.IMAGE_PROMPT, "Rate this picture, please."))
+    monkeypatch.setattr(presets, "_NOTED", set())
+    assert presets.recipe_digest("tiny") != (presets.SHIPPED / "tiny" / presets.RECIPE_FILE).read_text().strip()
+    assert presets.model_path("tiny") == str(presets.SHIPPED / "tiny")
+    assert presets.model_path("tiny") == str(presets.SHIPPED / "tiny")
+    note = capsys.readouterr().err
+    assert note.count("built by an earlier recipe") == 1 and "support.presets tiny --verify" in note
+    assert not cache.exists()  # nothing built
+    [diff] = presets.verify("tiny")  # without building: the digest already says it
+    assert "the recipe changed since models/tiny was shipped" in diff and "--ship" in diff
+
+
 def test_the_shipped_files_are_what_the_recipe_writes(blank_dir):
     """The tokenizer (trained from the recipe's corpus), the architecture and the processor settings of
     a build are byte for byte the shipped ones. (The weights need the full build: `python -m support.presets

@@ -281,3 +281,32 @@ def test_evaluate_writes_a_page_per_set_with_every_answer(tiny, tmp_path, monkey
         assert line["text"].strip() in page.text
     assert len([a for tag, a in page.tags if tag == "img"]) == 4  # every file shown, as a thumbnail
     assert all(a["src"].startswith("data:image/jpeg;base64,") for tag, a in page.tags if tag == "img")
+
+
+@pytest.mark.slow
+def test_a_short_run_writes_a_page_with_every_logged_answer_and_term(tiny, tmp_path):
+    """grpo.py itself: rollouts.jsonl every step, report.html refreshed at each evaluation and at the
+    end, every logged answer with its terms, total and advantage on it, its text escaped."""
+    import grpo
+
+    out = tmp_path / "run"
+    assert grpo.main(["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
+                      "--max-new-tokens", "48", "--steps", "2", "--eval-every", "2", "--eval-size", "4",
+                      "--log-rollouts", "1", "--workers", "1", "--out", str(out)]) == 0
+    logged = [json.loads(l) for l in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["stage"]) for r in logged] == [(1, 1), (2, 2)]
+    answers = [a for r in logged for g in r["groups"] for a in g["answers"]]
+    assert len(answers) == 2 * 4 + 2 * 2  # stage 1: 2 G answers to each of 2 images; stage 2: G
+    assert all(set(a) == {"text", "scores", "terms", "total", "advantage", "length"} for a in answers)
+    text = (out / "report.html").read_text()
+    page = Page(text)
+    rows = page.answer_rows()
+    assert len(rows) == len(answers)
+    for (classes, row), a in zip(rows, answers):
+        assert a["text"] in row  # the answer as text: its <think> and <answer> tags escaped, never tags
+        for value in [*a["terms"].values(), a["total"]]:
+            assert f"{value:.3f}" in row
+        assert f"{a['advantage']:+.3f}" in row
+    assert "&lt;think&gt;" in text and not any(tag in ("think", "answer") for tag, _ in page.tags)
+    items = [json.loads(l) for l in (out / "eval_items.jsonl").read_text().splitlines()]
+    assert len(items) == 4 and all({"file", "mos", "prediction"} <= set(i) for i in items)

@@ -26,7 +26,7 @@ from support import presets
 # The `tiny` preset, small batches, short answers, no held-out evaluation: about a second a step.
 FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
          "--max-new-tokens", "64", "--eval-split", "none", "--workers", "1"]
-STRAIGHT = FLAGS + ["--steps", "4", "--save-every", "2"]
+STRAIGHT = FLAGS + ["--steps", "4", "--save-every", "2", "--log-rollouts", "1"]
 
 
 def weights(folder: Path) -> dict:
@@ -108,6 +108,10 @@ def test_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypat
     assert grpo.main(["--out", str(out), "--resume"]) == 0  # every other flag from the checkpoint
     assert_same_weights(out / "final", straight / "final")
     assert metrics(out) == metrics(straight)
+    # every answer of every step, its terms and advantage: one line a step, the same texts and numbers
+    logged = (straight / "rollouts.jsonl").read_text()
+    assert [json.loads(l)["step"] for l in logged.splitlines()] == [1, 2, 3, 4]
+    assert (out / "rollouts.jsonl").read_text() == logged
 
 
 def test_resume_reloads_the_reference_model_and_crosses_the_stage_boundary(tmp_path, monkeypatch):
