@@ -237,8 +237,8 @@ def shard_model(model, device: str) -> FSDPRoot:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(torch.device(device).type, (tdist.get_world_size(),))
-    # preresq.image_features returns each picture's features as a view of one tensor, which FSDP2
-    # warns about in case something writes into it in place; nothing does.
+    # A pass may return views of one tensor (the prompt cache's per-layer keys and values), which
+    # FSDP2 warns about in case something writes into them in place; nothing does.
     warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPFSDPRoot\) returned a view tensor")
     for block in model.model.visual.blocks:
         fully_shard(block, mesh=mesh)
