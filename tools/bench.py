@@ -850,8 +850,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.InputError), before any model, preset or clip is made. args.run(args) runs the subcommand."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    least = dict(images_per_step=1, num_generations=1, max_new_tokens=1, steps=1, warmup_steps=0, visual_tokens=1,
-                 micro_batch_size=1, lora_rank=1, threads=1, repeats=1, A=1)
+    step = args.command == "step"  # a step needs two answers to compare and room for one (grpo.Config.check)
+    least = dict(images_per_step=1, num_generations=2 if step else 1, max_new_tokens=8, steps=1, warmup_steps=0,
+                 visual_tokens=1, micro_batch_size=1, lora_rank=1, threads=1, repeats=1, A=1)
     cli.at_least(parser, args, **{name: low for name, low in least.items() if hasattr(args, name)})
     if args.command == "video" and args.seconds <= 0:
         parser.error(f"--seconds must be above 0, got {args.seconds:g}")
