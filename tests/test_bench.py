@@ -1,6 +1,8 @@
 """bench.py: the step bench on the tiny shapes, memory peaks, the real Qwen2.5-VL shapes, the video bench."""
+import ast
 import math
 import statistics
+import time
 
 import numpy as np
 import pytest
@@ -17,83 +19,104 @@ def fresh_tiny(blank_dir):
     return preresq.load_model(str(blank_dir), "cpu")
 
 
-def test_step_bench_times_every_phase_and_trains_only_the_shared_path(fresh_tiny):
+@pytest.fixture()
+def graded_reward(monkeypatch):
+    """A reward that tells answers apart (0, 1, 2, 0, ... along each batch), in place of the configured
+    one, which scores an untrained model's answers all alike: advantages that are not 0, so a step
+    moves the weights."""
+    import grpo
+
+    def graded(cfg, stage, scores, mos, valid, fmt, video):
+        b, g = scores.shape[:2]
+        return {"total": (torch.arange(b * g, dtype=torch.float32) % 3).reshape(b, g)}
+
+    monkeypatch.setattr(grpo, "reward_terms", graded)
+
+
+def settings(**changes):
+    return bench.StepBench(**{**dict(images_per_step=1, num_generations=2, max_new_tokens=8, image_size=(56, 56),
+                                     steps=1, warmup_steps=0, beta=0.04), **changes})
+
+
+def test_step_bench_times_the_training_step_phase_by_phase(fresh_tiny):
+    import grpo
+
     model, tok, ip = fresh_tiny
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    originals = [grpo.sample_rollout, grpo.score_rollout, grpo.reference_logprobs, grpo.policy_update,
+                 grpo.optimizer_step, preresq.encode_prompts, torch.autograd.backward]
     lines = []
-    s = bench.bench_grpo_step(model, tok, ip, images_per_step=2, num_generations=3, completion_tokens=8,
-                              image_size=(84, 56), steps=3, warmup_steps=0, beta=0.04, compare_unshared=True,
-                              report=lines.append)
+    s = bench.bench_grpo_step(model, tok, ip, settings(images_per_step=2, num_generations=3, image_size=(84, 56),
+                                                       steps=3), report=lines.append)
     assert s["visual_tokens"] == (84 // 28) * (56 // 28)
-    for path in ("", "_unshared"):
-        steps = s["steps" + path]
-        assert len(steps) == 3
-        for phase in bench.PHASES:  # medians, not means, of what each step measured
-            assert s[phase + path] == statistics.median(st.seconds[phase] for st in steps), phase
-        for phase in ("pictures", "generation", "reward", "reference", "policy_forward", "policy_backward"):
-            assert s[phase + path] > 0, phase
-        assert s["step" + path] == statistics.median(sum(st.seconds.values()) for st in steps)
-        assert s["policy" + path] == statistics.median(st.seconds["policy_forward"] + st.seconds["policy_backward"]
-                                                       for st in steps)
-        assert s["step_tokens_per_s" + path] == pytest.approx(2 * 3 * 8 / s["step" + path])
-        assert all(1 <= st.generated_tokens <= 2 * 3 * 8 for st in steps)
-        assert s["peak_bytes" + path] == max(st.peak for st in steps)
-        # the peak covers at least the weights that are resident
-        assert s["peak_bytes" + path] > sum(p.numel() * p.element_size() for p in model.parameters())
-    # the optimizer step, the same work on both paths, is timed once and counted in both
-    assert [st.seconds["optimizer"] for st in s["steps"]] == [st.seconds["optimizer"] for st in s["steps_unshared"]]
-    assert s["step_ratio"] == s["step"] / s["step_unshared"]
-    assert s["policy_speedup"] == s["policy_unshared"] / s["policy"]
-    assert s["reference_speedup"] == s["reference_unshared"] / s["reference"]
-    assert s["generation_speedup"] == s["generation_unshared"] / s["generation"]
-    table = "\n".join(lines)
-    assert "shared/unshared" in table and "peak memory" in table
+    steps = s["steps"]
+    assert len(steps) == 3
+    for phase in bench.PHASES:  # medians, not means, of what each step measured; every phase ran
+        assert s[phase] == statistics.median(st.seconds[phase] for st in steps), phase
+        assert s[phase] > 0, phase
+    for st in steps:  # the phases are the step, up to grpo_step's few untimed lines between them
+        assert 0 <= st.untimed < max(0.05, 0.1 * st.step), (st.step, st.seconds)
+    assert s["step"] == statistics.median(st.step for st in steps)
+    assert s["policy"] == statistics.median(st.policy for st in steps)
+    assert all(1 <= st.generated_tokens <= 2 * 3 * 8 for st in steps)
+    assert s["step_tokens_per_s"] == pytest.approx(statistics.median(st.generated_tokens for st in steps) / s["step"])
+    assert s["peak_bytes"] == max(st.peak for st in steps)
+    # the peak covers at least the weights that are resident
+    assert s["peak_bytes"] > sum(p.numel() * p.element_size() for p in model.parameters())
+    # an untrained model's answers all score alike: said, not hidden
+    assert s["flat_steps"] == 3 and "advantages were 0" in lines[-1]
     for phase in bench.PHASES:
         row = next(line for line in lines[-1].splitlines() if line.strip().startswith(bench.PHASE_NAMES[phase]))
-        assert f"{s[phase]:.3f} s" in row and f"{s[phase + '_unshared']:.3f} s" in row
-    assert f"step {s['step_ratio']:.2f} of the unshared path's" in lines[-1]
-    # one optimizer step per timed step: the weights moved, and no gradient is left behind
+        assert f"{s[phase]:.3f} s" in row
+    assert "peak memory" in lines[-1] and "untimed rest" in lines[-1]
+    # the hooks are gone: the training code is as it was
+    assert originals == [grpo.sample_rollout, grpo.score_rollout, grpo.reference_logprobs, grpo.policy_update,
+                         grpo.optimizer_step, preresq.encode_prompts, torch.autograd.backward]
+
+
+def test_the_bench_step_is_grpo_step(blank_dir, graded_reward):
+    """A bench step changes the weights exactly as grpo.grpo_step called directly does, on the same
+    pictures with the same seed, and it does change them."""
+    import copy
+    from types import SimpleNamespace
+
+    import grpo
+
+    run = settings(images_per_step=2, num_generations=3, lr=1e-3)
+    model, tok, ip = preresq.load_model(str(blank_dir), "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = bench.bench_grpo_step(model, tok, ip, run, report=lambda line: None)
+    assert s["flat_steps"] == 0
+    direct, tok, ip = preresq.load_model(str(blank_dir), "cpu")
+    cfg = run.config()
+    reference = copy.deepcopy(direct).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(direct.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pictures, mos = bench.Pictures(run.image_size, seed=run.seed)(0, 2)
+    torch.manual_seed(run.seed)
+    done = grpo.grpo_step(cfg, direct, reference, tok, ip, optimizer, [SimpleNamespace(mos=m) for m in mos.tolist()],
+                          [[p] for p in pictures], 0, False)
+    assert done.stats["lr"] == 1e-3 and "grad_norm" in done.stats
+    weights = dict(direct.named_parameters())
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
-    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
 
-def test_step_bench_runs_only_the_shared_path_unless_asked(fresh_tiny):
+def test_step_bench_runs_the_vision_tower_once_per_picture_and_pass(fresh_tiny):
+    """The bench times the shared path, the only one: generation, the reference and the policy pass
+    each send a picture's patches through the vision tower once, not once per answer (G = 3)."""
     model, tok, ip = fresh_tiny
-    lines = []
-    s = bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=2, completion_tokens=8,
-                              image_size=(56, 56), steps=1, warmup_steps=0, beta=0.04, report=lines.append)
-    assert s["step"] > 0 and s["policy"] > 0 and len(s["steps"]) == 1
-    for key in ("step_unshared", "steps_unshared", "peak_bytes_unshared", "step_ratio", "policy_speedup",
-                "reference_speedup", "generation_speedup"):
-        assert s[key] is None, key
-    assert "unshared" not in lines[-1]
-
-
-def test_naive_vision_runs_the_vision_tower_once_per_answer_on_the_unshared_path(blank_dir):
-    """--naive-vision: the compared path has no sharing at all; its reference and policy passes
-    send G copies of each picture's patches through the vision tower (G = 3 here)."""
-    patches = {}
-    for naive in (False, True):
-        model, tok, ip = preresq.load_model(str(blank_dir), "cpu")
-        seen = []
-        model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-        bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=3, completion_tokens=8,
-                              image_size=(56, 56), steps=1, warmup_steps=0, beta=0.04, compare_unshared=True,
-                              naive_vision=naive, report=lambda line: None)
-        patches[naive] = sum(seen)
-    one = (56 // 14) * (56 // 14)  # one picture's patches
-    # the reference and the policy pass each see 3 copies instead of 1: 2 * (3 - 1) pictures more
-    assert patches[True] - patches[False] == 2 * (3 - 1) * one
+    seen = []
+    model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    bench.bench_grpo_step(model, tok, ip, settings(num_generations=3), report=lambda line: None)
+    assert sum(seen) == 3 * (56 // 14) * (56 // 14)
 
 
 def test_step_bench_without_kl_skips_the_reference_pass(fresh_tiny):
     model, tok, ip = fresh_tiny
     lines = []
-    s = bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=2, completion_tokens=8,
-                              image_size=(56, 56), steps=1, warmup_steps=0, beta=0.0, compare_unshared=True,
-                              report=lines.append)
-    assert s["reference"] == 0 and s["reference_unshared"] == 0 and s["reference_speedup"] is None
-    assert s["policy"] > 0 and "reference pass skipped (beta = 0)" in lines[-1]
+    s = bench.bench_grpo_step(model, tok, ip, settings(beta=0.0), report=lines.append)
+    assert s["reference"] == 0 and s["policy"] > 0
+    row = next(line for line in lines[-1].splitlines() if line.strip().startswith("reference pass"))
+    assert row.split()[-2:] == ["0.000", "s"]
 
 
 def _labelled_pictures(folder, sizes):
@@ -127,9 +150,9 @@ def test_step_bench_reads_a_label_file_and_refuses_a_missing_one(tmp_path, capsy
     args = bench.parse_args(["step", "--labels", str(tmp_path / "gt.txt"), "--image-size", "56x56", "--B", "1",
                              "--G", "2", "--max-new-tokens", "8", "--steps", "1", "--warmup-steps", "0",
                              "--threads", "1", "--lr", "1e-3"])
-    assert args.lr == 1e-3 and not args.compare_unshared
+    assert args.lr == 1e-3 and not hasattr(args, "compare_unshared")
     s = args.run(args)
-    assert s["pictures"] > 0 and s["step_unshared"] is None
+    assert s["pictures"] > 0
     assert "2 labelled pictures" in capsys.readouterr().out
     assert bench.main(["step", "--labels", str(tmp_path / "missing.txt")]) == 2
     (tmp_path / "clip.mp4").write_bytes(b"")
@@ -142,16 +165,28 @@ def test_step_bench_reads_a_label_file_and_refuses_a_missing_one(tmp_path, capsy
         bench.parse_args(["step", "--lr", "0"])
 
 
-def test_backward_clock_times_backward_calls_and_puts_backward_back():
+def test_phase_clock_gives_each_phase_its_own_time_and_puts_the_functions_back():
     original = torch.autograd.backward
     x = torch.randn(300, 300, requires_grad=True)
-    with bench._BackwardClock(torch.device("cpu")) as clock:
-        assert clock.seconds == 0
-        (x @ x).sum().backward()  # Tensor.backward goes through torch.autograd.backward
-        once = clock.seconds
+    with bench.PhaseClock(torch.device("cpu")) as clock:
+        assert torch.autograd.backward is not original and all(v == 0 for v in clock.seconds.values())
+
+        def forward_and_backward():
+            (x @ x @ x).sum().backward()  # Tensor.backward goes through torch.autograd.backward
+
+        clock.timed("policy_forward", forward_and_backward)()
+        inner = clock.seconds["policy_backward"]
         torch.autograd.backward([(x * 2).sum()])
-    assert 0 < once < clock.seconds
+    assert 0 < inner < clock.seconds["policy_backward"] and clock.seconds["policy_forward"] > 0
     assert torch.autograd.backward is original and x.grad is not None
+    # nested time is taken off the outer call: one call inside another adds up to the outer's wall time
+    clock = bench.PhaseClock(torch.device("cpu"))
+    outer = clock.timed("generation", lambda: clock.timed("pictures", lambda: sum(range(10**6)))())
+    start = time.perf_counter()
+    outer()
+    wall = time.perf_counter() - start
+    assert clock.seconds["pictures"] > 0 and clock.seconds["generation"] > 0
+    assert clock.seconds["pictures"] + clock.seconds["generation"] == pytest.approx(wall, rel=0.2)
 
 
 def test_log_softmax_keeps_no_vocabulary_sized_tensor_for_the_backward(blank):
@@ -193,14 +228,13 @@ def test_word_tokenizer_decodes_ids_as_words_without_the_special_tokens():
     assert words.batch_decode([[3, 9]], skip_special_tokens=False) == ["w3 w9"]
 
 
-def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fine_tuning(fresh_tiny):
+def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fine_tuning(fresh_tiny,
+                                                                                            graded_reward):
     from support import lora
 
     model, tok, ip = fresh_tiny
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=2, completion_tokens=8,
-                              image_size=(56, 56), steps=1, warmup_steps=1, beta=0.04, lora_rank=4,
-                              report=lambda line: None)
+    s = bench.bench_grpo_step(model, tok, ip, settings(warmup_steps=1, lora_rank=4), report=lambda line: None)
     assert s["reference"] > 0 and s["policy"] > 0  # the reference pass: the policy with its adapters off
     adapters = lora.adapter_weights(model)
     total = sum(p.numel() for p in before.values())
@@ -220,8 +254,7 @@ def test_image_processor_is_widened_only_when_the_size_needs_it(fresh_tiny):
     limit = ip.size["longest_edge"]  # 224 * 224 for tiny
     side = 28 * (math.isqrt(limit) // 28 + 2)
     lines = []
-    s = bench.bench_grpo_step(model, tok, ip, images_per_step=1, num_generations=2, completion_tokens=8,
-                              image_size=(side, side), steps=1, warmup_steps=0, beta=0.0, report=lines.append)
+    s = bench.bench_grpo_step(model, tok, ip, settings(image_size=(side, side), beta=0.0), report=lines.append)
     assert s["visual_tokens"] == (side // 28) ** 2
     assert ip.size["longest_edge"] == side * side and "max_pixels raised" in lines[0]
 
@@ -276,7 +309,7 @@ def test_word_tokenizer_splits_like_qwens_pre_tokenizer_and_feeds_the_real_promp
     for s in specials.values():
         assert ((real.input_ids == s).sum(1) == (stand_in.input_ids == s).sum(1)).all()
     comp = torch.randint(0, min(specials.values()), (4, 5))
-    logp = preresq.completion_logprobs(model, stand_in, comp, torch.ones_like(comp), temperature=1.0,
+    logp = preresq.completion_logprobs(model, preresq.cache_prompts(model, stand_in), comp, torch.ones_like(comp), temperature=1.0,
                                        num_generations=2, suppressed=preresq.suppressed_ids(words))
     assert logp.shape == (4, 5) and torch.isfinite(logp).all()
 
@@ -295,8 +328,12 @@ def test_bad_picture_size_is_refused_before_any_work():
         bench.main(["step", "--B", "0"])
     with pytest.raises(SystemExit):
         bench.main(["step", "--images-per-step", "0"])
-    with pytest.raises(SystemExit):  # it describes the compared path: alone it would be ignored
-        bench.main(["step", "--naive-vision"])
+    for removed in ("--compare-unshared", "--naive-vision"):  # the unshared path is gone from the code
+        with pytest.raises(SystemExit):
+            bench.main(["step", removed])
+    for refused in (["--num-generations", "1"], ["--max-new-tokens", "4"]):  # as grpo.py refuses them
+        with pytest.raises(SystemExit):
+            bench.main(["step", *refused])
 
 
 def test_old_flag_spellings_are_hidden_aliases_of_the_new_ones():
@@ -325,8 +362,7 @@ def test_real_shape_path_runs_end_to_end_at_reduced_width(monkeypatch):
     words = bench.WordTokenizer(ids, text_vocab=min(ids.values()))
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     processor = Qwen2VLImageProcessorPil(min_pixels=bench.QWEN_MIN_PIXELS, max_pixels=bench.QWEN_MAX_PIXELS)
-    s = bench.bench_grpo_step(model, words, processor, images_per_step=1, num_generations=2, completion_tokens=8,
-                              image_size=(112, 56), steps=1, warmup_steps=0, beta=0.04, report=lambda line: None)
+    s = bench.bench_grpo_step(model, words, processor, settings(image_size=(112, 56)), report=lambda line: None)
     assert s["visual_tokens"] == 8 and s["policy"] > 0 and s["reference"] > 0
     prompt = words.encode(preresq.render_prompt([8], preresq.IMAGE_PROMPT))
     assert prompt[0] == ids["<|im_start|>"] and prompt.count(ids["<|image_pad|>"]) == 8
@@ -350,3 +386,10 @@ def test_picture_prefetch_threads_yield_the_cores_to_torch():
         assert prefetch.load(0) == ([], [], [])
         assert prefetch.pool.submit(nice).result() == 19
     assert nice() == own
+
+
+def test_no_function_of_the_bench_is_longer_than_sixty_lines():
+    path = bench.ROOT / "tools" / "bench.py"
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long

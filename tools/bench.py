@@ -1,8 +1,8 @@
 """Speed and memory measurements, one subcommand per thing measured.
 
     python tools/bench.py step                                  # GRPO steps of the tiny preset on the CPU
-    python tools/bench.py step --model small --image-size 224x224 --images-per-step 4 --compare-unshared --threads 1
-    python tools/bench.py step --model small --images-per-step 2 --num-generations 8 --visual-tokens 529 --compare-unshared
+    python tools/bench.py step --model small --image-size 224x224 --images-per-step 4 --threads 1
+    python tools/bench.py step --model small --images-per-step 2 --num-generations 8 --visual-tokens 529 --threads 1
     python tools/bench.py step --labels my_gt.txt --data-root ~/pictures --image-size 224x224   # pictures of a label file
     python tools/bench.py step --model qwen2.5-vl-3b --device cuda --micro-batch-size 8   # the real 3B shapes
     python tools/bench.py step --model qwen2.5-vl-7b --device cuda --gradient-checkpointing --micro-batch-size 8
@@ -10,26 +10,25 @@
     python tools/bench.py video                                 # decode a 10 s 1080p clip into its views
     python tools/bench.py rewards                               # every reward in rewards.REWARDS, B=32, G=12, A=5
 
-`step` times GRPO steps with the training code itself, phase by phase (bench_grpo_step): picture
-loading (a label file's pictures with --labels, else random ones; encoded into prompts),
-generation (preresq.sample_completions), reward (grpo.score_rollout on the decoded answers),
-reference pass (grpo.reference_logprobs), policy forward and backward (grpo.policy_update, split
-at its backward calls), optimizer (clip_grad_norm_ + AdamW at --lr) and logging (the step's
-record appended to a metrics.jsonl). It prints a table of each phase's median seconds, the
-step's, completion tokens per second and the peak memory (resident set size on the CPU,
-torch.cuda.max_memory_allocated on CUDA). With --compare-unshared every step also runs on the path
-before prefix sharing (generate, and each prompt run once per answer: grpo.py --no-shared-prefix),
-in alternating order in the same process, and the table gets that path's column and the ratios.
+`step` times the training step itself (bench_grpo_step): each measured step is one call of
+grpo.grpo_step, the function grpo.py's loop calls, on a grpo.Config made of the flags, with
+torch.optim.AdamW; its phases are timed by hooks around the functions it calls (PhaseClock):
+picture loading (a label file's pictures with --labels, else random ones, and
+preresq.encode_prompts), generation (grpo.sample_rollout's sampling), reward
+(grpo.score_rollout), reference pass (grpo.reference_logprobs), policy forward and backward
+(grpo.policy_update, split at its torch.autograd.backward calls), optimizer (grpo.optimizer_step:
+gradient clip, non-finite checks, AdamW at the step's learning rate), and logging (the step's
+runkeeping.step_metrics line appended to a metrics.jsonl with runkeeping.log_json). It prints a
+table of each phase's median seconds, the step's (wall time; the "untimed rest" is what the phases
+leave of it), completion tokens per second and the peak memory (resident set size on the CPU,
+torch.cuda.max_memory_allocated on CUDA).
 
-What the step bench does differently from a training step, and why:
-- The log-prob passes score random completions of exactly --max-new-tokens tokens with no end
-  token, with random advantages, so every step has the same shapes on both paths and the policy
-  moves (an untrained model's answers all score alike: no advantage); generation runs the real
-  sampler with that max_new_tokens, and the reward scores what it sampled.
-- Only the shared path's gradients reach the optimizer; the optimizer step, the same work on
-  both paths, is timed once and counted in both.
+What the step bench does differently from a training run, and why:
+- One stage (--schedule single: one prompt, G answers per picture), the learning rate decaying
+  from --lr over the bench's warm-up and timed steps, as in a run of that length.
 - Presets (tiny, small) are built without their format warm-up: speed depends on the shapes, not
-  on the weights, and an untrained model answers to full length.
+  on the weights, and an untrained model answers to full length. Its answers all score alike,
+  so the advantages are 0 (the table says so): the same work, with (near) zero gradients.
 - The pictures (random, or --labels' resized) are of --image-size; the image processor's
   max_pixels is raised, for the bench only, when that size is above it, so the visual-token count
   is the one asked for. WordTokenizer (below) cannot decode, so with it the reward scores
@@ -46,6 +45,7 @@ What the step bench does differently from a training step, and why:
 On a CPU that other jobs share, pass --threads 1: with torch's default of one thread per core,
 threads that wait for each other under load made steps up to 100x slower on a 2-core machine.
 
+What grpo.py refuses (e.g. --num-generations 1, which leaves no advantage) is refused here too.
 The old flag spellings --B, --G and --completion-tokens still work (hidden aliases). Exit status:
 0 measured, 2 bad usage or input (nothing built), 1 out of memory part way, 130 on Ctrl-C.
 """
@@ -62,7 +62,7 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +298,6 @@ def _measure(fn, device: torch.device):
     _sync(device)
     return result, time.perf_counter() - start, _peak_memory(device)
 
-
 # Phases of one GRPO step, in the order the training loop runs them.
 PHASES = ("pictures", "generation", "reward", "reference", "policy_forward", "policy_backward", "optimizer",
           "logging")
@@ -307,50 +306,114 @@ PHASE_NAMES = dict(pictures="picture loading", generation="generation", reward="
                    optimizer="optimizer", logging="logging")
 
 
+@dataclass(frozen=True)
+class StepBench:
+    """What `bench.py step` measures: the step's shapes and the flags of the run whose steps it times.
+
+    image_size: (width, height) of every picture. The steps are those of a run of warmup_steps +
+    steps steps: the learning rate decays from `lr` over them, as grpo.Config.learning_rate does.
+    lora_rank: adapters of that rank on the language model (None: full fine-tuning)."""
+    images_per_step: int = 8
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    image_size: tuple[int, int] = (448, 448)
+    steps: int = 3
+    warmup_steps: int = 1
+    beta: float = 0.04
+    lr: float = 1e-4
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    lora_rank: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, lora_rank: int | None = None) -> "StepBench":
+        size = size_for_visual_tokens(args.visual_tokens) if args.visual_tokens else args.image_size
+        return cls(args.images_per_step, args.num_generations, args.max_new_tokens, size, args.steps,
+                   args.warmup_steps, args.beta, args.lr, args.micro_batch_size, args.gradient_checkpointing,
+                   lora_rank)
+
+    def config(self):
+        """The grpo.Config these settings train with: one stage (a fixed prompt, G answers), the
+        defaults of a non-preset model otherwise. grpo.ConfigError for a combination grpo.py refuses."""
+        import grpo
+
+        return grpo.Config(model="bench", images_per_step=self.images_per_step, num_generations=self.num_generations,
+                           max_new_tokens=self.max_new_tokens, beta=self.beta, lr=self.lr,
+                           micro_batch_size=self.micro_batch_size, gradient_checkpointing=self.gradient_checkpointing,
+                           lora_rank=self.lora_rank, schedule="single", steps=self.warmup_steps + self.steps,
+                           seed=self.seed).resolve()
+
+
 @dataclass
 class StepTimes:
-    """One measured step of one path (shared prefix, or the unshared path): seconds per phase
-    (PHASES; reference is 0 when beta = 0), the completion tokens it sampled, and the peak bytes
-    over its phases."""
+    """One measured step: seconds per phase (PHASES; reference is 0 when beta = 0), the step's wall
+    time (`step`, the phases and the few untimed lines of grpo_step between them), the completion
+    tokens it sampled, the peak bytes over the step, and whether every advantage was 0 (all
+    answers to each picture scored alike: the update's policy-gradient term is then 0)."""
     seconds: dict[str, float]
+    step: float
     generated_tokens: int
     peak: int
-
-    @property
-    def step(self) -> float:
-        return sum(self.seconds.values())
+    flat_advantages: bool = False
 
     @property
     def policy(self) -> float:
         return self.seconds["policy_forward"] + self.seconds["policy_backward"]
 
+    @property
+    def untimed(self) -> float:
+        return self.step - sum(self.seconds.values())
 
-class _BackwardClock:
-    """While active, times every torch.autograd.backward call (Tensor.backward goes through it): how
-    grpo.policy_update's time splits into forward and backward without changing the training code.
-    seconds: the backward total; the rest of the policy pass is its forward (and the loss)."""
+
+class PhaseClock:
+    """While active, times the functions grpo.grpo_step calls, phase by phase, without changing them.
+
+    grpo_step looks its parts up as module globals when it runs, so wrapping the module attributes
+    (HOOKS) times the training code itself: preresq.encode_prompts is picture loading,
+    grpo.sample_rollout generation, grpo.score_rollout reward, grpo.reference_logprobs the
+    reference pass, grpo.policy_update the policy forward, torch.autograd.backward (Tensor.backward
+    goes through it) the policy backward, grpo.optimizer_step the optimizer. Each phase gets its
+    own time only: a call inside another (encoding inside sampling, backward inside policy_update)
+    is taken off the outer one. `timed(phase, fn)` times anything else the same way."""
+
+    HOOKS = (("preresq", "encode_prompts", "pictures"), ("grpo", "sample_rollout", "generation"),
+             ("grpo", "score_rollout", "reward"), ("grpo", "reference_logprobs", "reference"),
+             ("grpo", "policy_update", "policy_forward"), ("torch.autograd", "backward", "policy_backward"),
+             ("grpo", "optimizer_step", "optimizer"))
 
     def __init__(self, device: torch.device):
-        self.device, self.seconds = device, 0.0
+        self.device, self.seconds, self.inner, self.originals = device, dict.fromkeys(PHASES, 0.0), [], []
 
-    def __enter__(self):
-        self.original = original = torch.autograd.backward
-
-        def timed(*args, **kwargs):
+    def timed(self, phase: str, fn):
+        def run(*args, **kwargs):
             _sync(self.device)
             start = time.perf_counter()
+            self.inner.append(0.0)  # the time of the calls inside this one
             try:
-                return original(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
                 _sync(self.device)
-                self.seconds += time.perf_counter() - start
+                elapsed, inner = time.perf_counter() - start, self.inner.pop()
+                self.seconds[phase] += elapsed - inner
+                if self.inner:
+                    self.inner[-1] += elapsed
 
-        torch.autograd.backward = timed
+        return run
+
+    def __enter__(self):
+        import importlib
+
+        for module_name, name, phase in self.HOOKS:
+            module = importlib.import_module(module_name)
+            self.originals.append((module, name, getattr(module, name)))
+            setattr(module, name, self.timed(phase, getattr(module, name)))
         return self
 
     def __exit__(self, *exc):
-        torch.autograd.backward = self.original
-
+        while self.originals:
+            module, name, original = self.originals.pop()
+            setattr(module, name, original)
 
 def random_pictures(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
@@ -400,208 +463,173 @@ def size_for_visual_tokens(n: int) -> tuple[int, int]:
     return 28 * math.ceil(n / rows), 28 * rows
 
 
-def bench_grpo_step(model, tokenizer, image_processor, *, images_per_step: int = 8, num_generations: int = 8,
-                    completion_tokens: int = 64, image_size: tuple[int, int] = (448, 448), steps: int = 3,
-                    warmup_steps: int = 1, beta: float = 0.04, lr: float = 1e-4, micro_batch_size: int | None = None,
-                    gradient_checkpointing: bool = False, lora_rank: int | None = None, items: list | None = None,
-                    compare_unshared: bool = False, naive_vision: bool = False, seed: int = 0,
-                    report=print) -> dict:
-    """Time `steps` GRPO steps (after `warmup_steps` untimed ones), phase by phase -> summary dict.
+@dataclass
+class BenchRun:
+    """What the timed steps train: the config, the policy and its frozen reference (None when beta
+    = 0), the optimizer, where each step's pictures come from and the metrics file it appends to."""
+    cfg: object
+    model: object
+    reference: object
+    tokenizer: object
+    image_processor: object
+    optimizer: torch.optim.Optimizer
+    pictures: Pictures
+    metrics: Path
 
-    Every step runs, with the training code: picture loading (Pictures: `items` from a label file,
-    or random pictures; resized and encoded into prompts), generation (preresq.sample_completions),
-    reward (the sampled answers decoded and scored by grpo.score_rollout, the real reward and group
-    advantages), reference pass (grpo.reference_logprobs; skipped when beta = 0), policy forward and
-    backward (grpo.policy_update; its torch.autograd.backward calls are the backward, _BackwardClock),
-    optimizer (clip_grad_norm_ + AdamW at `lr`) and logging (the step's record appended to a
-    metrics.jsonl with runkeeping.log_json). compare_unshared: each step also runs on the path before
-    prefix sharing (generate, each prompt run once per answer: grpo.py --no-shared-prefix), in
-    alternating order; only the shared path's gradients are stepped, and the optimizer, the same
-    work on both paths, is counted in both. naive_vision: that path also runs the vision tower
-    once per answer (--no-shared-prefix --no-shared-vision: no sharing at all).
+    def batch(self, step: int) -> tuple[list, list[list[Image.Image]]]:
+        """The step's items (their scores) and pictures, in the form the loop hands grpo_step."""
+        import data
 
-    Keys (seconds are medians over the timed steps): each of PHASES, policy (forward + backward),
-    step (the median of the steps' totals), peak_bytes (max over the timed steps), visual_tokens,
-    prompt_tokens (per prompt), generation_tokens_per_s, step_tokens_per_s (B*G*completion_tokens /
-    step), trained_parameters, steps (list of StepTimes). With compare_unshared, the same for the
-    unshared path as `<key>_unshared` and `steps_unshared`, and step_ratio (shared / unshared),
-    generation_speedup, reference_speedup, policy_speedup (unshared / shared; reference None when
-    beta = 0); without it these are None. lora_rank: adapters of that rank on the language model
-    (the model is changed in place); the reference pass is then the policy with its adapters off.
-    The log-prob passes score random answers of exactly completion_tokens tokens with random
-    advantages (the same shapes every step and on both paths; the reward's are recorded only). Mutates image_processor's max_pixels when image_size is above it.
-    """
-    import grpo
+        pictures, mos = self.pictures(step, self.cfg.images_per_step)
+        items = [data.Item(f"bench-{step}-{i}", float(m), float(m), "bench") for i, m in enumerate(mos.tolist())]
+        return items, [[p] for p in pictures]
+
+
+def prepare_run(model, tokenizer, image_processor, settings: StepBench, items: list | None, metrics: Path,
+                report=print) -> BenchRun:
+    """Make the run the bench steps, as runkeeping.load_models and prepare make a training run's:
+    LoRA adapters (the reference is the policy with its adapters off) or a frozen copy of the model
+    as the reference, gradient checkpointing, AdamW on what trains. Widens image_processor's
+    max_pixels when the pictures are larger (for the bench only: the visual-token count asked for)."""
     from support import lora
-    import preresq
-    from support import runkeeping
 
-    device = model.device
-    B, G, C = images_per_step, num_generations, completion_tokens
-    width, height = image_size
+    cfg = settings.config()
+    width, height = settings.image_size
     if width * height > image_processor.size["longest_edge"]:
         report(f"note: image processor max_pixels raised from {image_processor.size['longest_edge']} to "
                f"{width * height} for this bench, so {width}x{height} pictures keep their size")
         image_processor.size["longest_edge"] = width * height
-    cfg = grpo.Config(model="bench", images_per_step=B, num_generations=G, beta=beta, max_new_tokens=C,
-                      micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
-                      lr=lr, schedule="single").resolve()
-    stage = grpo.explore_stable(cfg, 0)
-    torch.manual_seed(seed)
-    if lora_rank:
-        lora.add_adapters(model, lora_rank, seed=seed)
-        reference = model if beta else None  # used with its adapters off
+    if cfg.lora_rank:
+        lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed)
+        reference = lora.Reference(model) if cfg.beta else None
     else:
-        reference = copy.deepcopy(model).requires_grad_(False).eval() if beta else None
-    if gradient_checkpointing:
+        reference = copy.deepcopy(model).requires_grad_(False).eval() if cfg.beta else None
+    if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pictures = Pictures(image_size, items, seed)
-    first = preresq.encode_prompts(tokenizer, image_processor, [[p] for p in pictures(0, B)[0]],
-                                   [preresq.IMAGE_PROMPT] * B)
-    visual_tokens = int(first.image_grid_thw[0].prod()) // image_processor.merge_size ** 2
-    suppressed = preresq.suppressed_ids(tokenizer)
-    end_id = tokenizer.convert_tokens_to_ids(preresq.END_OF_TURN)
-    first_special = min(suppressed + [end_id])  # ids below it are ordinary text in Qwen-style vocabularies
-    report(f"B={B} G={G}: {visual_tokens} visual tokens per picture ({width}x{height}, "
-           f"{f'{len(items)} labelled pictures' if items is not None else 'random pictures'}), "
-           f"{first.input_ids.shape[1]} prompt tokens, {C} completion tokens; beta={beta}, lr={lr:g}, "
-           f"micro-batch {micro_batch_size or B * G}, "
-           f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}; "
-           f"{f'LoRA rank {lora_rank}' if lora_rank else 'full fine-tuning'}, "
-           f"{sum(p.numel() for p in trained) / 1e6:,.3f} M trained parameters")
+    return BenchRun(cfg, model, reference, tokenizer, image_processor, optimizer,
+                    Pictures(settings.image_size, items, settings.seed), metrics)
 
-    def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    def run_step(k: int, shared: bool, comp, advantages, metrics: Path) -> StepTimes:
-        """One step on one path; the unshared path's optimizer seconds are filled in by the caller."""
-        run = cfg if shared else replace(cfg, shared_prefix=False, shared_vision=not naive_vision)
-        seconds, peaks = {}, []
+def log_metrics(path: Path, step: int, done) -> None:
+    """The step's line in metrics.jsonl, as the loop writes it: the reward's statistics and the update's."""
+    from support import runkeeping
 
-        def timed(phase, fn):
-            result, seconds[phase], peak = _measure(fn, device)
-            peaks.append(peak)
-            return result
+    runkeeping.log_json(path, {"step": step + 1, **runkeeping.step_metrics(done.scored), **done.stats})
 
-        def load():
-            pics, mos = pictures(k, B)
-            return preresq.encode_prompts(tokenizer, image_processor, [[p] for p in pics],
-                                          [preresq.IMAGE_PROMPT] * B), mos
 
-        prompts, mos = timed("pictures", load)
-        model.eval()
-        sampled = timed("generation", lambda: preresq.sample_completions(
-            model, tokenizer, prompts, G, temperature=cfg.temperature, max_new_tokens=C, top_k=cfg.top_k,
-            shared_prefix=shared))
+def timed_step(run: BenchRun, step: int) -> tuple[StepTimes, object]:
+    """One training step as the loop runs it, timed phase by phase (PhaseClock): the step's pictures,
+    one call of grpo.grpo_step, its metrics line -> (its StepTimes, the grpo.Step)."""
+    import grpo
 
-        def reward():
-            mask = preresq.completion_mask(sampled, end_id)
-            texts = tokenizer.batch_decode(sampled, skip_special_tokens=True)
-            answers = grpo.Rollout(prompts, sampled, mask, texts, mos, G, False, suppressed)
-            return grpo.score_rollout(cfg, answers, stage), int(mask.sum())
+    device = run.model.device
+    _sync(device)
+    _reset_peak_memory(device)
+    start = time.perf_counter()
+    with PhaseClock(device) as clock:
+        items, visuals = clock.timed("pictures", run.batch)(step)
+        done = grpo.grpo_step(run.cfg, run.model, run.reference, run.tokenizer, run.image_processor, run.optimizer,
+                              items, visuals, step, False)
+        clock.timed("logging", log_metrics)(run.metrics, step, done)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    mask, advantages = done.rollout.mask, done.scored.advantages
+    flat = advantages is not None and not advantages.any()
+    return StepTimes(dict(clock.seconds), seconds, int(mask.sum()) if mask is not None else 0,
+                     _peak_memory(device), bool(flat)), done
 
-        (_, record), generated = timed("reward", reward)
-        rollout = grpo.Rollout(prompts, comp, torch.ones_like(comp), [], mos, G, False, suppressed)
-        ref_logp = None
-        seconds["reference"] = 0.0
-        if reference is not None:
-            with lora.adapters_off(reference):
-                ref_logp = timed("reference", lambda: grpo.reference_logprobs(reference, rollout, run))
-        optimizer.zero_grad(set_to_none=True)
-        with _BackwardClock(device) as clock:
-            stats = timed("policy_forward",
-                          lambda: grpo.policy_update(model, rollout, advantages, None, ref_logp, run))
-        seconds["policy_forward"] -= clock.seconds
-        seconds["policy_backward"] = clock.seconds
-        seconds["optimizer"] = 0.0
-        if shared:
-            timed("optimizer", optimizer_step)
-        optimizer.zero_grad(set_to_none=True)  # the unshared path's gradients are dropped
-        record = {**record, **stats, **{f"{p}_seconds": round(s, 4) for p, s in seconds.items()}}
-        timed("logging", lambda: runkeeping.log_json(metrics, {"step": k + 1, **record}))
-        return StepTimes({p: seconds[p] for p in PHASES}, generated, max(peaks))
 
-    gen = torch.Generator().manual_seed(seed)
-    measured = {True: [], False: []}
+def bench_grpo_step(model, tokenizer, image_processor, settings: StepBench = StepBench(), items: list | None = None,
+                    report=print) -> dict:
+    """Time settings.steps GRPO steps (after settings.warmup_steps untimed ones), phase by phase -> summary.
+
+    Each step is the training loop's: the pictures (`items` of a label file, else random ones;
+    Pictures), one call of grpo.grpo_step on them (sampling, reward, reference pass, policy update,
+    optimizer step: the function grpo.py's loop calls, timed by PhaseClock's hooks) and its line in
+    a metrics.jsonl. `model` is trained in place (with adapters when settings.lora_rank).
+
+    Keys (seconds are medians over the timed steps): each of PHASES, policy (forward + backward),
+    step (the median of the steps' wall times), untimed (the median of what the phases leave of a
+    step), peak_bytes (max over the timed steps), visual_tokens, prompt_tokens (per prompt),
+    generation_tokens_per_s, step_tokens_per_s (sampled completion tokens / step seconds),
+    trained_parameters, flat_steps (timed steps whose advantages were all 0), steps (StepTimes)."""
+    import preresq
+
     with tempfile.TemporaryDirectory(prefix="bench-log-") as logs:
-        for k in range(warmup_steps + steps):
-            comp = torch.randint(0, first_special, (B * G, C), generator=gen).to(device)
-            advantages = torch.randn(B * G, generator=gen).to(device)
-            order = ((True, False) if k % 2 == 0 else (False, True)) if compare_unshared else (True,)
-            got = {shared: run_step(k, shared, comp, advantages, Path(logs) / f"shared-{shared}.jsonl") for shared in order}
-            if compare_unshared:  # the same optimizer step on both paths, timed once
-                got[False].seconds["optimizer"] = got[True].seconds["optimizer"]
-            label = "warm-up" if k < warmup_steps else f"step {k - warmup_steps + 1}"
-            line = (f"{label:>8}: shared {got[True].step:7.3f} s (generation {got[True].seconds['generation']:.3f}, "
-                    f"reference {got[True].seconds['reference']:.3f}, policy {got[True].policy:.3f}), "
-                    f"peak {got[True].peak / 2**30:.2f} GiB")
-            if compare_unshared:
-                line += (f" | unshared {got[False].step:7.3f} s (generation {got[False].seconds['generation']:.3f}, "
-                         f"reference {got[False].seconds['reference']:.3f}, policy {got[False].policy:.3f}), "
-                         f"peak {got[False].peak / 2**30:.2f} GiB")
-            report(line)
-            if k >= warmup_steps:
-                for shared in got:
-                    measured[shared].append(got[shared])
-    summary = dict(visual_tokens=visual_tokens, prompt_tokens=first.input_ids.shape[1],
-                   trained_parameters=sum(p.numel() for p in trained),
-                   **_medians(measured[True], B * G * C))
-    unshared = _medians(measured[False], B * G * C) if compare_unshared else dict.fromkeys(summary_keys())
-    summary.update({f"{key}_unshared": value for key, value in unshared.items()})
-    ratio = (lambda a, b: a / b if a and b else None)
-    summary.update(step_ratio=ratio(summary["step"], summary["step_unshared"]),
-                   generation_speedup=ratio(summary["generation_unshared"], summary["generation"]),
-                   reference_speedup=ratio(summary["reference_unshared"], summary["reference"]),
-                   policy_speedup=ratio(summary["policy_unshared"], summary["policy"]))
-    report(phase_table(summary, device))
+        run = prepare_run(model, tokenizer, image_processor, settings, items, Path(logs) / "metrics.jsonl", report)
+        items0, visuals0 = run.batch(0)
+        first = preresq.encode_prompts(tokenizer, image_processor, visuals0, [preresq.IMAGE_PROMPT] * len(items0))
+        summary = dict(visual_tokens=int(first.image_grid_thw[0].prod()) // image_processor.merge_size ** 2,
+                       prompt_tokens=first.input_ids.shape[1],
+                       trained_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        report(describe(settings, summary, items))
+        torch.manual_seed(settings.seed)  # sampling draws from the global generator, as in a run
+        measured = []
+        for k in range(settings.warmup_steps + settings.steps):
+            times, done = timed_step(run, k)
+            report(step_line("warm-up" if k < settings.warmup_steps else f"step {k - settings.warmup_steps + 1}",
+                             times, done))
+            if k >= settings.warmup_steps:
+                measured.append(times)
+    summary.update(_medians(measured))
+    report(phase_table(summary, model.device))
     return summary
 
 
-def summary_keys() -> tuple[str, ...]:
-    return (*PHASES, "policy", "step", "peak_bytes", "generation_tokens_per_s", "step_tokens_per_s", "steps")
+def describe(settings: StepBench, summary: dict, items: list | None) -> str:
+    """The bench's first line: the shapes and the flags."""
+    s = settings
+    width, height = s.image_size
+    pictures = f"{len(items)} labelled pictures" if items is not None else "random pictures"
+    return (f"B={s.images_per_step} G={s.num_generations}: {summary['visual_tokens']} visual tokens per picture "
+            f"({width}x{height}, {pictures}), {summary['prompt_tokens']} prompt tokens, up to {s.max_new_tokens} "
+            f"completion tokens; beta={s.beta}, lr={s.lr:g} decaying over {s.warmup_steps + s.steps} steps, "
+            f"micro-batch {s.micro_batch_size or s.images_per_step * s.num_generations}, "
+            f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}; "
+            f"{f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'}, "
+            f"{summary['trained_parameters'] / 1e6:,.3f} M trained parameters")
 
 
-def _medians(steps: list[StepTimes], completion_tokens: int) -> dict:
-    """Medians over measured steps of each phase, the policy pass and the step; the peak; tokens/s."""
+def step_line(label: str, times: StepTimes, done) -> str:
+    """One step's line: its seconds, the main phases, what it sampled, its reward and its peak."""
+    reward = done.scored.terms.get("total")
+    problem = f", {done.stats['nonfinite']} not finite: optimizer skipped" if "nonfinite" in done.stats else ""
+    return (f"{label:>8}: {times.step:7.3f} s (generation {times.seconds['generation']:.3f}, reference "
+            f"{times.seconds['reference']:.3f}, policy {times.policy:.3f}), {times.generated_tokens} tokens, "
+            f"reward {reward.mean().item() if reward is not None else float('nan'):.3f}"
+            f"{' (all alike: advantages 0)' if times.flat_advantages else ''}{problem}, "
+            f"peak {times.peak / 2**30:.2f} GiB")
+
+
+def _medians(steps: list[StepTimes]) -> dict:
+    """Medians over measured steps of each phase, the policy pass, the step and its untimed rest;
+    the peak; completion tokens per second of generation and of the step."""
     out = {p: statistics.median(s.seconds[p] for s in steps) for p in PHASES}
     out.update(policy=statistics.median(s.policy for s in steps), step=statistics.median(s.step for s in steps),
-               peak_bytes=max(s.peak for s in steps))
+               untimed=statistics.median(s.untimed for s in steps), peak_bytes=max(s.peak for s in steps),
+               flat_steps=sum(s.flat_advantages for s in steps))
     out.update(generation_tokens_per_s=sum(s.generated_tokens for s in steps)
                / sum(s.seconds["generation"] for s in steps),
-               step_tokens_per_s=completion_tokens / out["step"], steps=steps)
+               step_tokens_per_s=statistics.median(s.generated_tokens for s in steps) / out["step"], steps=steps)
     return out
 
 
 def phase_table(summary: dict, device: torch.device) -> str:
-    """The summary as a table: one row per phase, then the policy pass, the step and the peak memory;
-    columns shared, unshared and shared / unshared (the last two only when the unshared path ran)."""
-    both = summary["step_unshared"] is not None
-    n = len(summary["steps"])
-    rows = [(PHASE_NAMES[p], p) for p in PHASES] + [("policy fwd+bwd", "policy"), ("step", "step")]
-    lines = [f"median of {n} steps{'':<3}{'shared':>10}" + (f"{'unshared':>12}{'shared/unshared':>17}" if both else "")]
-    for label, key in rows:
-        line = f"  {label:<20}{summary[key]:>8.3f} s"
-        if both:
-            u = summary[f"{key}_unshared"]
-            line += f"{u:>10.3f} s{(f'{summary[key] / u:.2f}' if u else '-'):>17}"
-        lines.append(line)
+    """The summary as a table: one row per phase, the policy pass, the untimed rest, the step, the
+    peak memory and the completion tokens per second."""
+    rows = [(PHASE_NAMES[p], p) for p in PHASES] + [("policy fwd+bwd", "policy"), ("untimed rest", "untimed"),
+                                                    ("step", "step")]
+    lines = [f"median of {len(summary['steps'])} steps"]
+    lines += [f"  {label:<20}{summary[key]:>8.3f} s" for label, key in rows]
     kind = "max allocated" if device.type == "cuda" else "resident set"
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
-    line = f"  {'peak memory':<20}{gib(summary['peak_bytes']):>10}"
-    if both:
-        line += f"{gib(summary['peak_bytes_unshared']):>12}{summary['peak_bytes'] / summary['peak_bytes_unshared']:>17.2f}"
-    lines.append(line + f"   ({kind})")
+    lines.append(f"  {'peak memory':<20}{summary['peak_bytes'] / 2**30:>6.2f} GiB   ({kind})")
     lines.append(f"  completion tokens/s: generation {summary['generation_tokens_per_s']:.0f}, "
                  f"step {summary['step_tokens_per_s']:.0f}")
-    if both:
-        speed = lambda key: f"{summary[key]:.2f}x" if summary[key] is not None else "skipped (beta = 0)"
-        lines.append(f"  shared prefix: step {summary['step_ratio']:.2f} of the unshared path's; generation "
-                     f"{speed('generation_speedup')}, reference pass {speed('reference_speedup')}, "
-                     f"policy fwd+bwd {speed('policy_speedup')} faster")
+    if summary["flat_steps"]:
+        lines.append(f"  in {summary['flat_steps']} of these steps every picture's answers scored alike (as an "
+                     f"untrained model's do): the advantages were 0, the work the same")
     return "\n".join(lines)
 
 
@@ -614,11 +642,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def bench_step(args: argparse.Namespace) -> dict:
+    """`bench.py step`: time --model's steps (with --lora-rank: LoRA, then full fine-tuning, compared)."""
     import preresq
 
     device = args.device or preresq.default_device()
     dtype = preresq.DTYPES[args.dtype] if args.dtype else preresq.default_dtype(device)
-    size = size_for_visual_tokens(args.visual_tokens) if args.visual_tokens else args.image_size
     items = label_items(args.labels, args.data_root) if args.labels else None  # DataError before any model
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -627,12 +655,9 @@ def bench_step(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as folder:  # a preset is built once for both runs
         for rank in ([args.lora_rank, None] if args.lora_rank else [None]):  # LoRA first: see the docstring
             try:
-                summaries[rank] = bench_one(args, device, dtype, size, rank, folder, items)
+                summaries[rank] = bench_one(args, StepBench.from_args(args, rank), device, dtype, folder, items)
             except torch.OutOfMemoryError:
-                gpu = torch.cuda.get_device_properties(device)
-                message = (f"out of memory on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) with --model "
-                           f"{args.model} --images-per-step {args.images_per_step} --num-generations "
-                           f"{args.num_generations}")
+                message = out_of_memory(args, device)
                 if rank is not None or not summaries:
                     raise cli.Failure(f"{message}: try --gradient-checkpointing, a smaller --micro-batch-size, "
                                       f"--beta 0 (no reference model), a smaller --images-per-step or "
@@ -647,21 +672,22 @@ def bench_step(args: argparse.Namespace) -> dict:
     return {**summaries[args.lora_rank], **compare_lora(summaries[args.lora_rank], summaries[None], args.lora_rank)}
 
 
-def bench_one(args: argparse.Namespace, device, dtype, size, lora_rank: int | None, folder: str,
+def out_of_memory(args: argparse.Namespace, device) -> str:
+    gpu = torch.cuda.get_device_properties(device)
+    return (f"out of memory on {gpu.name} ({gpu.total_memory / 2**30:.0f} GiB) with --model {args.model} "
+            f"--images-per-step {args.images_per_step} --num-generations {args.num_generations}")
+
+
+def bench_one(args: argparse.Namespace, settings: StepBench, device, dtype, folder: str,
               items: list | None = None) -> dict:
-    """Load --model afresh and time its steps (LoRA of that rank, or full fine-tuning when None)."""
+    """Load --model afresh and time its steps (LoRA of settings.lora_rank, or full fine-tuning when None)."""
     model, tokenizer, processor, what = load_bench_model(args.model, device, dtype, folder)
     params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"{what}: {params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {where}; "
           f"load average {os.getloadavg()[0]:.2f} before")
-    return bench_grpo_step(model, tokenizer, processor, images_per_step=args.images_per_step,
-                           num_generations=args.num_generations, completion_tokens=args.max_new_tokens,
-                           image_size=size, steps=args.steps, warmup_steps=args.warmup_steps, beta=args.beta,
-                           lr=args.lr, micro_batch_size=args.micro_batch_size,
-                           gradient_checkpointing=args.gradient_checkpointing, lora_rank=lora_rank, items=items,
-                           compare_unshared=args.compare_unshared, naive_vision=args.naive_vision)
+    return bench_grpo_step(model, tokenizer, processor, settings, items)
 
 
 def _free(device) -> None:
@@ -784,12 +810,6 @@ def add_step_flags(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in the backward pass: less memory, more time")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient; 0 skips the reference pass")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--compare-unshared", action="store_true",
-                   help="also run every step on the path before prefix sharing (grpo.py --no-shared-prefix), "
-                        "alternating, and print the ratios")
-    p.add_argument("--naive-vision", action="store_true",
-                   help="with --compare-unshared: that path also runs the vision tower once per answer (no "
-                        "sharing at all, --no-shared-vision), instead of once per picture")
     p.add_argument("--lora-rank", type=int,
                    help="measure LoRA adapters of this rank (language model), then full fine-tuning, and compare")
     p.add_argument("--threads", type=int,
@@ -805,8 +825,7 @@ def make_parser() -> argparse.ArgumentParser:
     def subcommand(name: str, summary: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, description=summary, formatter_class=cli.HelpFormatter)
 
-    add_step_flags(subcommand("step", "time GRPO steps phase by phase; with --compare-unshared, against the "
-                                      "path before prefix sharing"))
+    add_step_flags(subcommand("step", "time GRPO steps (grpo.grpo_step) phase by phase"))
 
     p = subcommand("video", "time decoding one clip into its training views")
     p.add_argument("--clip", help="a video file (default: write a synthetic clip)")
@@ -831,8 +850,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.InputError), before any model, preset or clip is made. args.run(args) runs the subcommand."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    least = dict(images_per_step=1, num_generations=1, max_new_tokens=1, steps=1, warmup_steps=0, visual_tokens=1,
-                 micro_batch_size=1, lora_rank=1, threads=1, repeats=1, A=1)
+    step = args.command == "step"  # a step needs two answers to compare and room for one (grpo.Config.check)
+    least = dict(images_per_step=1, num_generations=2 if step else 1, max_new_tokens=8, steps=1, warmup_steps=0,
+                 visual_tokens=1, micro_batch_size=1, lora_rank=1, threads=1, repeats=1, A=1)
     cli.at_least(parser, args, **{name: low for name, low in least.items() if hasattr(args, name)})
     if args.command == "video" and args.seconds <= 0:
         parser.error(f"--seconds must be above 0, got {args.seconds:g}")
@@ -842,13 +862,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cli.check_device(args.device)
     if args.command == "step" and args.data_root is not None and args.labels is None:
         parser.error("--data-root is read with --labels only")
-    if args.command == "step" and args.naive_vision and not args.compare_unshared:
-        parser.error("--naive-vision describes the path --compare-unshared adds; give both")
     if args.command == "step" and not args.lr > 0:
         parser.error(f"--lr must be above 0, got {args.lr:g}")
     if args.command == "step":
+        import grpo
         import preresq
 
+        try:  # what grpo.py refuses (e.g. G = 1: no advantage), refused here in its words
+            StepBench.from_args(args, args.lora_rank).config()
+        except grpo.ConfigError as e:
+            parser.error(str(e))
         check_model_device(args.model, args.device or preresq.default_device())
     if args.command == "video" and args.clip is not None:
         check_video(args.clip)
