@@ -11,8 +11,8 @@ the policy's side of that loop, in the order a step uses it:
   completion_mask(...)       -> tokens up to and including the first end-of-turn token
   completion_logprobs(...)   -> (B*G, C) log pi_theta(o_t | q, o_<t) of the distribution sampled from
   judge(...) / score(...)    -> inference: parsed aspect scores and the quality score (their mean)
-`python preresq.py FILE... --model FOLDER` scores image and video files. presets.py builds the
-laptop presets: `preresq.load_model(presets.model_path("tiny"))`.
+`python preresq.py FILE... --model FOLDER` scores image and video files; the untrained laptop preset
+is the folder models/tiny. Imported, this file needs only rewards.py and support/prompt_sharing.py.
 
 Traps avoided, each of which silently changes what is trained:
 - Sampling passes a complete GenerationConfig (do_sample, temperature, top_k=0, top_p=1,
@@ -24,11 +24,9 @@ Traps avoided, each of which silently changes what is trained:
   1-D positions instead of its 3-D M-RoPE.
 - Log-probs use hidden states of completion positions only and a row-chunked log-softmax, never
   a full-vocabulary float32 log-softmax of the whole batch (which would not fit in memory).
-- Shared vision: the vision tower runs once per distinct picture and its features serve all G
-  completions (exact: Qwen2.5-VL injects image features only at the placeholder tokens).
-- Shared prefix: the language model reads each prompt once for its G answers (support/prompt_sharing.py; exact:
-  attention is causal), with the answers' M-RoPE positions passed explicitly, never left to the
-  model's `rope_deltas` kept from another batch.
+- A shared prompt: each prompt (pictures included: the vision tower once per picture) runs once
+  for its G answers (support/prompt_sharing.py; exact: attention is causal), with the answers'
+  M-RoPE positions passed explicitly, never left to the model's `rope_deltas` from another batch.
 - Inference never invents a score: an unparsable answer is reported as unparsed.
 """
 from __future__ import annotations

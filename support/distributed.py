@@ -247,7 +247,8 @@ def shard_model(model, device: str) -> FSDPRoot:
     root = FSDPRoot(model)
     fully_shard(root, mesh=mesh)
     for module in [*model.model.visual.blocks, *model.model.language_model.layers, root]:
-        module.set_gradient_divide_factor(1.0)
+        module.set_gradient_divide_factor(1.0)  # sums, not averages
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied one)
     # transformers' generate then keeps every rank stepping until all have finished (synced_gpus),
     # so that the ranks run the same sharded forwards.
     model._is_fsdp_managed_module = True
