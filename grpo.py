@@ -270,12 +270,12 @@ class Config:
         self.stage2_generations = g if self.stage2_generations is None else self.stage2_generations
         if self.log_rollouts is None:
             self.log_rollouts = self.eval_every or 0
-        if self.steps:
-            self.set_length(num_images=0)
+        if self.steps:  # an --epochs run's length is known once its data are (runkeeping.prepare)
+            self.set_length()
         self.check()
         return self
 
-    def set_length(self, num_images: int, world: int = 1) -> None:
+    def set_length(self, num_images: int | None = None, world: int = 1) -> None:
         """Fix the run's length: --steps, or --epochs over num_images training images (B x world a
         step); stage 1 is the first half unless --stage1-steps says otherwise."""
         self.steps = self.steps or math.ceil(self.epochs * num_images / (self.images_per_step * world))
