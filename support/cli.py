@@ -166,7 +166,7 @@ BOUNDS = {
     "lr": ((">", 0),), "temperature": ((">", 0),), "epochs": ((">", 0),), "max_grad_norm": ((">", 0),),
     "lora_alpha": ((">", 0),), "seconds": ((">", 0),),
     "beta": ((">=", 0),), "reasoning_beta": ((">=", 0),), "epsilon": ((">=", 0),), "weight_decay": ((">=", 0),),
-    "stage1_steps": ((">=", 0),), "eval_every": ((">=", 0),), "save_every": ((">=", 0),),
+    "stage1_steps": ((">=", 0),), "eval_every": ((">=", 0),), "save_every": ((">=", 0),), "log_rollouts": ((">=", 0),),
     "keep_last": ((">=", 1),), "eval_size": ((">=", 1),), "eval_samples": ((">=", 1),), "workers": ((">=", 1),),
     "max_pixels": ((">=", 1),), "jobs": ((">=", 1),),
     # numpy's generators take no negative seed

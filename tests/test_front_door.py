@@ -57,6 +57,7 @@ CASES = [
     case("grpo", ["--out", "{in}/afile"], ["--out", "afile is a file"]),
     case("grpo", ["--dtype", "half"], ["argument --dtype: invalid choice: 'half'"]),
     case("grpo", ["--lr", "nan"], ["--lr must be a finite number, got nan"]),
+    case("grpo", ["--log-rollouts", "-1"], ["--log-rollouts must be at least 0, got -1"]),
     case("grpo", ["--lr", "-0.001"], ["--lr must be greater than 0, got -0.001"]),
     case("grpo", ["--lr", "inf"], ["--lr must be a finite number, got inf"]),
     case("grpo", ["--beta", "-0.04"], ["--beta must be at least 0, got -0.04"]),
