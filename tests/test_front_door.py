@@ -128,6 +128,7 @@ CASES = [
     # ablation.py
     case("ablation", ["--variants", "nope"], ["unknown variant(s) nope", "fidelity"]),
     case("ablation", ["--seeds", "a,b"], ["--seeds takes comma-separated whole numbers"]),
+    case("ablation", ["--seeds", "0,-1"], ["--seeds must be 0 or more"]),
     case("ablation", ["--out", "{in}/afile"], ["--out", "is a file"]),
     case("ablation", ["--model", "{in}/notamodel"], ["is not a model folder"]),
     case("ablation", ["--steps", "0"], ["--steps must be at least 1"]),
