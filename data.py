@@ -34,6 +34,7 @@ import random
 import struct
 import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -329,15 +330,22 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
     return im
 
 
+@contextmanager
+def videos_as_data_errors():
+    """A video.VideoError raised inside as a DataError: the one error of a file a set cannot use."""
+    try:
+        yield
+    except video.VideoError as e:
+        raise DataError(str(e)) from None
+
+
 def read_visual(path: str, max_pixels: int | None = None) -> Image.Image | list[Image.Image]:
     """What the model is shown of one file: an image file -> its RGB picture (load_image); a video
     file -> its views [global mosaic, local 1..3] (video.video_views), the local frames capped at
     max_pixels (default video.LOCAL_MAX_PIXELS). Raises DataError naming the file."""
     if is_video(path):
-        try:
+        with videos_as_data_errors():
             views = video.video_views(path, local_max_pixels=max_pixels or video.LOCAL_MAX_PIXELS)
-        except video.VideoError as e:
-            raise DataError(str(e)) from None
         for view in views:
             check_shape(path, *view.size)
         return views
@@ -375,7 +383,8 @@ def check_readable(path: str) -> None:
     if not os.path.isfile(path):
         raise DataError(f"{path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     if is_video(path):
-        return checked_video(path)
+        with videos_as_data_errors():
+            return video.check_video(path)
     try:
         with Image.open(path) as im:
             size = im.size
@@ -385,18 +394,13 @@ def check_readable(path: str) -> None:
     check_shape(path, *size)
 
 
-def checked_video(path: str, decode: bool = False) -> None:
-    """video.check_video, its VideoError a DataError (the error of every file a set cannot use)."""
-    try:
-        video.check_video(path, decode=decode)
-    except video.VideoError as e:
-        raise DataError(str(e)) from None
 
 
 def _check_file(path: str) -> str | None:
     """None if the file decodes (an image in full, a video's first frame), else the reason."""
     try:
-        checked_video(path, decode=True) if is_video(path) else load_image(path, max_pixels=256 * 256)
+        with videos_as_data_errors():
+            video.check_video(path, decode=True) if is_video(path) else load_image(path, max_pixels=256 * 256)
     except DataError as e:
         return str(e)
     return None

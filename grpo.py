@@ -324,14 +324,13 @@ class OneProcess:
     def sum(self, values: list[float]) -> list[float]:
         return list(values)
 
-    def sum_gradients(self, model) -> None:
+    def sum_gradients(self, model) -> None:  # one process: its gradients are the sum
         pass
 
 
 @dataclass
 class Rollout:
     """One step's sampled answers on this process's n images (n may be 0 under torchrun).
-
     prompts: the n prompts (not repeated); completions, mask: (n*G, C), rows grouped by image;
     texts: n*G decoded answers; questions: the n prompt texts; mos: (n,); reasoning: (n*G, C) bool,
     the reasoning tokens (only when --reasoning-beta is set); suppressed: token ids never sampled.
@@ -491,11 +490,12 @@ def optimizer_step(model, optimizer, stats: dict, cfg: Config, step: int, comm=O
 
 
 def update(cfg: Config, model, reference, optimizer, rollout: Rollout, advantages, step: int,
-           comm=OneProcess()) -> dict:
-    """Steps 6-8 on scored answers: reference log-probs, then mu policy updates."""
+           comm=OneProcess(), totals: tuple[float, float] | None = None) -> dict:
+    """Steps 6-8: reference log-probs, then mu policy updates. totals: the global batch's answer
+    tokens and answers (Scored.tokens, .sequences), summed here when not given."""
     advantages = advantages.to(next(model.parameters()).device)
-    tokens, sequences = comm.sum([rollout.mask.sum().item() if rollout.mask is not None else 0,
-                                  len(rollout.texts)])
+    tokens, sequences = totals or comm.sum([rollout.mask.sum().item() if rollout.mask is not None else 0,
+                                            len(rollout.texts)])
     sampled = rollout.completions is not None
     t1 = time.time()
     ref_logp = reference_logprobs(reference, rollout, cfg) if reference is not None and sampled else None
@@ -516,8 +516,7 @@ def update(cfg: Config, model, reference, optimizer, rollout: Rollout, advantage
 
 @dataclass
 class Step:
-    """What one step computed: the sampled answers, their rewards and advantages, and the update's
-    statistics (loss, KL, clip fraction, gradient norm, learning rate, seconds)."""
+    """One step's answers, their rewards and advantages, the update's statistics (loss, KL, lr, ...)."""
     rollout: Rollout
     scored: Scored
     stats: dict
@@ -532,7 +531,8 @@ def grpo_step(cfg: Config, model, reference, tokenizer, image_processor, optimiz
     stats = {"generation_seconds": round(time.time() - t0, 3)}
     scored = score_rollout(cfg, rollout, stage, comm)
     if scored.advantages is not None:
-        stats.update(update(cfg, model, reference, optimizer, rollout, scored.advantages, step, comm))
+        stats.update(update(cfg, model, reference, optimizer, rollout, scored.advantages, step, comm,
+                            (scored.tokens, scored.sequences)))
     return Step(rollout, scored, {**stats, **scored.problem})
 
 
