@@ -47,9 +47,6 @@ from support.authors_protocol import (AUTHORS_IMAGE_PROMPT, AUTHORS_VIDEO_PROMPT
                                       authors_score)
 import data
 import preresq
-from support import presets
-from support import report_page
-from support import reports
 
 MIN_ITEMS = 3  # fewer scored items than this: every correlation is NaN
 
@@ -193,7 +190,8 @@ def _protocol(model, protocol, decoding):
 
 
 def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", samples=None, temperature=1.0,
-             top_k=0, seed=0, batch_size=8, max_new_tokens=None, max_pixels=None, progress=True, warn=None):
+             top_k=0, seed=0, batch_size=8, max_new_tokens=None, max_pixels=None, progress=True, warn=None,
+             all_finished=None):
     """Score `items` (list of data.Item) with the judge and correlate the scores with MOS.
 
     Items are read with data.read_visual and judged `batch_size` at a time (the batch starting at
@@ -203,7 +201,8 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
     prompt, decoded as `authors_decoding(model.generation_config)` (then leave samples, temperature,
     top_k, max_new_tokens unset). Unreadable
     files and unparsed answers are counted, never given a score; warn(message) is told of each such
-    file (default: a cli.Warnings, a counted line on stderr).
+    file (default: a cli.Warnings, a counted line on stderr). all_finished: a sharded
+    preresq.Policy's, whose processes judge in step.
 
     Returns (metrics, rows): metrics = dict(protocol, n, `correlations`' keys, parse_failures,
     unreadable), where n counts the parsed predictions the correlations use; rows = one dict per
@@ -233,7 +232,7 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
             if group:
                 judgements = preresq.judge(model, tokenizer, image_processor, [v for _, _, v in group],
                                            video=video, seed=seed + start, batch_size=batch_size, **decoding,
-                                           **prompts[video])
+                                           **prompts[video], all_finished=all_finished)
                 judged.update((k, _row(item, j, aspect_names, protocol))
                               for (k, item, _), j in zip(group, judgements))
         rows.extend(judged[k] for k in sorted(judged))
@@ -327,6 +326,8 @@ def load_sets(args):
 
 
 def command(argv=None):
+    from harness import presets, report_page, reports  # what drives the evaluation comes in here
+
     args = parse_args(argv)
     # Everything is checked before anything is made: the device, where the model is, the output
     # folder, then the data (the synthetic sets are generated); the preset is built last.

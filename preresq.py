@@ -31,7 +31,6 @@ Traps avoided, each of which silently changes what is trained:
 """
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import sys
@@ -121,7 +120,7 @@ def locate_model(path_or_hub_id: str) -> str:
         return str(path)
     if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a bare name is most likely a preset's
         raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name). A laptop preset's "
-                             f"folder is printed by `python -m support.presets {path_or_hub_id}`; grpo.py takes its name.")
+                             f"folder is printed by `python -m harness.presets {path_or_hub_id}`; grpo.py takes its name.")
     return hub_snapshot(str(path_or_hub_id))
 
 
@@ -136,7 +135,7 @@ def hub_snapshot(name: str) -> str:
     except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError
         pass
     advice = (f"Download it first (`hf download {name}` on a machine with network) or pass a local folder "
-              "with --model; a laptop preset needs no download: `python -m support.presets tiny` prints its folder.")
+              "with --model; a laptop preset needs no download: `python -m harness.presets tiny` prints its folder.")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ModelLoadError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set. {advice}")
     try:
@@ -238,17 +237,6 @@ def mm_token_type_ids(model, input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids == model.config.image_token_id).int()
 
 
-def model_pass(fn):
-    """Marks a function that runs the model. A wrapped model runs it through its own `enter`
-    (under --fsdp, support.distributed.FSDPRoot gathers the sharded weights first; under LoRA,
-    support.lora.Reference switches the adapters off); a Hugging Face model is used as it is."""
-    @functools.wraps(fn)
-    def run(model, *args, **kwargs):
-        enter = getattr(model, "enter", None)
-        return enter(fn, *args, **kwargs) if enter is not None else fn(model, *args, **kwargs)
-    return run
-
-
 # --------------------------------------------------------------------------- sampling
 
 def suppressed_ids(tokenizer) -> list[int]:
@@ -280,7 +268,6 @@ def sampling_config(tokenizer, *, num_generations: int = 1, temperature: float =
     return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, min_p=None, **common)
 
 
-@model_pass
 def cache_prompts(model, prompts: PromptBatch) -> prompt_sharing.PromptCache:
     """The B prompts' forward, once, pictures included -> their keys and values, which all G answers
     of a prompt continue (support/prompt_sharing.py). With gradients when enabled: every answer's
@@ -290,21 +277,21 @@ def cache_prompts(model, prompts: PromptBatch) -> prompt_sharing.PromptCache:
                                   mm_token_type_ids(model, prompts.input_ids), pixel_values=prompts.pixel_values)
 
 
-@model_pass
 @torch.no_grad()
 def sample_completions(model, tokenizer, batch: PromptBatch, num_generations: int, *, temperature: float = 1.0,
                        max_new_tokens: int = 256, greedy: bool = False, top_k: int = 0, top_p: float = 1.0,
-                       repetition_penalty: float = 1.0) -> torch.Tensor:
+                       repetition_penalty: float = 1.0, all_finished=None) -> torch.Tensor:
     """Sample G completions per prompt -> (B*G, C) token ids (rows grouped by prompt; pad after the end).
     Settings as in sampling_config (top_k=0: the whole distribution, as GRPO needs). Each prompt runs
     once and its G answers continue it (prompt_sharing.sample: generate's choices and random draws).
     A top_p or repetition penalty, which prompt_sharing.sample does not apply (only evaluate.py
-    --protocol authors asks for them), goes to transformers' generate, which runs each prompt G times."""
+    --protocol authors asks for them), goes to transformers' generate, which runs each prompt G times.
+    all_finished: Policy.all_finished of a sharded policy, whose processes sample in step."""
     config = sampling_config(tokenizer, num_generations=num_generations, temperature=temperature,
                              max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty)
     if top_p == 1.0 and repetition_penalty == 1.0:
-        return prompt_sharing.sample(model, cache_prompts(model, batch), config)
+        return prompt_sharing.sample(model, cache_prompts(model, batch), config, all_finished)
     batch = batch.to(model.device)
     out = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
@@ -364,7 +351,6 @@ def selective_log_softmax(hidden: torch.Tensor, lm_head: torch.nn.Module, target
                       for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows))])
 
 
-@model_pass
 def completion_logprobs(model, cache: prompt_sharing.PromptCache, completion_ids: torch.Tensor,
                         completion_attention: torch.Tensor, *, temperature: float, num_generations: int,
                         suppressed: list[int], rows: slice | None = None) -> torch.Tensor:
@@ -384,6 +370,96 @@ def completion_logprobs(model, cache: prompt_sharing.PromptCache, completion_ids
     targets = completion_ids.masked_fill(~keep, 0)
     logp = selective_log_softmax(hidden, model.lm_head, targets, temperature, suppressed)
     return logp.masked_fill(~keep, 0.0)
+
+
+# --------------------------------------------------------------------------- the policy: GRPO's model side
+
+@dataclass
+class Answers:
+    """G sampled answers to each of B prompts, rows grouped by prompt. ids, mask: (B*G, C), the mask 1
+    up to and including the end-of-turn token; texts: the B*G answers decoded."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    texts: list[str]
+    num_generations: int
+
+
+class Policy:
+    """The model side of GRPO as one object: the judge (a Qwen2.5-VL), its tokenizer and image processor.
+
+    Its methods are what a GRPO step asks of a model, in the order it asks:
+      prompts(visuals, questions)            -> PromptBatch: B prompts with their pictures
+      sample(prompts, G, ...)                -> Answers: G answers to each prompt, sampled
+      logprobs(prompts, answers, ...)        -> (B*G, C) log pi(o_t | q, o_<t) without gradient: the
+                                                reference's, or the old policy's when mu > 1
+      logprobs_for_backward(prompts, answers, ...) -> the same, a micro-batch at a time, for the loss
+    Every call runs each prompt once for its G answers (support/prompt_sharing.py), and a backward
+    carries the prompt's gradient back once. Kinds of this object change only `run`, the way a pass
+    enters the model (the LoRA reference: adapters off; a sharded model: through its FSDP root), and
+    `all_finished`. Another model family: another object with these methods.
+    """
+
+    def __init__(self, model, tokenizer, image_processor):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.suppressed = suppressed_ids(tokenizer)  # never sampled, and left out of every log-softmax
+
+    @classmethod
+    def load(cls, path_or_hub_id: str, device: str | None = None, dtype=None) -> "Policy":
+        return cls(*load_model(path_or_hub_id, device, dtype))
+
+    def run(self, fn, *args, **kwargs):
+        """One pass of the model: fn(model, *args, **kwargs)."""
+        return fn(self.model, *args, **kwargs)
+
+    def all_finished(self, finished: bool) -> bool:
+        """Whether every process has finished sampling: in one process, whether this one has."""
+        return finished
+
+    def prompts(self, visuals: list[list[Image.Image]], questions: list[str], video: bool = False) -> PromptBatch:
+        return encode_prompts(self.tokenizer, self.image_processor, visuals, questions, video=video)
+
+    def sample(self, prompts: PromptBatch, num_generations: int, *, temperature: float, max_new_tokens: int,
+               top_k: int = 0) -> Answers:
+        """G answers to each prompt at the temperature, from the whole distribution (top_k 0), in eval mode."""
+        self.model.eval()
+        ids = self.run(sample_completions, self.tokenizer, prompts, num_generations, temperature=temperature,
+                       max_new_tokens=max_new_tokens, top_k=top_k, all_finished=self.all_finished)
+        mask = completion_mask(ids, self.tokenizer.convert_tokens_to_ids(END_OF_TURN))
+        return Answers(ids, mask, self.tokenizer.batch_decode(ids, skip_special_tokens=True), num_generations)
+
+    @torch.no_grad()
+    def logprobs(self, prompts: PromptBatch, answers: Answers, *, temperature: float,
+                 micro_batch_size: int | None = None) -> torch.Tensor:
+        """(B*G, C) log-probs of the answers, micro-batch by micro-batch, returned on the answers'
+        device (the model may be on another: --reference-device)."""
+        device = next(self.model.parameters()).device
+        ids, mask = answers.ids.to(device), answers.mask.to(device)
+        cache = self.run(cache_prompts, prompts)
+        out = [self.run(completion_logprobs, cache, ids[r], mask[r], temperature=temperature,
+                        num_generations=answers.num_generations, suppressed=self.suppressed, rows=r)
+               for r in micro_batches(ids.shape[0], micro_batch_size)]
+        return torch.cat(out).to(answers.ids.device)
+
+    def logprobs_for_backward(self, prompts: PromptBatch, answers: Answers, *, temperature: float,
+                              micro_batch_size: int | None = None):
+        """Yields (rows, log-probs (rows, C) with their graph) in micro-batches, in train mode: call
+        backward on each micro-batch's loss before taking the next. The prompts' forward runs once
+        with gradients; each micro-batch back-propagates into detached copies of its keys and values,
+        and after the last one their summed gradients go through the prompts' forward once
+        (prompt_sharing.backward): exactly one full-batch backward. Run the loop to its end."""
+        self.model.train()
+        cache = self.run(cache_prompts, prompts)
+        leaves = prompt_sharing.detached(cache)
+        for r in micro_batches(answers.ids.shape[0], micro_batch_size):
+            yield r, self.run(completion_logprobs, leaves, answers.ids[r], answers.mask[r], temperature=temperature,
+                              num_generations=answers.num_generations, suppressed=self.suppressed, rows=r)
+        prompt_sharing.backward(cache, leaves)
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Row slices of at most `size` (all n rows when size is None)."""
+    size = size or n
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 # --------------------------------------------------------------------------- inference
@@ -411,14 +487,15 @@ def _judgement(answers: list[str], num_aspects: int) -> Judgement:
 def judge(model, tokenizer, image_processor, visuals: list, *, video: bool = False, samples: int | None = None,
           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
           max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False,
-          prompt: str | None = None, labels=None) -> list[Judgement]:
+          prompt: str | None = None, labels=None, all_finished=None) -> list[Judgement]:
     """Score items with the training prompt and parser -> one Judgement per item.
 
     visuals: one entry per item: a PIL image, or (video=True) the list of view pictures.
     samples=None: greedy decoding (reproducible); samples=K: K answers sampled at `temperature`,
     `top_k` (0: the whole distribution, as in training), `top_p` and `repetition_penalty` (see
     sampling_config), averaged. Answers have at most max_new_tokens (default 256) tokens. prompt,
-    labels: another instruction and picture labels (render_prompt). The same seed gives the same numbers.
+    labels: another instruction and picture labels (render_prompt); all_finished as in sample_completions.
+    The same seed gives the same numbers.
     """
     num_aspects = len(VIDEO_ASPECTS if video else IMAGE_ASPECTS)
     prompt = prompt or (VIDEO_PROMPT if video else IMAGE_PROMPT)
@@ -431,7 +508,7 @@ def judge(model, tokenizer, image_processor, visuals: list, *, video: bool = Fal
             batch = encode_prompts(tokenizer, image_processor, chunk, [prompt] * len(chunk), video=video, labels=labels)
             ids = sample_completions(model, tokenizer, batch, k, temperature=temperature, top_k=top_k, top_p=top_p,
                                      repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens or 256,
-                                     greedy=samples is None)
+                                     greedy=samples is None, all_finished=all_finished)
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
             results += [_judgement(texts[i * k:(i + 1) * k], num_aspects) for i in range(len(chunk))]
     return results
@@ -453,13 +530,14 @@ def score(model, processor, image_or_frames) -> Judgement:
 
 def score_files(argv=None) -> int:
     import data
-    from support import cli, reports
+    from harness import reports
+    from support import cli
 
     p = cli.parser("preresq.py", "Score the quality of images and videos with a PreResQ model: the score "
                    "(1..5), the aspect scores and the reasoning of each file.")
     p.add_argument("files", nargs="+", help="image or video files")
     cli.add_model_flags(p, "checkpoint folder (e.g. runs/<run>/final) or hub id; a laptop preset's folder is "
-                        "printed by `python -m support.presets tiny`")
+                        "printed by `python -m harness.presets tiny`")
     p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all of them")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")

@@ -27,9 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.distributed.fsdp import is_fsdp_managed_module
 
 
 @dataclass
@@ -175,25 +173,17 @@ def _next_token(logits: torch.Tensor, config) -> torch.Tensor:
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
-def _all_ranks_finished(finished: bool, model, device) -> bool:
-    """generate's synced_gpus: under FSDP every forward gathers weights from all ranks, so a rank
-    that has finished keeps stepping (its steps discarded) until every rank has."""
-    if not (is_fsdp_managed_module(model) and dist.is_initialized() and dist.get_world_size() > 1):
-        return finished
-    running = torch.tensor(0.0 if finished else 1.0, device=device)
-    dist.all_reduce(running)
-    return running.item() == 0.0
-
-
 @torch.no_grad()
-def sample(model, cache: PromptCache, config) -> torch.Tensor:
+def sample(model, cache: PromptCache, config, all_finished=None) -> torch.Tensor:
     """G answers per prompt, token by token -> (B*G, C) ids, rows grouped by prompt.
 
     config: the GenerationConfig generate would take (preresq.sampling_config); this reads its
     num_return_sequences (G), max_new_tokens, do_sample, temperature, top_k, suppress_tokens,
     eos_token_id and pad_token_id, and nothing else. A row that has written the end-of-turn token
     continues with pad_token_id; the loop stops when every row has. Every row draws at every
-    step, as in generate, so the same seed draws the same random numbers.
+    step, as in generate, so the same seed draws the same random numbers. all_finished(finished) ->
+    whether every process has finished (generate's synced_gpus: a sharded model's processes must run
+    the same forwards, so one that has finished keeps stepping, its steps discarded); default: this one.
     """
     g, end, pad = config.num_return_sequences, config.eos_token_id, config.pad_token_id
     rows = torch.arange(cache.last_hidden.shape[0], device=cache.last_hidden.device).repeat_interleave(g)
@@ -207,7 +197,7 @@ def sample(model, cache: PromptCache, config) -> torch.Tensor:
             out.append(token)
             done |= token == end
             finished = bool(done.all()) or len(out) == config.max_new_tokens
-        if _all_ranks_finished(finished, model, rows.device) or t + 1 == config.max_new_tokens:
+        if (all_finished(finished) if all_finished else finished) or t + 1 == config.max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions = (cache.next_position[rows] + t).expand(3, -1).unsqueeze(-1)  # (3, N, 1)

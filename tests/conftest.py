@@ -19,7 +19,7 @@ import torch  # noqa: E402
 def tiny():
     """The `tiny` preset (format warm-up included): (model, tokenizer, image_processor) on the CPU."""
     import preresq
-    from support import presets
+    from harness import presets
 
     return preresq.load_model(presets.model_path("tiny"), "cpu")
 
@@ -27,7 +27,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def blank_dir():
     """A `tiny`-architecture checkpoint without the warm-up (random weights), as a folder."""
-    from support import presets
+    from harness import presets
 
     path = Path(tempfile.mkdtemp(prefix="preresq-blank-")) / "model"
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ import torch
 import bench
 from support import cli
 import preresq
+import harness.prefetch
 
 
 @pytest.fixture()
@@ -230,7 +231,7 @@ def test_word_tokenizer_decodes_ids_as_words_without_the_special_tokens():
 
 def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fine_tuning(fresh_tiny,
                                                                                             graded_reward):
-    from support import lora
+    from harness import lora
 
     model, tok, ip = fresh_tiny
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -370,7 +371,7 @@ def test_real_shape_path_runs_end_to_end_at_reduced_width(monkeypatch):
 
 
 def test_picture_prefetch_threads_yield_the_cores_to_torch():
-    """runkeeping.Prefetch's workers run at the lowest priority; the caller's priority is left as it was."""
+    """harness.prefetch.Prefetch's workers run at the lowest priority; the caller's priority is left as it was."""
     import os
     import threading
     from types import SimpleNamespace
@@ -382,7 +383,7 @@ def test_picture_prefetch_threads_yield_the_cores_to_torch():
     nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     own = nice()
     sampler = SimpleNamespace(batch=lambda step: (None, []))  # steps without pictures
-    with runkeeping.Prefetch(SimpleNamespace(sampler=sampler, steps=2, start=0), None, workers=2) as prefetch:
+    with harness.prefetch.Prefetch(SimpleNamespace(sampler=sampler, steps=2, start=0), None, workers=2) as prefetch:
         assert prefetch.load(0) == ([], [], [])
         assert prefetch.pool.submit(nice).result() == 19
     assert nice() == own

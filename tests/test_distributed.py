@@ -22,13 +22,16 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from support import distributed, runkeeping
+from harness import distributed
 import grpo
-from support import lora
+from harness import lora
 from support.cli import InputError
 import preresq
-from support import runkeeping
-from support import presets
+from harness import presets
+import harness.checkpoints
+import harness.config
+import harness.logs
+import data
 
 G = 3
 MOS = [1.5, 4.2, 3.1, 2.4]  # the global batch: 4 images, 2 per rank
@@ -88,7 +91,7 @@ def inputs(tok, ip, images: list[int]):
 def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
     """grpo.score_rollout and grpo.update on fixed answers -> {"grad": flat full gradient, "record": metrics}.
     lr 0 and no clipping: the gradient is left as computed, the weights unchanged."""
-    cfg = grpo.Config(model="tiny", images_per_step=2, max_grad_norm=1e9, lr=0.0).resolve()
+    cfg = harness.config.RunConfig(model="tiny", images_per_step=2, max_grad_norm=1e9, lr=0.0).resolve()
     for k, v in settings.items():
         setattr(cfg, k, v)
     if cfg.lora_rank:  # only the adapters' gradients are summed; B random, so that A has one too
@@ -104,7 +107,7 @@ def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
     rollout = grpo.Rollout(prompts, comp, attn, texts, mos, G, False, preresq.suppressed_ids(tok))
     scored = grpo.score_rollout(cfg, rollout, grpo.explore_stable(cfg, 0), comm)
     advantages = scored.advantages
-    record = runkeeping.step_metrics(scored)
+    record = harness.logs.step_metrics(scored)
     terms = dict(record)
     record.update(grpo.update(cfg, model, None, optimizer, rollout, advantages, 0, comm))
     grads = []
@@ -180,8 +183,8 @@ def test_by_default_each_process_compares_its_own_images(two_ranks, blank):
 
 def test_ranks_split_the_global_batch_of_one_process():
     sets = {"a": list(range(10)), "b": list(range(100, 125))}
-    one = runkeeping.BatchSampler(sets, 6, seed=3)
-    ranks = [runkeeping.BatchSampler(sets, 2, seed=3, rank=r, world=3) for r in range(3)]
+    one = data.BatchSampler(sets, 6, seed=3)
+    ranks = [data.BatchSampler(sets, 2, seed=3, rank=r, world=3) for r in range(3)]
     for step in range(12):  # several epochs of set "a"
         name, items = one.batch(step)
         assert [ranks[r].batch(step)[0] for r in range(3)] == [name] * 3
@@ -259,9 +262,9 @@ def test_torchrun_two_processes_rank_0_alone_writes(ddp_run):
     assert all(m["completion_tokens"] > 0 and m["parse_failure_rate"] < 1 for m in steps)
     assert steps[1]["epoch"] == pytest.approx(2 * 4 / 297, abs=1e-4)  # the global batch: 2 ranks x 2 images
     assert [e["step"] for e in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == [0, 2]
-    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-1"] and (out / "final" / "config.json").exists()
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-1"] and (out / "final" / "config.json").exists()
     assert not list(out.glob(".*.tmp"))
-    state = torch.load(out / "checkpoint-1" / runkeeping.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(out / "checkpoint-1" / harness.checkpoints.CHECKPOINT_STATE, weights_only=False)
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # ranks sample apart
     initial = weights(presets.model_path("tiny"))
@@ -280,7 +283,7 @@ def test_checkpoints_move_between_two_ranks_and_one_with_the_same_global_batch(d
     assert grpo.main(["--out", str(out), "--resume", "--steps", "3", "--images-per-step", "4"]) == 0
     steps = metrics(out)
     assert [m["step"] for m in steps] == [1, 2, 3] and steps[2]["epoch"] == pytest.approx(3 * 4 / 297, abs=1e-4)
-    state = torch.load(out / "checkpoint-2" / runkeeping.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(out / "checkpoint-2" / harness.checkpoints.CHECKPOINT_STATE, weights_only=False)
     assert state["world_size"] == 1 and state["config"]["images_per_step"] == 4
     # The one-process checkpoint (step 2) goes back to two ranks of 2 images.
     done = torchrun(["--out", str(out), "--resume", "--steps", "4", "--images-per-step", "2"])
@@ -339,7 +342,7 @@ def test_ctrl_c_to_torchrun_stops_every_rank_after_the_same_step_with_one_checkp
     proc.wait(timeout=120)
     done = len(metrics(out))
     assert 1 <= done < 50
-    assert [p.name for p in runkeeping.checkpoints(out)] == [f"checkpoint-{done}"] and not (out / "final").exists()
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == [f"checkpoint-{done}"] and not (out / "final").exists()
     assert (tmp_path / "stderr").read_text().count(f"stopped after step {done} of 50") == 1
 
 

@@ -20,10 +20,10 @@ from transformers import GenerationConfig
 
 import data
 import evaluate
-from support import plots
+from harness import plots
 import preresq
-from support import presets
-from support import reports
+from harness import presets
+from harness import reports
 
 # ---------------------------------------------------------------------------------------
 # correlations

@@ -16,9 +16,12 @@ from safetensors.torch import load_file
 
 import grpo
 import preresq
-from support import presets
+from harness import presets
 import rewards
-from support import runkeeping
+import harness.checkpoints
+import harness.config
+import harness.logs
+import harness.prefetch
 
 FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
          "--max-new-tokens", "64", "--eval-split", "none", "--workers", "1"]
@@ -142,8 +145,8 @@ def test_a_training_set_with_no_readable_picture_is_refused_before_training(tmp_
 def test_a_run_whose_every_step_was_skipped_ends_without_curves(tmp_path):
     """One readable picture among unreadable ones: steps whose batch has none are skipped; a run of only
     such steps has no reward to draw, and ends normally."""
-    runkeeping.log_json(tmp_path / "metrics.jsonl", {"step": 1, "skipped": "no readable images in this batch"})
-    runkeeping.draw_run_curves(tmp_path)
+    harness.logs.log_json(tmp_path / "metrics.jsonl", {"step": 1, "skipped": "no readable images in this batch"})
+    harness.logs.draw_run_curves(tmp_path)
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -154,7 +157,7 @@ def test_missing_file_and_corrupt_clip_at_load_time_are_reported_not_fatal(tmp_p
     (tmp_path / "ok.png").write_bytes(png(rng))
     (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(rng.integers(0, 255, 2000, dtype=np.uint8)))
     items = [data.Item(str(tmp_path / n), 3.0, 3.0, "s") for n in ("ok.png", "deleted.png", "clip.mp4")]
-    kept, visuals, problems = runkeeping.load_visuals(items, None)
+    kept, visuals, problems = harness.prefetch.load_visuals(items, None)
     assert [it.path for it in kept] == [str(tmp_path / "ok.png")] and len(visuals) == 1
     assert len(problems) == 2
     assert str(tmp_path / "deleted.png") in problems[0] and "does not exist" in problems[0]
@@ -231,13 +234,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
     assert f"could not write {out / 'checkpoint-2'}" in message and "No space left on device" in message
     assert "checkpoints in" in message and "intact" in message and "--resume" in message
     # checkpoint-1 survives (--keep-last 1 prunes only after a complete save), nothing half-written remains
-    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-1"]
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
-    assert torch.load(out / "checkpoint-1" / runkeeping.CHECKPOINT_STATE, weights_only=False)["step"] == 1
+    assert torch.load(out / "checkpoint-1" / harness.checkpoints.CHECKPOINT_STATE, weights_only=False)["step"] == 1
 
     assert grpo.main(["--out", str(out), "--resume"]) == 0  # space freed: the run goes on
     assert [r["step"] for r in records(out)] == [1, 2, 3]
-    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"]  # pruned to the newest
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-2"]  # pruned to the newest
     assert (out / "final" / "model.safetensors").exists()
 
 
@@ -290,7 +293,7 @@ def test_a_run_that_keeps_producing_nan_stops_with_a_message(tmp_path, capsys, m
         return terms
 
     monkeypatch.setitem(rewards.REWARDS, "preresq", always_nan)
-    monkeypatch.setattr(runkeeping, "MAX_NONFINITE_STEPS", 2)
+    monkeypatch.setattr(harness.logs, "MAX_NONFINITE_STEPS", 2)
     out = tmp_path / "run"
     assert grpo.main(FLAGS + ["--steps", "5", "--save-every", "1", "--out", str(out)]) == 1
     message = capsys.readouterr().err
@@ -308,7 +311,7 @@ def score(cfg, texts, mos, g):
 def test_a_group_with_no_parsable_answer_has_zero_advantage():
     """Hand-worked: an answer without the format earns nothing (format 0, no accuracy terms), so a
     group of them has constant reward 0 and advantage exactly 0, never NaN (std 0 + eps)."""
-    cfg = grpo.Config(model="tiny").resolve()
+    cfg = harness.config.RunConfig(model="tiny").resolve()
     good = ["<think>ok</think>\n<answer>" + "\n".join([s] * 5) + "</answer>" for s in ("2.0", "4.0", "3.0")]
     texts = ["no answer", "<think>still nothing", "5 5 5"] + good
     terms, valid = score(cfg, texts, torch.tensor([2.0, 4.0]), 3)
@@ -352,7 +355,7 @@ def test_micro_batch_that_does_not_divide_the_batch(tmp_path):
 def test_logs_write_null_for_a_missing_number_not_bare_nan(tmp_path):
     """JSON has no NaN: a strict reader (jq, JavaScript, pandas' default) refuses a bare NaN."""
     path = tmp_path / "metrics.jsonl"
-    runkeeping.log_json(path, {"step": 1, "batch_srcc": float("nan"), "reward": 0.5, "grad_norm": float("inf")})
+    harness.logs.log_json(path, {"step": 1, "batch_srcc": float("nan"), "reward": 0.5, "grad_norm": float("inf")})
 
     def refuse(name):
         raise ValueError(f"bare {name} in a JSON log")

@@ -26,7 +26,7 @@ import data
 import evaluate
 import grpo
 import preresq
-from support import presets
+from harness import presets
 from support import synthetic
 import video
 
@@ -100,7 +100,7 @@ CASES = [
          ["none of the 2 files can be read", "warning: skipped", "bad.jpg", "empty.mp4"]),
     case("preresq", ["{in}/good.png", "--model", "x", "--dtype", "half"], ["invalid choice: 'half'"]),
     case("preresq", ["{in}/good.png", "--model", "tiny"], ["'tiny' is neither a folder nor a hub id",
-                                                           "python -m support.presets tiny"]),
+                                                           "python -m harness.presets tiny"]),
     case("preresq", ["{in}/good.png", "--model", "{in}/notamodel"], ["is not a model folder"]),
     case("preresq", ["{in}/good.png", "--model", "x", "--device", "cuda"], ["--device cuda"], marks=CUDA),
     case("preresq", ["{in}/good.png", "--model", "x", "--samples", "0"], ["--samples must be at least 1"]),

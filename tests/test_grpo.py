@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 import grpo
-from support import runkeeping
 import oracles
 import preresq
 from support.cli import InputError
+import harness.config
 
 
 def test_group_advantages_hand_worked():
@@ -124,7 +124,7 @@ def rollout(prompts, comp, attn, g, suppressed):
 
 
 def config(**kw):
-    cfg = grpo.Config(model="tiny").resolve()
+    cfg = harness.config.RunConfig(model="tiny").resolve()
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -263,14 +263,14 @@ def test_the_paper_schedule_is_the_default_with_twice_g_in_stage_one(blank_dir):
     """Exploration-to-Stability is the default for images (the paper's 12 -> 6 from G = 6); the
     authors' video recipe keeps one stage; an explicit G1 / G2 wins."""
     for flags, g in ((["--model", str(blank_dir)], 6), ([], 6), (["--num-generations", "4"], 4)):
-        cfg, _, _ = runkeeping.parse_args(flags)
+        cfg, _, _ = harness.config.parse_args(flags)
         assert (cfg.schedule, cfg.stage1_generations, cfg.stage2_generations) == ("explore-stable", 2 * g, g)
-    cfg, _, _ = runkeeping.parse_args(["--num-generations", "4", "--stage1-generations", "5", "--stage2-generations", "3"])
+    cfg, _, _ = harness.config.parse_args(["--num-generations", "4", "--stage1-generations", "5", "--stage2-generations", "3"])
     assert (cfg.stage1_generations, cfg.stage2_generations) == (5, 3)
-    video, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--data", "synthetic-video"])
+    video, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "synthetic-video"])
     assert video.schedule == "single" and video.num_generations == 5
     with pytest.raises(InputError):
-        runkeeping.parse_args(["--stage1-generations", "1"])
+        harness.config.parse_args(["--stage1-generations", "1"])
 
 
 def stage_rewards(cfg, texts, mos, g, step):
@@ -294,7 +294,7 @@ def test_impossible_flags_fail_before_any_model_loads(capsys):
     for flags in (["--num-generations", "0"], ["--reward", "threshold", "--no-response-branch"],
                   ["--temperature", "0"], ["--no-response-branch", "--no-preference-branch"]):
         with pytest.raises(InputError):
-            runkeeping.parse_args(flags)
+            harness.config.parse_args(flags)
 
 
 def test_reference_logprobs_come_back_to_the_policy_device(blank):
@@ -307,17 +307,17 @@ def test_reference_logprobs_come_back_to_the_policy_device(blank):
 def test_exploration_lasts_half_of_a_run_set_by_epochs(blank_dir):
     """A real checkpoint trains for --epochs (the paper's 8), so the step count is known only once the
     data are: stage 1 must be half of that count, not half of an unset --steps (which gave 0 steps)."""
-    cfg, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
+    cfg, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
     assert cfg.steps is None and cfg.epochs == 8
     cfg.set_length(num_images=297)  # ceil(8 * 297 / 8)
     assert cfg.steps == 297 and cfg.stage1_steps == 148
     assert [grpo.explore_stable(cfg, s).number for s in (0, 147, 148, 296)] == [1, 1, 2, 2]
     assert grpo.explore_stable(cfg, 0).num_generations == 12
     # two processes halve the steps, and stage 1 with them; an explicit --stage1-steps is kept
-    cfg, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
+    cfg, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
     cfg.set_length(297, world=2)
     assert cfg.steps == 149 and cfg.stage1_steps == 74
-    cfg, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable", "--stage1-steps", "5"])
+    cfg, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable", "--stage1-steps", "5"])
     cfg.set_length(297)
     assert cfg.steps == 297 and cfg.stage1_steps == 5
 
@@ -325,13 +325,13 @@ def test_exploration_lasts_half_of_a_run_set_by_epochs(blank_dir):
 def test_a_video_run_of_a_real_checkpoint_gets_the_authors_video_recipe(blank_dir):
     """The authors train video (LSVQ) with 5 videos per device, G = 5, 2 epochs and gradient
     checkpointing; image runs keep the paper's image defaults; explicit flags always win."""
-    video, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--data-root", "/x"])
+    video, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--data-root", "/x"])
     assert (video.images_per_step, video.num_generations, video.epochs, video.gradient_checkpointing) == (5, 5, 2, True)
-    image, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--data", "koniq", "--data-root", "/x"])
+    image, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "koniq", "--data-root", "/x"])
     assert (image.images_per_step, image.num_generations, image.epochs, image.gradient_checkpointing) == (8, 6, 8, False)
-    mixed, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--data", "lsvq,koniq", "--data-root", "/x,/y"])
+    mixed, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "lsvq,koniq", "--data-root", "/x,/y"])
     assert mixed.num_generations == 6  # not every set is a video set: the image recipe
-    mine, _, _ = runkeeping.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--num-generations", "7",
+    mine, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--num-generations", "7",
                                   "--no-gradient-checkpointing"])
     assert mine.num_generations == 7 and mine.gradient_checkpointing is False and mine.images_per_step == 5
-    assert "paper video: 5" in runkeeping.build_parser().format_help()
+    assert "paper video: 5" in harness.config.build_parser().format_help()

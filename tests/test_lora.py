@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 
 import bench
 import grpo
-from support import lora
+from harness import lora
 import preresq
-from support import runkeeping
 from support.cli import InputError
+import harness.checkpoints
+import harness.config
+import harness.logs
 
 G = 3
 
@@ -50,7 +52,7 @@ def logprobs(model, rollout):
 
 
 def config(**kw):
-    cfg = grpo.Config(model="tiny", lora_rank=4).resolve()
+    cfg = harness.config.RunConfig(model="tiny", lora_rank=4).resolve()
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -161,7 +163,7 @@ def test_merged_folder_loads_as_a_plain_model_with_the_adapter_log_probs(blank, 
     rollout, advantages = inputs
     model = with_adapters(blank[0])
     train(model, rollout, advantages, config())
-    runkeeping.save_folder(tmp_path / "final", model, blank[1], blank[2], weights=lora.merged_weights(model))
+    harness.checkpoints.save_folder(tmp_path / "final", model, blank[1], blank[2], weights=lora.merged_weights(model))
     assert {"model.safetensors", lora.ADAPTER_FILE, "config.json"} <= {p.name for p in (tmp_path / "final").iterdir()}
     merged = preresq.load_model(str(tmp_path / "final"), "cpu")[0]
     assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
@@ -179,8 +181,8 @@ def test_lora_flags_that_cannot_work_are_refused():
                            "unknown lm_head"), (["--lora-rank", "4", "--fsdp"], "--fsdp with --lora-rank"),
                            (["--lora-rank", "4", "--reference-device", "cpu"], "no reference copy")):
         with pytest.raises(InputError, match=message):
-            runkeeping.parse_args(flags)
-    assert runkeeping.parse_args(["--reference-device", "cpu"])[0].lora_rank is None  # full fine-tuning keeps it
+            harness.config.parse_args(flags)
+    assert harness.config.parse_args(["--reference-device", "cpu"])[0].lora_rank is None  # full fine-tuning keeps it
 
 
 # --------------------------------------------------------------------------- grpo.py --lora-rank end to end
@@ -210,9 +212,9 @@ def straight(tiny, tmp_path_factory):
 
 def test_a_lora_run_checkpoints_adapters_and_ends_with_a_merged_model(straight, tiny):
     ckpt = straight / "checkpoint-2"
-    assert {p.name for p in ckpt.iterdir()} >= {lora.ADAPTER_FILE, runkeeping.CHECKPOINT_STATE}
+    assert {p.name for p in ckpt.iterdir()} >= {lora.ADAPTER_FILE, harness.checkpoints.CHECKPOINT_STATE}
     assert not (ckpt / "model.safetensors").exists()  # the frozen weights are --model's
-    state = torch.load(ckpt / runkeeping.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(ckpt / harness.checkpoints.CHECKPOINT_STATE, weights_only=False)
     assert len(state["optimizer"]["state"]) == len(load_file(ckpt / lora.ADAPTER_FILE))  # adapters only
     log = [json.loads(l) for l in metrics(straight)]
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0  # against the policy with its adapters off
@@ -235,7 +237,7 @@ def test_a_lora_run_checkpoints_adapters_and_ends_with_a_merged_model(straight, 
 
 def test_lora_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    log_json = runkeeping.log_json
+    log_json = harness.logs.log_json
 
     class Killed(Exception):
         pass
@@ -245,11 +247,11 @@ def test_lora_crash_then_resume_equals_the_straight_run(straight, tmp_path, monk
         if path.name == "metrics.jsonl" and record["step"] == 3:
             raise Killed
 
-    monkeypatch.setattr(runkeeping, "log_json", log_then_die)
+    monkeypatch.setattr(harness.logs, "log_json", log_then_die)
     with pytest.raises(Killed):
         grpo.main(STRAIGHT + ["--out", str(out)])
     monkeypatch.undo()
-    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-2"]
     assert grpo.main(["--out", str(out), "--resume"]) == 0
     assert metrics(out) == metrics(straight)
     same_files(out / "final", straight / "final", lora.ADAPTER_FILE)

@@ -14,7 +14,7 @@ import data
 import oracles
 from support import prompt_sharing
 import preresq
-from support import presets
+from harness import presets
 import rewards
 
 

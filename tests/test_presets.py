@@ -2,12 +2,12 @@
 import json
 from pathlib import Path
 
-from support import presets
+from harness import presets
 
 
 def test_the_shipped_tiny_preset_is_stamped_with_the_current_recipe():
     """Changing the recipe (settings, prompts, the recipe's code) changes the digest: then this fails until
-    `python -m support.presets tiny --ship` ships a preset built by the new recipe (and `--verify` confirms it)."""
+    `python -m harness.presets tiny --ship` ships a preset built by the new recipe (and `--verify` confirms it)."""
     stamp = (presets.SHIPPED / "tiny" / presets.RECIPE_FILE).read_text().strip()
     assert stamp == presets.recipe_digest("tiny")
     assert presets.shipped_path("tiny") == presets.SHIPPED / "tiny"
@@ -33,7 +33,7 @@ def test_an_edited_prompt_keeps_the_shipped_preset_and_says_how_to_check(tmp_pat
     assert presets.model_path("tiny") == str(presets.SHIPPED / "tiny")
     assert presets.model_path("tiny") == str(presets.SHIPPED / "tiny")
     note = capsys.readouterr().err
-    assert note.count("built by an earlier recipe") == 1 and "support.presets tiny --verify" in note
+    assert note.count("built by an earlier recipe") == 1 and "harness.presets tiny --verify" in note
     assert not cache.exists()  # nothing built
     [diff] = presets.verify("tiny")  # without building: the digest already says it
     assert "the recipe changed since models/tiny was shipped" in diff and "--ship" in diff
@@ -41,7 +41,7 @@ def test_an_edited_prompt_keeps_the_shipped_preset_and_says_how_to_check(tmp_pat
 
 def test_the_shipped_files_are_what_the_recipe_writes(blank_dir):
     """The tokenizer (trained from the recipe's corpus), the architecture and the processor settings of
-    a build are byte for byte the shipped ones. (The weights need the full build: `python -m support.presets
+    a build are byte for byte the shipped ones. (The weights need the full build: `python -m harness.presets
     tiny --verify` rebuilds and compares every tensor.)"""
     shipped = presets.SHIPPED / "tiny"
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):

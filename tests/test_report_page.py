@@ -14,7 +14,7 @@ from PIL import Image
 import data
 import evaluate
 import preresq
-from support import report_page
+from harness import report_page
 
 
 class Page(HTMLParser):

@@ -19,9 +19,8 @@ from safetensors.torch import load_file
 
 import data
 import grpo
-from support import runkeeping
 import preresq
-from support import presets
+from harness import presets
 
 # The `tiny` preset, small batches, short answers, no held-out evaluation: about a second a step.
 FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
@@ -66,18 +65,18 @@ def test_straight_run_learns_and_writes_a_complete_checkpoint(straight, tiny):
     assert any(not torch.equal(final[k], initial[k]) for k in final)
     assert len(set(metrics(straight))) == 4
     # checkpoint-2: a Hugging Face folder + the trainer state; no checkpoint at the last step (final/ is it)
-    assert [p.name for p in runkeeping.checkpoints(straight)] == ["checkpoint-2"]
+    assert [p.name for p in harness.checkpoints.checkpoints(straight)] == ["checkpoint-2"]
     ckpt = straight / "checkpoint-2"
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
-            runkeeping.CHECKPOINT_STATE} <= {p.name for p in ckpt.iterdir()}
+            harness.checkpoints.CHECKPOINT_STATE} <= {p.name for p in ckpt.iterdir()}
     assert not list(straight.glob(".checkpoint-*"))
-    state = torch.load(ckpt / runkeeping.CHECKPOINT_STATE, weights_only=False)
+    state = torch.load(ckpt / harness.checkpoints.CHECKPOINT_STATE, weights_only=False)
     assert state["step"] == 2 and state["stage"] == 2
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
     assert state["optimizer"]["state"] and state["optimizer"]["state"][0]["step"] == 2  # two AdamW steps
     assert state["data"]["next_step"] == 2 and state["data"]["items"] == len(data.synthetic_dataset())
     assert state["counters"] == {"skipped_items": 0, "nonfinite_steps": 0}
-    cfg = runkeeping.parse_args(STRAIGHT + ["--out", str(straight)])[0]
+    cfg = harness.config.parse_args(STRAIGHT + ["--out", str(straight)])[0]
     assert state["config"] == {**asdict(cfg), "out": str(straight)}
     # the folder loads as an ordinary model
     model = preresq.load_model(str(ckpt), "cpu")[0]
@@ -87,7 +86,7 @@ def test_straight_run_learns_and_writes_a_complete_checkpoint(straight, tiny):
 def test_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypatch):
     """Killed after step 3 was logged (checkpoint-2 is the newest); `--out DIR --resume` alone finishes it."""
     out = tmp_path / "run"
-    log_json = runkeeping.log_json
+    log_json = harness.logs.log_json
 
     class Killed(Exception):
         pass
@@ -99,11 +98,11 @@ def test_crash_then_resume_equals_the_straight_run(straight, tmp_path, monkeypat
                 f.write('{"step": 4, "rew')  # a line torn by the kill
             raise Killed
 
-    monkeypatch.setattr(runkeeping, "log_json", log_then_die)
+    monkeypatch.setattr(harness.logs, "log_json", log_then_die)
     with pytest.raises(Killed):
         grpo.main(STRAIGHT + ["--out", str(out)])
     monkeypatch.undo()
-    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"] and not (out / "final").exists()
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-2"] and not (out / "final").exists()
 
     assert grpo.main(["--out", str(out), "--resume"]) == 0  # every other flag from the checkpoint
     assert_same_weights(out / "final", straight / "final")
@@ -120,13 +119,13 @@ def test_resume_reloads_the_reference_model_and_crosses_the_stage_boundary(tmp_p
     run = FLAGS + ["--beta", "0.04", "--num-iterations", "2", "--schedule", "explore-stable", "--stage1-steps", "1",
                    "--stage1-generations", "3", "--stage2-generations", "2", "--steps", "2", "--save-every", "1"]
     assert grpo.main(run + ["--out", str(tmp_path / "straight")]) == 0
-    save = runkeeping.save_checkpoint
+    save = harness.checkpoints.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # killed right after the checkpoint
 
-    monkeypatch.setattr(runkeeping, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(harness.checkpoints, "save_checkpoint", save_then_die)
     assert grpo.main(run + ["--out", str(tmp_path / "run")]) == 130
     monkeypatch.undo()
     assert grpo.main(["--out", str(tmp_path / "run"), "--resume"]) == 0
@@ -201,12 +200,12 @@ def test_resume_on_changed_data_is_refused(tmp_path, capsys):
 def test_data_fingerprint_sees_scores_files_and_order():
     a = data.Item("/x/a.png", 3.0, 3.0, "s")
     b = data.Item("/x/b.png", 4.0, 4.0, "s")
-    base = runkeeping.data_fingerprint({"s": [a, b]})
-    assert runkeeping.data_fingerprint({"s": [a, b]}) == base
-    assert runkeeping.data_fingerprint({"s": [a, data.Item("/x/b.png", 4.5, 4.5, "s")]}) != base
-    assert runkeeping.data_fingerprint({"s": [a, data.Item("/x/c.png", 4.0, 4.0, "s")]}) != base
-    assert runkeeping.data_fingerprint({"s": [b, a]}) != base
-    assert runkeeping.data_fingerprint({"s": [a, data.Item("/elsewhere/b.png", 4.0, 4.0, "s")]}) == base  # moved folder
+    base = harness.checkpoints.data_fingerprint({"s": [a, b]})
+    assert harness.checkpoints.data_fingerprint({"s": [a, b]}) == base
+    assert harness.checkpoints.data_fingerprint({"s": [a, data.Item("/x/b.png", 4.5, 4.5, "s")]}) != base
+    assert harness.checkpoints.data_fingerprint({"s": [a, data.Item("/x/c.png", 4.0, 4.0, "s")]}) != base
+    assert harness.checkpoints.data_fingerprint({"s": [b, a]}) != base
+    assert harness.checkpoints.data_fingerprint({"s": [a, data.Item("/elsewhere/b.png", 4.0, 4.0, "s")]}) == base  # moved folder
 
 
 def test_resume_needs_a_checkpoint(tmp_path, capsys):
@@ -223,9 +222,9 @@ def test_half_written_checkpoint_is_ignored(straight, tmp_path):
     out = copy_run(straight, tmp_path / "run")
     partial = out / "checkpoint-3"  # e.g. copied by hand without its trainer state
     shutil.copytree(out / "checkpoint-2", partial)
-    (partial / runkeeping.CHECKPOINT_STATE).unlink()
+    (partial / harness.checkpoints.CHECKPOINT_STATE).unlink()
     (out / ".checkpoint-4-k2x9q1").mkdir()  # a save cut short
-    assert [p.name for p in runkeeping.checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-2"]
 
 
 def cut(path: Path) -> None:
@@ -245,7 +244,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
     out = copy_run(straight, tmp_path / "run")
     shutil.rmtree(out / "final")
     shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
-    damage(out / "checkpoint-3" / runkeeping.CHECKPOINT_STATE)
+    damage(out / "checkpoint-3" / harness.checkpoints.CHECKPOINT_STATE)
     assert grpo.main(["--out", str(out), "--resume"]) == 0
     err = capsys.readouterr().err
     assert f"grpo.py: warning: damaged checkpoint {out / 'checkpoint-3'}: trainer_state.pt cannot be read" in err
@@ -255,16 +254,16 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_b
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                                  "preprocessor_config.json", runkeeping.CHECKPOINT_STATE])
+                                  "preprocessor_config.json", harness.checkpoints.CHECKPOINT_STATE])
 @pytest.mark.parametrize("damage", [cut, garbage])
 def test_every_file_of_a_checkpoint_is_checked(straight, tmp_path, name, damage):
     folder = shutil.copytree(straight / "checkpoint-2", tmp_path / "checkpoint-2")
-    assert runkeeping.damage(folder) is None
+    assert harness.checkpoints.damage(folder) is None
     damage(folder / name)
-    assert runkeeping.damage(folder).startswith(f"{name} cannot be read (")
+    assert harness.checkpoints.damage(folder).startswith(f"{name} cannot be read (")
     (folder / name).unlink()  # a folder without its training state is no checkpoint (checkpoints skips it)
-    assert runkeeping.damage(folder).startswith(f"{name} missing" if name.endswith(".json") else
-                                          f"{name} cannot be read (FileNotFoundError" if name == runkeeping.CHECKPOINT_STATE
+    assert harness.checkpoints.damage(folder).startswith(f"{name} missing" if name.endswith(".json") else
+                                          f"{name} cannot be read (FileNotFoundError" if name == harness.checkpoints.CHECKPOINT_STATE
                                           else "it holds no weights (*.safetensors)")
 
 
@@ -281,7 +280,7 @@ def test_every_checkpoint_damaged_is_refused_naming_each(straight, tmp_path, cap
 def test_truncate_log_keeps_steps_up_to_the_checkpoint(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
-    runkeeping.truncate_log(log, 2)
+    harness.checkpoints.truncate_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
@@ -324,7 +323,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(straight, tmp_path)
     assert 1 <= done < 4
     assert "SIGTERM: finishing this step" in message
     assert f"stopped after step {done} of 4" in message and f"python grpo.py --out {out} --resume" in message
-    assert runkeeping.checkpoints(out)[-1].name == f"checkpoint-{done}" and not (out / "final").exists()
+    assert harness.checkpoints.checkpoints(out)[-1].name == f"checkpoint-{done}" and not (out / "final").exists()
 
     assert grpo.main(["--out", str(out), "--resume"]) == 0
     assert_same_weights(out / "final", straight / "final")
@@ -337,6 +336,9 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(straight, tmp_path)
 SLOW_STEPS = """
 import os, sys, time
 import grpo
+import harness.checkpoints
+import harness.config
+import harness.logs
 step, calls = grpo.grpo_step, []
 def slow_step(*args, **kwargs):
     calls.append(1)
@@ -364,5 +366,5 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     assert time.time() - t < 20  # not the minute the step still had to go
     message = err.read_text()
     assert "interrupted" in message and "No checkpoint was saved yet" in message and "Traceback" not in message
-    assert not runkeeping.checkpoints(out) and not list(out.glob(".checkpoint-*"))
+    assert not harness.checkpoints.checkpoints(out) and not list(out.glob(".checkpoint-*"))
     assert logged_steps(out) == 1

@@ -226,7 +226,7 @@ def load_bench_model(name: str, device: str, dtype: torch.dtype, folder: str | N
     preresq.load_model (a checkpoint folder or hub id).
     """
     import preresq
-    from support import presets
+    from harness import presets
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if name in QWEN_SHAPES:
@@ -491,7 +491,7 @@ def prepare_run(model, tokenizer, image_processor, settings: StepBench, items: l
     LoRA adapters (the reference is the policy with its adapters off) or a frozen copy of the model
     as the reference, gradient checkpointing, AdamW on what trains. Widens image_processor's
     max_pixels when the pictures are larger (for the bench only: the visual-token count asked for)."""
-    from support import lora
+    from harness import lora
 
     cfg = settings.config()
     width, height = settings.image_size

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's modules
-from support import report_page  # noqa: E402
+from harness import report_page  # noqa: E402
 
 rng, random = np.random.default_rng(0), random.Random(0)
 folder = Path(tempfile.mkdtemp())

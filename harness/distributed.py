@@ -1,60 +1,42 @@
-"""Several processes for grpo.py: torchrun, gradient summing, FSDP2.
+"""Several processes for grpo.py: torchrun and FSDP2.
 
-torchrun starts one process ("rank") per GPU. Each rank samples and scores its own B images;
-what the reward needs from the whole global batch is small and is gathered (parsed scores,
-MOS), and what the loss needs is summed (token and sequence counts, then the gradients).
-gloo on the CPU, nccl on CUDA; with one process no process group is made (SINGLE).
-
-The step (grpo.grpo_step) reaches the other processes through one object, Ranks: the parsed
-scores gathered, a few numbers summed, the gradients summed. Why not DistributedDataParallel:
-its hooks assume one `model(...)` call per backward, while grpo.policy_update runs each prompt
-once, then the answers against its keys and values micro-batch by micro-batch;
-all_reduce_gradients does what DDP does after the backward (bucketed sums), without overlapping
-it. --fsdp shards with FSDP2 (shard_model), every model pass entering through FSDPRoot.enter so
-FSDP2 can gather the parameters each pass needs, and every rank running the same passes
-(Ranks.in_step gives each the same number of images).
+torchrun starts one process ("rank") per GPU. Each rank samples and scores its own B images; what
+the reward needs from the whole global batch is small and is gathered (parsed scores, MOS), and what
+the loss needs is summed (token and sequence counts, then the gradients): all of that is
+grpo.Processes, the one object through which a step reaches the other processes. gloo on the CPU,
+nccl on CUDA; with one process no process group is made. Why not DistributedDataParallel: its hooks
+assume one `model(...)` call per backward, while a step runs each prompt once, then its answers
+micro-batch by micro-batch; Processes.sum_gradients does what DDP does after the backward (bucketed
+sums), without overlapping it. --fsdp shards with FSDP2 (shard_model); its policy is a
+ShardedPolicy, whose every pass enters through the FSDP root so that FSDP2 gathers the parameters
+the pass needs, and every rank runs the same passes (prefetch.keep_in_step).
 """
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
+import grpo
+import preresq
 from support.cli import InputError
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job: rank `rank` of `world`. comm: the device that
-    collective tensors live on (cpu for gloo, this rank's GPU for nccl)."""
-    rank: int = 0
-    world: int = 1
-    comm: str = "cpu"
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE = Dist()  # one process, no process group
-
-
-def init_distributed(device: str | None) -> tuple[Dist, str | None]:
-    """Join the torchrun job described by WORLD_SIZE, RANK and LOCAL_RANK -> (Dist, this rank's device).
+def init_distributed(device: str | None) -> tuple[grpo.Processes, str | None]:
+    """Join the torchrun job described by WORLD_SIZE, RANK and LOCAL_RANK -> (grpo.Processes, this rank's device).
 
     gloo on the CPU, nccl on CUDA with one GPU per process (cuda:LOCAL_RANK). Without torchrun, or
     with one process, nothing is initialised and the device is --device as given.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return SINGLE, device
+        return grpo.Processes(), device
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -70,12 +52,12 @@ def init_distributed(device: str | None) -> tuple[Dist, str | None]:
     if not tdist.is_initialized():
         tdist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                                  device_id=torch.device(device) if backend == "nccl" else None)
-    return Dist(rank, world, device if backend == "nccl" else "cpu"), device
+    return grpo.Processes(rank, world, device if backend == "nccl" else "cpu"), device
 
 
-def leave(dist: Dist) -> None:
+def leave(comm: grpo.Processes) -> None:
     """The end of this process's part in the torchrun job (nothing to do in one process)."""
-    if dist.world > 1:
+    if comm.world > 1:
         tdist.destroy_process_group()
 
 
@@ -101,107 +83,13 @@ def check_global_batch(sets: dict, images_per_step: int, world: int) -> None:
                 f"Use {', or '.join(advice)}.")
 
 
-def all_reduce(values: list[float], dist: Dist, op: str = "sum") -> list[float]:
-    """Sum (or "max", "min") a few numbers over ranks; in one process, the numbers themselves."""
-    if dist.world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=dist.comm)
-    tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op])
-    return t.tolist()
-
-
-def broadcast(value, dist: Dist):
+def broadcast(value, comm: grpo.Processes):
     """Rank 0's value on every rank (a picklable object); in one process, the value itself."""
-    if dist.world == 1:
+    if comm.world == 1:
         return value
     shared = [value]
     tdist.broadcast_object_list(shared, src=0)
     return shared[0]
-
-
-def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
-    """This rank's parsed answers -> the global batch's, the same on every rank.
-
-    mos (n,), scores (n, G, A), valid and fmt (n, G): this rank's n <= batch_size readable images.
-    Each rank pads to batch_size rows (all_gather needs one shape) and the padding is dropped again,
-    so the result is what one process would hold for the global batch's readable images, in rank
-    order. Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), sizes): sizes[r] is the
-    number of rank r's rows among the N.
-    """
-    n = len(mos)
-    if dist.world == 1:
-        return mos, scores, valid, fmt, [n]
-    g, a = scores.shape[1:]
-    packed = torch.zeros(batch_size, 2 + g * (2 + a), dtype=torch.float64)
-    packed[:n] = torch.cat([torch.ones(n, 1), mos[:, None], valid.reshape(n, g).float(), fmt.reshape(n, g),
-                            scores.reshape(n, g * a)], 1).double()
-    parts = [torch.empty_like(packed, device=dist.comm) for _ in range(dist.world)]
-    tdist.all_gather(parts, packed.to(dist.comm))
-    rows = torch.cat(parts).cpu()
-    counts = [int(part[:, 0].sum()) for part in parts]
-    rows = rows[rows[:, 0] > 0]
-    return (rows[:, 1].float(), rows[:, 2 + 2 * g:].reshape(-1, g, a).float(), rows[:, 2:2 + g] > 0.5,
-            rows[:, 2 + g:2 + 2 * g].float(), counts)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """What a GRPO step exchanges with the other processes (grpo.OneProcess is the one-process
-    version, with the same methods). sharded: the model is under FSDP2, whose backward already
-    reduces the gradients and whose passes every rank must run alike."""
-    dist: Dist = SINGLE
-    sharded: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.dist.rank
-
-    def gather_scores(self, batch_size: int, mos, scores, valid, fmt):
-        return gather_scores(self.dist, batch_size, mos, scores, valid, fmt)
-
-    def sum(self, values: list[float]) -> list[float]:
-        return all_reduce(values, self.dist)
-
-    def sum_gradients(self, model) -> None:
-        if not self.sharded:
-            all_reduce_gradients(model.parameters(), self.dist)
-
-    def in_step(self, items: list, visuals: list, problems: list[str]) -> tuple[list, list, list[str]]:
-        """This rank's readable images of a step. Under --fsdp every rank must run the same sharded
-        passes, so each keeps as many as the rank with fewest (the others are counted as skipped)."""
-        if not self.sharded:
-            return items, visuals, problems
-        n = int(all_reduce([len(items)], self.dist, "min")[0])
-        dropped = [f"{it.path} (kept out to keep the ranks in step under --fsdp)" for it in items[n:]]
-        return items[:n], visuals[:n], problems + dropped
-
-
-def all_reduce_gradients(params, dist: Dist, bucket_bytes: int = 25 * 2**20) -> None:
-    """Sum the gradients over ranks in flat buckets of about 25 MB, as DistributedDataParallel does
-    after backward. A gradient missing on some rank counts as zero there; a parameter without one on
-    every rank keeps none (AdamW skips it, as in one process)."""
-    if dist.world == 1:
-        return
-    params = [p for p in params if p.requires_grad]
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dist.comm)
-    tdist.all_reduce(present, op=tdist.ReduceOp.MAX)
-    live = [p for p, has in zip(params, present.tolist()) if has]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets, size = [[]], 0
-    for p in live:
-        nbytes = p.grad.numel() * p.grad.element_size()
-        if buckets[-1] and (size + nbytes > bucket_bytes or p.grad.dtype != buckets[-1][0].grad.dtype):
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p)
-        size += nbytes
-    for bucket in filter(None, buckets):
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        tdist.all_reduce(flat)
-        for p, chunk in zip(bucket, flat.split([p.numel() for p in bucket])):
-            p.grad.copy_(chunk.view_as(p.grad))
 
 
 class FSDPRoot(torch.nn.Module):
@@ -211,7 +99,7 @@ class FSDPRoot(torch.nn.Module):
     its root. The GRPO passes call parts of the model directly (the vision tower once, then the
     decoder and lm_head per micro-batch; generate), so each pass enters through this module's
     forward, which gathers the root's own parameters (embeddings, lm_head, norms, patch embedding,
-    merger) and runs fn(model): see `call`. The pass comes as one closure, so that FSDP's
+    merger) and runs fn(model): see ShardedPolicy.run. The pass comes as one closure, so that FSDP's
     pre-forward (which moves tensor arguments to the device) never walks the tokenizer or prompts.
     """
 
@@ -222,16 +110,27 @@ class FSDPRoot(torch.nn.Module):
     def forward(self, fn):
         return fn(self.model)
 
-    def enter(self, fn, *args, **kwargs):
-        """fn(model, *args, **kwargs) through the root (preresq.model_pass calls it for every pass)."""
-        return self(lambda m: fn(m, *args, **kwargs))
+
+class ShardedPolicy(preresq.Policy):
+    """The policy (or the reference) of an --fsdp run: every pass enters the model through its FSDP
+    root, and the processes sample in step (they run the same sharded forwards)."""
+
+    def __init__(self, root: FSDPRoot, tokenizer, image_processor, comm: grpo.Processes):
+        super().__init__(root.model, tokenizer, image_processor)
+        self.root, self.comm = root, comm
+
+    def run(self, fn, *args, **kwargs):
+        return self.root(lambda model: fn(model, *args, **kwargs))
+
+    def all_finished(self, finished: bool) -> bool:
+        return self.comm.all_finished(finished)
 
 
 def shard_model(model, device: str) -> FSDPRoot:
     """FSDP2 (fully_shard): each decoder layer and vision block is a unit, the root holds the rest.
 
     FSDP2 would average the gradients it reduce-scatters over ranks; divided by 1 they are sums,
-    as all_reduce_gradients makes them without --fsdp.
+    as grpo.Processes.sum_gradients makes them without --fsdp.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -257,11 +156,6 @@ def shard_model(model, device: str) -> FSDPRoot:
 
 def is_sharded(model) -> bool:
     return isinstance(model, FSDPRoot)
-
-
-def call(model, fn, *args, **kwargs):
-    """fn(model, *args, **kwargs), entering through the root when the model is sharded (--fsdp)."""
-    return model.enter(fn, *args, **kwargs) if is_sharded(model) else fn(model, *args, **kwargs)
 
 
 def unwrap(model):

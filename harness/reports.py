@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from support import plots
+from harness import plots
 
 SUMMARY_KEYS = ("protocol", "n", "srcc", "plcc", "krcc", "plcc_logistic4", "plcc_logistic5",
                 "parse_failures", "unreadable", "logistic4_params", "logistic5_params", "logistic_note")

@@ -1,6 +1,6 @@
 """The laptop presets: Qwen2.5-VL models small enough to train with GRPO on a CPU, built offline.
 
-    python -m support.presets tiny                       # build `tiny` once (minutes) and print its folder
+    python -m harness.presets tiny                       # build `tiny` once (minutes) and print its folder
     model, tok, ip = preresq.load_model(presets.model_path("tiny"), "cpu")
 
 `tiny` is the laptop demo's model; `small` is a bigger stand-in for measuring speed. The paper
@@ -105,7 +105,7 @@ def model_path(name_or_path: str) -> str:
         if not shipped_path(name_or_path) and name_or_path not in _NOTED:
             _NOTED.add(name_or_path)
             print(f"note: models/{name_or_path} was built by an earlier recipe (the presets' settings, prompts or "
-                  f"code changed since); it is used as shipped. `python -m support.presets {name_or_path} --verify` "
+                  f"code changed since); it is used as shipped. `python -m harness.presets {name_or_path} --verify` "
                   "tells whether a build would still match, `--ship` rebuilds it (minutes).", file=sys.stderr)
         return str(folder)
     path = preset_path(name_or_path)
@@ -119,7 +119,7 @@ _NOTED: set[str] = set()  # presets whose changed recipe was noted once in this 
 
 def ship(name: str) -> Path:
     """Copy the preset built by the current recipe (built now if needed) to models/<name>, stamped
-    with the recipe's digest. `python -m support.presets tiny --ship` after a change to the recipe."""
+    with the recipe's digest. `python -m harness.presets tiny --ship` after a change to the recipe."""
     source = preset_path(name)
     if not (source / "config.json").exists():
         build_preset(name, source)
@@ -137,11 +137,11 @@ def verify(name: str) -> list[str]:
 
     shipped = SHIPPED / name
     if not (shipped / "config.json").exists():
-        return [f"models/{name} is missing (python -m support.presets {name} --ship builds and ships it)"]
+        return [f"models/{name} is missing (python -m harness.presets {name} --ship builds and ships it)"]
     stamp = (shipped / RECIPE_FILE).read_text().strip() if (shipped / RECIPE_FILE).exists() else "none"
     if stamp != recipe_digest(name):
         return [f"the recipe changed since models/{name} was shipped (digest {stamp}, now {recipe_digest(name)}); "
-                f"python -m support.presets {name} --ship rebuilds it"]
+                f"python -m harness.presets {name} --ship rebuilds it"]
     with tempfile.TemporaryDirectory() as tmp:
         build_preset(name, Path(tmp) / name)
         built = Path(tmp) / name
@@ -156,7 +156,7 @@ def describe_model(name: str) -> str:
     """The line a tool prints before it loads its model: which model and why. A preset is described
     without being built; anything else must be there (preresq.locate_model, else ModelLoadError)."""
     if name in PRESETS:
-        return (f"model: the {name} preset, a laptop stand-in (support/presets.py); for the paper's model pass "
+        return (f"model: the {name} preset, a laptop stand-in (harness/presets.py); for the paper's model pass "
                 "--model Qwen/Qwen2.5-VL-7B-Instruct")
     folder = preresq.locate_model(name)
     return f"model: {name} " + ("(a local checkpoint folder)" if Path(name).expanduser().exists()
@@ -516,7 +516,7 @@ def command(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m support.presets tiny [small]`: exit 0 with the folders printed, 2 for an unknown name, 130 on Ctrl-C."""
+    """`python -m harness.presets tiny [small]`: exit 0 with the folders printed, 2 for an unknown name, 130 on Ctrl-C."""
     return cli.entry("presets.py", command, argv)
 
 

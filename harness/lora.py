@@ -10,7 +10,7 @@ per layer instead of in * out, get gradients and AdamW state; and with the adapt
 After training W + s B A is one ordinary weight again (merged_weights).
 
     lora.add_adapters(model, rank=16)             # freeze the model, wrap the targeted nn.Linear layers
-    with lora.adapters_off(model): ...            # the model as it was loaded
+    with lora.adapters_off(model): ...            # the model as it was loaded (AdaptersOff: as a Policy)
     model.save_pretrained(folder, state_dict=lora.merged_weights(model))    # a plain model again
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import torch
 from safetensors.torch import load_file, save_file
+
+import preresq
 
 ADAPTER_FILE = "adapters.safetensors"
 # --lora-targets: where adapters can go. Each key names a prefix and the layers under it that get
@@ -127,17 +129,13 @@ def adapters_off(model: torch.nn.Module):
             m.enabled = True
 
 
-class Reference(torch.nn.Module):
-    """GRPO's frozen reference under LoRA: the policy itself with its adapters off, no second copy.
-    Every model pass (preresq.model_pass) runs through `enter`, inside adapters_off."""
+class AdaptersOff(preresq.Policy):
+    """GRPO's frozen reference under LoRA: the policy itself with its adapters off, no second copy
+    (every pass runs inside adapters_off)."""
 
-    def __init__(self, policy: torch.nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def enter(self, fn, *args, **kwargs):
-        with adapters_off(self.policy):
-            return fn(self.policy, *args, **kwargs)
+    def run(self, fn, *args, **kwargs):
+        with adapters_off(self.model):
+            return fn(self.model, *args, **kwargs)
 
 
 def adapter_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
