@@ -181,6 +181,7 @@ class Settings:
     """What the GRPO step reads, each a flag of grpo.py. None: the paper's value (PAPER_DEFAULTS), or
     a laptop preset's; the run's own settings (data, output, evaluation, ...) extend these in
     harness/config.py."""
+    PAPER_DEFAULTS, AUTHORS_VIDEO_DEFAULTS = PAPER_DEFAULTS, AUTHORS_VIDEO_DEFAULTS  # (not fields: no annotation)
     images_per_step: int = flag(None, int, "B, images per step and process (per group with --groups-per-step)",
                                 "GRPO")
     groups_per_step: int = flag(1, int, "N groups of B images in one optimizer step, each compared within itself "
@@ -501,6 +502,28 @@ def optimizer_step(policy: preresq.Policy, optimizer, stats: dict, cfg: Settings
     return {**stats, "grad_norm": grad_norm.item()}
 
 
+def update(policy: preresq.Policy, reference: preresq.Policy | None, groups: list[tuple[Rollout, Scored]],
+           cfg: Settings, optimizer, step: int, comm: Processes = Processes()) -> dict:
+    """Steps 6-8 on the groups that can teach: reference log-probs, then mu times the loss and its
+    gradient over every group and one optimizer step. Each group's loss is normalised by the totals
+    of all (answers and tokens, every process), so their gradients add up to one batch's."""
+    tokens, sequences = sum(s.tokens for _, s in groups), int(sum(s.sequences for _, s in groups))
+    t1 = time.time()
+    ref = [frozen_logprobs(reference, r, cfg) for r, _ in groups]                                   # 6
+    old = [frozen_logprobs(policy, r, cfg) if cfg.num_iterations > 1 else None for r, _ in groups]
+    stats = {"reference_seconds": round(time.time() - t1, 3)}
+    t2 = time.time()
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        parts = [policy_loss(policy, r, s.advantages, o, f, cfg, sequences, max(tokens, 1))             # 7
+                 for (r, s), o, f in zip(groups, old, ref)]
+        result = optimizer_step(policy, optimizer, {k: sum(p[k] for p in parts) for k in parts[0]}, cfg, step,
+                                comm)                                                              # 8
+        if "nonfinite" in result:
+            return {**stats, **result}
+    return {**stats, **result, "policy_seconds": round(time.time() - t2, 3)}
+
+
 @dataclass
 class Step:
     """One step's groups (their answers, rewards and advantages) and the update's statistics."""
@@ -519,23 +542,9 @@ def grpo_step(policy: preresq.Policy, reference: preresq.Policy | None, batch: B
     scored = [score_rollout(cfg, rollout, stage, comm) for rollout in rollouts]                   # 4-5
     live = [(r, s) for r, s in zip(rollouts, scored) if s.advantages is not None]
     nonfinite = [s.problem for s in scored if "nonfinite" in s.problem]
-    if nonfinite or not live:
+    if nonfinite or not live:  # nothing to learn from: the step is skipped, on every process alike
         return Step(rollouts, scored, {**stats, **(nonfinite or [scored[0].problem])[0]})
-    tokens, sequences = sum(s.tokens for _, s in live), int(sum(s.sequences for _, s in live))
-    t1 = time.time()
-    ref = [frozen_logprobs(reference, r, cfg) for r, _ in live]                                    # 6
-    old = [frozen_logprobs(policy, r, cfg) if cfg.num_iterations > 1 else None for r, _ in live]
-    stats["reference_seconds"] = round(time.time() - t1, 3)
-    t2 = time.time()
-    for _ in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        parts = [policy_loss(policy, r, s.advantages, o, f, cfg, sequences, max(tokens, 1))           # 7
-                 for (r, s), o, f in zip(live, old, ref)]
-        update = optimizer_step(policy, optimizer, {k: sum(p[k] for p in parts) for k in parts[0]}, cfg,
-                                batch.step, comm)                                                  # 8
-        if "nonfinite" in update:
-            return Step(rollouts, scored, {**stats, **update})
-    return Step(rollouts, scored, {**stats, **update, "policy_seconds": round(time.time() - t2, 3)})
+    return Step(rollouts, scored, {**stats, **update(policy, reference, live, cfg, optimizer, batch.step, comm)})  # 6-8
 
 
 # --------------------------------------------------------------------------- the loop and its command line
@@ -545,7 +554,8 @@ def train(cfg, resume: bool = False, force: bool = False):
     output folder."""
     from harness import distributed, run  # the machinery comes in here, not into the step
 
-    comm, device = distributed.init_distributed(cfg.device)
+    place, device = distributed.init_distributed(cfg.device)  # rank, world, the collectives' device
+    comm = Processes(*place)
     try:
         return loop(cfg, run.prepare(cfg, resume, force, comm, device))
     finally:
@@ -566,7 +576,8 @@ def loop(cfg, run):
             first_eval = logs.evaluate_and_log(cfg, run, 0)
         for step in bar:
             t0 = time.time()
-            batch, problems = pictures.load(step)                                                   # 1
+            groups, problems = pictures.load(step)                                                  # 1
+            batch = Batch(step, [Group(*group) for group in groups], run.sampler.is_video(step))
             done = grpo_step(run.policy, run.reference, batch, cfg, run.optimizer, run.comm)       # 2-8
             record = logs.log_step(cfg, run, step, done, batch, problems, time.time() - t0)
             if run.held and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -582,7 +593,7 @@ def command(argv=None) -> None:
     """`python grpo.py ...`: --help lists every setting as a flag (harness.config.parse_args)."""
     from harness import checkpoints, config
 
-    cfg, resume, force = config.parse_args(argv)
+    cfg, resume, force = config.parse_args(Settings, argv)
     try:
         train(cfg, resume=resume, force=force)
     except KeyboardInterrupt:  # the second Ctrl-C (checkpoints.Stop), or one before training began

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as tdist
 from safetensors import safe_open
 
-import grpo
 from harness import lora
 from harness.distributed import full_optimizer_state, full_weights, load_optimizer_state, rank_seed, unwrap
 from support.cli import Failure, InputError
@@ -66,7 +65,7 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, optimizer, cfg,
-                    extra: dict, comm: grpo.Processes = grpo.Processes()) -> Path:
+                    extra: dict, comm) -> Path:
     """Write OUT/checkpoint-<step>/ atomically, then prune to the newest cfg.keep_last.
 
     Under torchrun every rank calls it (to gather the RNG states, and under --fsdp the weights and
@@ -201,7 +200,7 @@ def check_same_data(state: dict | None, sets: dict, force: bool) -> None:
                          "resume on the new data.")
 
 
-def restore(state: dict, out: Path, model, optimizer, cfg, comm: grpo.Processes = grpo.Processes()) -> None:
+def restore(state: dict, out: Path, model, optimizer, cfg, comm) -> None:
     """Optimizer and RNG states from a checkpoint (the learning rate is a function of the step);
     the logs cut back to its step."""
     load_optimizer_state(model, optimizer, state["optimizer"])

@@ -1,25 +1,28 @@
-"""grpo.py's settings: the step's (grpo.Settings) and the run's, their defaults (the paper's, or a
-laptop preset's) and the command line, --resume's included."""
+"""grpo.py's settings: the step's (grpo.Settings) and the run's (RunSettings), their defaults (the
+paper's, or a laptop preset's) and the command line, --resume's included.
+
+The step's settings are declared in grpo.py, the run's here; grpo.py passes its Settings class in
+(run_config), so that nothing here imports grpo.py, which imports this where its command starts.
+"""
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
-import grpo
 from harness import lora
 from harness.checkpoints import saved_config
 from support.cli import InputError, add_flags, default_text, number_errors
 
-# The run's defaults beside the step's (grpo.PAPER_DEFAULTS): the paper's 7B recipe, the authors' video
-# recipe (a real checkpoint on video sets only), and the laptop presets, which need far larger
-# learning rates and shorter answers than the paper's 7B.
-PAPER_DEFAULTS = dict(grpo.PAPER_DEFAULTS, epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None,
-                      gradient_checkpointing=False)
-PAPER_VIDEO_DEFAULTS = dict(PAPER_DEFAULTS, **grpo.AUTHORS_VIDEO_DEFAULTS, epochs=2, gradient_checkpointing=True)
 VIDEO_SETS = ("lsvq", "konvid", "livevqc", "youtube-ugc", "synthetic-video")
+# The run's defaults beside the step's: the paper's 7B recipe and the authors' video recipe (a real
+# checkpoint on video sets only) add these to grpo.PAPER_DEFAULTS and grpo.AUTHORS_VIDEO_DEFAULTS.
+PAPER_RUN = dict(epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None,
+                 gradient_checkpointing=False)
+AUTHORS_VIDEO_RUN = dict(PAPER_RUN, epochs=2, gradient_checkpointing=True)
+# The laptop presets need far larger learning rates and shorter answers than the paper's 7B.
 PRESET_DEFAULTS = {
     "tiny": dict(images_per_step=8, num_generations=6, schedule="explore-stable", lr=5e-4, beta=0.04,
                  reasoning_beta=0.5, max_new_tokens=64, steps=300, eval_every=50, save_every=100, eval_size=None,
@@ -28,13 +31,24 @@ PRESET_DEFAULTS = {
                   max_new_tokens=64, steps=150, eval_every=25, save_every=50, eval_size=96, eval_samples=None,
                   gradient_checkpointing=False),
 }
-flag = grpo.flag
+
+
+def flag(default, type_, help: str, group: str, **argparse_options):
+    """A settings field and its command-line flag, as grpo.flag declares the step's."""
+    return field(default=default, metadata=dict(type=type_, help=help, group=group, **argparse_options))
+
+
+def defaults_tables(settings: type) -> dict[str, dict]:
+    """Every case's defaults: each preset's, the paper's and the authors' video recipe's."""
+    return {**PRESET_DEFAULTS, "paper": {**settings.PAPER_DEFAULTS, **PAPER_RUN},
+            "paper video": {**settings.AUTHORS_VIDEO_DEFAULTS, **AUTHORS_VIDEO_RUN}}
 
 
 @dataclass
-class RunConfig(grpo.Settings):
-    """Everything a run depends on: the step's settings and the run's; saved in every checkpoint and
-    compared on --resume. None means: the preset's default (PRESET_DEFAULTS) or the paper's."""
+class RunSettings:
+    """The run's settings, which the step never reads. With the step's (run_config) they are what a
+    run depends on, saved in every checkpoint and compared on --resume. None means: the preset's
+    default (PRESET_DEFAULTS) or the paper's."""
     data: str = flag("synthetic", str, "dataset name(s), comma-separated; each step's images come from one "
                      "set", "data")
     data_root: str = flag(None, str, "dataset folder(s), comma-separated in the order of --data", "data")
@@ -66,10 +80,11 @@ class RunConfig(grpo.Settings):
     lora_targets: str = flag("language", str, "where adapters go: language, vision, merger, comma-"
                              "separated", "LoRA")
 
-    def resolve(self) -> "RunConfig":
+    def resolve(self):
         """Fill unset values from the preset's or the paper's defaults and check the combination."""
         video = all(name in VIDEO_SETS for name in self.data.split(","))
-        defaults = PRESET_DEFAULTS.get(self.model, PAPER_VIDEO_DEFAULTS if video else PAPER_DEFAULTS)
+        tables = defaults_tables(type(self))
+        defaults = tables.get(self.model, tables["paper video" if video else "paper"])
         for key, value in defaults.items():
             if key not in ("steps", "epochs") and getattr(self, key) is None:
                 setattr(self, key, value)
@@ -95,23 +110,29 @@ class RunConfig(grpo.Settings):
         return errors
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """grpo.py's flags: one per grpo.Config field, grouped, each default shown once."""
+def run_config(settings: type) -> type:
+    """grpo.py's whole configuration: a dataclass with the step's settings (grpo.Settings) and the run's."""
+    return dataclass(type("RunConfig", (RunSettings, settings), {}))
+
+
+def build_parser(settings: type) -> argparse.ArgumentParser:
+    """grpo.py's flags: one per setting, the step's (grpo.Settings) and the run's, grouped, each default
+    shown once."""
     p = argparse.ArgumentParser(prog="grpo.py", description="Train a Qwen2.5-VL quality judge with GRPO and the "
                                 "PreResQ-R1 reward. With no flags: synthetic images and the `tiny` preset on the CPU "
                                 "(a few minutes). Defaults in [brackets] depend on --model: a preset's, or the "
                                 "paper's for a real one.")
-    tables = {**PRESET_DEFAULTS, "paper": PAPER_DEFAULTS, "paper video": PAPER_VIDEO_DEFAULTS}
-    add_flags(p, RunConfig, default_text(tables), extra={"data": f" (known: {', '.join(data.DATASETS)})"})
+    add_flags(p, run_config(settings), default_text(defaults_tables(settings)), extra={"data": f" (known: {', '.join(data.DATASETS)})"})
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--force", action="store_true", help="with --resume: accept a configuration that differs "
                    "from the checkpoint's")
     return p
 
 
-def parse_args(argv=None) -> tuple[RunConfig, bool, bool]:
-    """Command line -> (config, resume, force). With --resume, flags not given come from the checkpoint."""
-    p = build_parser()
+def parse_args(settings: type, argv=None) -> tuple[RunSettings, bool, bool]:
+    """Command line -> (config, resume, force): config holds grpo.Settings (`settings`) and the run's.
+    With --resume, flags not given come from the checkpoint."""
+    p = build_parser(settings)
     args = vars(p.parse_args(argv))
     resume, force = args.pop("resume"), args.pop("force")
     if resume:
@@ -127,8 +148,8 @@ def parse_args(argv=None) -> tuple[RunConfig, bool, bool]:
     if errors:
         raise InputError("; ".join(errors))
     try:
-        cfg = RunConfig(**args).resolve()
-    except grpo.ConfigError as e:
+        cfg = run_config(settings)(**args).resolve()
+    except ValueError as e:  # grpo.ConfigError: a combination that cannot train
         raise InputError(str(e)) from None
     errors = lora.config_errors(cfg)  # the --lora-* flags, and what LoRA does not combine with
     if errors:

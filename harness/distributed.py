@@ -21,22 +21,22 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-import grpo
 import preresq
 from support.cli import InputError
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
-def init_distributed(device: str | None) -> tuple[grpo.Processes, str | None]:
-    """Join the torchrun job described by WORLD_SIZE, RANK and LOCAL_RANK -> (grpo.Processes, this rank's device).
+def init_distributed(device: str | None) -> tuple[tuple[int, int, str], str | None]:
+    """Join the torchrun job described by WORLD_SIZE, RANK and LOCAL_RANK -> ((rank, world, the device of
+    the collectives' tensors), this rank's device): grpo.Processes(rank, world, comm) is made of the first.
 
     gloo on the CPU, nccl on CUDA with one GPU per process (cuda:LOCAL_RANK). Without torchrun, or
     with one process, nothing is initialised and the device is --device as given.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return grpo.Processes(), device
+        return (0, 1, "cpu"), device
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -52,10 +52,10 @@ def init_distributed(device: str | None) -> tuple[grpo.Processes, str | None]:
     if not tdist.is_initialized():
         tdist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                                  device_id=torch.device(device) if backend == "nccl" else None)
-    return grpo.Processes(rank, world, device if backend == "nccl" else "cpu"), device
+    return (rank, world, device if backend == "nccl" else "cpu"), device
 
 
-def leave(comm: grpo.Processes) -> None:
+def leave(comm) -> None:
     """The end of this process's part in the torchrun job (nothing to do in one process)."""
     if comm.world > 1:
         tdist.destroy_process_group()
@@ -83,7 +83,7 @@ def check_global_batch(sets: dict, images_per_step: int, world: int) -> None:
                 f"Use {', or '.join(advice)}.")
 
 
-def broadcast(value, comm: grpo.Processes):
+def broadcast(value, comm):
     """Rank 0's value on every rank (a picklable object); in one process, the value itself."""
     if comm.world == 1:
         return value
@@ -115,7 +115,7 @@ class ShardedPolicy(preresq.Policy):
     """The policy (or the reference) of an --fsdp run: every pass enters the model through its FSDP
     root, and the processes sample in step (they run the same sharded forwards)."""
 
-    def __init__(self, root: FSDPRoot, tokenizer, image_processor, comm: grpo.Processes):
+    def __init__(self, root: FSDPRoot, tokenizer, image_processor, comm):
         super().__init__(root.model, tokenizer, image_processor)
         self.root, self.comm = root, comm
 

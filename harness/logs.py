@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,6 @@ from tqdm import tqdm
 
 import data
 import evaluate
-import grpo
 from harness import lora, plots, report_page
 from harness.checkpoints import RunError, checkpoints, save_folder
 from harness.distributed import full_weights, unwrap
@@ -82,15 +82,15 @@ def answers(rollout, scored, items: list) -> list[dict]:
     return out
 
 
-def joined(scored: list) -> "grpo.Scored":
+def joined(scored: list):
     """A step's groups (grpo.Scored each) as one, for its metrics line."""
     live = [s for s in scored if s.terms]
     if len(scored) == 1 or not live:
         return scored[0]
     cat = lambda name: torch.cat([getattr(s, name) for s in live])
-    return grpo.Scored({k: torch.cat([s.terms[k] for s in live]) for k in live[0].terms}, cat("scores"),
-                       cat("valid"), cat("mos"), sum(s.tokens for s in scored), sum(s.sequences for s in scored),
-                       slice(None))
+    return replace(live[0], terms={k: torch.cat([s.terms[k] for s in live]) for k in live[0].terms},
+                   scores=cat("scores"), valid=cat("valid"), mos=cat("mos"), tokens=sum(s.tokens for s in scored),
+                   sequences=sum(s.sequences for s in scored), own=slice(None), advantages=None)
 
 
 def log_step(cfg, run, step: int, done, batch, problems: list[str], seconds: float) -> dict:
@@ -140,7 +140,7 @@ def draw_run_curves(out: Path) -> None:
         plots.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
 
 
-def held_out(cfg, policy, items: list, comm: grpo.Processes = grpo.Processes(),
+def held_out(cfg, policy, items: list, comm,
              warn=None) -> tuple[dict | None, list[dict]]:
     """Held-out metrics and each item's {"file", "mos", "prediction"} (None when unparsed), computed on
     rank 0 while the other ranks wait (None, [] there); under --fsdp every rank runs the same passes."""

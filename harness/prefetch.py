@@ -6,12 +6,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import data
-import grpo
 
 
 class Prefetch:
     """Loads the next step's pictures in worker threads while the current step trains: step 1's
-    grpo.Batch, in --groups-per-step groups of B.
+    images, in --groups-per-step groups of B.
 
     The workers run at the lowest CPU priority (on Linux a thread has its own nice value): torch's
     threads, which wait for each other at every operation, keep the cores, so a decoding thread
@@ -28,16 +27,17 @@ class Prefetch:
         return self.pool.submit(lambda: [load_visuals(items[k * b:(k + 1) * b], self.max_pixels)
                                          for k in range(self.groups)])
 
-    def load(self, step: int) -> tuple[grpo.Batch, list[str]]:
-        """(the step's batch, what could not be read); starts loading step + 1's."""
+    def load(self, step: int) -> tuple[list[tuple[list, list, int]], list[str]]:
+        """The step's groups, (items, pictures, the first's place in the global batch) each (what
+        grpo.Group takes), and what could not be read; starts loading step + 1's."""
         if step + 1 < self.run.steps:
             self.pending[step + 1] = self.submit(step + 1)
         groups, problems, comm = [], [], self.run.comm
         for k, loaded in enumerate(self.pending.pop(step).result()):
             items, visuals, failed = keep_in_step(comm, *loaded)
-            groups.append(grpo.Group(items, visuals, first=(comm.rank * self.groups + k) * self.size))
+            groups.append((items, visuals, (comm.rank * self.groups + k) * self.size))
             problems += failed
-        return grpo.Batch(step, groups, self.run.sampler.is_video(step)), problems
+        return groups, problems
 
     def __enter__(self):
         return self
@@ -46,7 +46,7 @@ class Prefetch:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def keep_in_step(comm: grpo.Processes, items: list, visuals: list, problems: list[str]):
+def keep_in_step(comm, items: list, visuals: list, problems: list[str]):
     """This process's readable images of a group. Under --fsdp every process runs the same passes, so
     each keeps as many as the process with fewest (the others are counted as skipped)."""
     if not comm.sharded:

@@ -17,14 +17,13 @@ import torch
 import torch.distributed as tdist
 
 import data
-import grpo
 import preresq
 from harness import distributed, lora, presets
 from harness.checkpoints import (CHECKPOINT_STATE, LOGS, check_same_data, checkpoints, config_differences,
                                  newest_sound_checkpoint, restore)
 from support.cli import InputError, Warnings, check_device
 
-def check_run_folder(cfg, resume: bool, force: bool, comm: grpo.Processes = grpo.Processes()) -> dict | None:
+def check_run_folder(cfg, resume: bool, force: bool, comm) -> dict | None:
     """Refuse a run folder that cannot work, before anything is created: a file, one with checkpoints
     but no --resume, --resume without a checkpoint or with another configuration, no write access.
     Returns the checkpoint state to resume from (or None)."""
@@ -54,7 +53,7 @@ def check_run_folder(cfg, resume: bool, force: bool, comm: grpo.Processes = grpo
     return state
 
 
-def create_run_folder(out: Path, resume: bool, comm: grpo.Processes = grpo.Processes()) -> None:
+def create_run_folder(out: Path, resume: bool, comm) -> None:
     """Make the run folder (rank 0); a fresh run drops the logs of an attempt that never reached a checkpoint."""
     if not comm.main:
         return
@@ -101,7 +100,7 @@ def load_training_data(cfg) -> tuple[dict, list]:
     return sets, held
 
 
-def load_models(cfg, source: str, device, comm: grpo.Processes):
+def load_models(cfg, source: str, device, comm):
     """(the trained model, the policy, the frozen reference or None), placed and sharded as configured.
     The trained model is what the optimizer and checkpoints take (under --fsdp, its FSDP root); the
     policy and the reference are preresq.Policy objects. The reference is the initial model: a copy,
@@ -143,7 +142,7 @@ def load_models(cfg, source: str, device, comm: grpo.Processes):
     return model, policy, reference
 
 
-def add_adapters(cfg, model, source: str, comm: grpo.Processes):
+def add_adapters(cfg, model, source: str, comm):
     """--lora-rank: adapters on the freshly loaded --model (a resumed run's from its checkpoint)."""
     wrapped = lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed)
     if source != cfg.model:
@@ -164,7 +163,7 @@ def add_adapters(cfg, model, source: str, comm: grpo.Processes):
 class Run:
     """What the loop needs besides the config: the run folder, the processes, data, models, optimizer."""
     out: Path
-    comm: grpo.Processes
+    comm: object  # grpo.Processes
     sets: dict
     held: list
     sampler: data.BatchSampler
@@ -179,7 +178,7 @@ class Run:
     warn: Warnings = field(default_factory=lambda: Warnings("grpo.py"))
 
 
-def prepare(cfg, resume: bool, force: bool, comm: grpo.Processes, device) -> Run:
+def prepare(cfg, resume: bool, force: bool, comm, device) -> Run:
     """Open (or resume) the run folder, load data and models, build the optimizer; seed the run."""
     default = f"runs/{cfg.data.replace(',', '+')}-{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.out = distributed.broadcast(cfg.out or default, comm)  # the default name holds the time: rank 0's

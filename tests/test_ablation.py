@@ -11,7 +11,7 @@ import harness.config
 def test_variants_are_valid_grpo_flags():
     default = ("preresq", True, True, "explore-stable")  # the paper's method, grpo.py's default
     for name, flags in ablation.VARIANTS.items():
-        cfg = harness.config.parse_args(flags)[0]
+        cfg = harness.config.parse_args(grpo.Settings, flags)[0]
         what = (cfg.reward, cfg.response_branch, cfg.preference_branch, cfg.schedule)
         assert (what == default) == (name == "preresq"), name
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,7 @@ from harness import presets
 import harness.checkpoints
 import harness.config
 import harness.logs
+import harness.prefetch
 import data
 
 G = 3
@@ -88,10 +90,11 @@ def inputs(tok, ip, images: list[int]):
             torch.tensor([MOS[i] for i in images]))
 
 
-def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
+def one_step(model, tok, ip, settings: dict, groups: list[list[int]], comm) -> dict:
     """grpo.score_rollout and grpo.update on fixed answers -> {"grad": flat full gradient, "record": metrics}.
-    lr 0 and no clipping: the gradient is left as computed, the weights unchanged."""
-    cfg = harness.config.RunConfig(model="tiny", images_per_step=2, max_grad_norm=1e9, lr=0.0).resolve()
+    groups: this process's groups of global images (one, or --groups-per-step). lr 0 and no clipping:
+    the gradient is left as computed, the weights unchanged."""
+    cfg = harness.config.run_config(grpo.Settings)(model="tiny", images_per_step=2, max_grad_norm=1e9, lr=0.0).resolve()
     for k, v in settings.items():
         setattr(cfg, k, v)
     if cfg.lora_rank:  # only the adapters' gradients are summed; B random, so that A has one too
@@ -99,38 +102,47 @@ def one_step(model, tok, ip, settings: dict, images: list[int], dist) -> dict:
         for m in lora.layers(model):
             torch.nn.init.normal_(m.lora_B, std=0.02, generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    comm = distributed.Ranks(dist, distributed.is_sharded(model))
-    if comm.sharded:  # as the loop does: every rank keeps as many images as the rank with fewest
-        kept, _, _ = comm.in_step([SimpleNamespace(path=str(i)) for i in images], list(images), [])
-        images = [int(k.path) for k in kept]
-    prompts, comp, attn, texts, mos = inputs(tok, ip, images) if images else (None, None, None, [], torch.zeros(0))
-    rollout = grpo.Rollout(prompts, comp, attn, texts, mos, G, False, preresq.suppressed_ids(tok))
-    scored = grpo.score_rollout(cfg, rollout, grpo.explore_stable(cfg, 0), comm)
-    advantages = scored.advantages
-    record = harness.logs.step_metrics(scored)
+    if distributed.is_sharded(model):
+        comm = replace(comm, sharded=True)
+        policy = distributed.ShardedPolicy(model, tok, ip, comm)
+    else:
+        policy = preresq.Policy(model, tok, ip)
+    rollouts, scored = [], []
+    for images in groups:
+        if comm.sharded:  # as the loop does: every rank keeps as many images as the rank with fewest
+            kept, _, _ = harness.prefetch.keep_in_step(comm, [SimpleNamespace(path=str(i)) for i in images],
+                                                       list(images), [])
+            images = [int(k.path) for k in kept]
+        prompts, comp, attn, texts, mos = inputs(tok, ip, images) if images else (None, None, None, [], torch.zeros(0))
+        answers = preresq.Answers(comp, attn, texts, G) if images else None
+        rollouts.append(grpo.Rollout(prompts, answers, mos, [], G, False))
+        scored.append(grpo.score_rollout(cfg, rollouts[-1], grpo.explore_stable(cfg, 0), comm))
+    record = harness.logs.step_metrics(harness.logs.joined(scored))
     terms = dict(record)
-    record.update(grpo.update(cfg, model, None, optimizer, rollout, advantages, 0, comm))
+    record.update(grpo.update(policy, None, list(zip(rollouts, scored)), cfg, optimizer, 0, comm))
     grads = []
     for p in model.parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         grads.append((g.full_tensor() if hasattr(g, "full_tensor") else g).flatten())
-    return {"grad": torch.cat(grads), "record": record, "advantages": advantages, "terms": terms}
+    return {"grad": torch.cat(grads), "record": record, "advantages": torch.cat([s.advantages for s in scored]),
+            "terms": terms}
 
 
 def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist, _ = distributed.init_distributed("cpu")
+    place, _ = distributed.init_distributed("cpu")
+    dist = grpo.Processes(*place)
     model, tok, ip = preresq.load_model(model_dir, "cpu")
     results = {}
     for name, (settings, split, fsdp) in CASES.items():
         m = copy.deepcopy(model)
         if fsdp:
             m = distributed.shard_model(m, "cpu")
-        results[name] = one_step(m, tok, ip, settings, split[rank], dist)
+        results[name] = one_step(m, tok, ip, settings, [split[rank]], dist)
     settings, split = PER_PROCESS
-    results["per_process"] = one_step(copy.deepcopy(model), tok, ip, settings, split[rank], dist)
+    results["per_process"] = one_step(copy.deepcopy(model), tok, ip, settings, [split[rank]], dist)
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()
@@ -149,9 +161,9 @@ def two_ranks(blank_dir, tmp_path_factory):
 def test_two_ranks_give_the_gradient_and_metrics_of_one_process(two_ranks, blank, case):
     settings, split, sharded = CASES[case]
     model, tok, ip = blank
-    if sharded:  # FSDP ranks run in step: each kept as many images as the rank with fewest (Ranks.in_step)
+    if sharded:  # FSDP ranks run in step: each kept as many images as the rank with fewest (keep_in_step)
         split = [part[:min(map(len, split))] for part in split]
-    single = one_step(copy.deepcopy(model), tok, ip, settings, [i for part in split for i in part], distributed.SINGLE)
+    single = one_step(copy.deepcopy(model), tok, ip, settings, [[i for part in split for i in part]], grpo.Processes())
     got = two_ranks[case]
     difference = (got["grad"] - single["grad"]).abs().max().item()
     print(f"{case}: max |grad| {single['grad'].abs().max().item():.3g}, max |difference| {difference:.2g}")
@@ -171,14 +183,32 @@ def test_by_default_each_process_compares_its_own_images(two_ranks, blank):
     rank 0's images alone, and the logged reward terms average the two ranks' own computations."""
     settings, split = PER_PROCESS
     model, tok, ip = blank
-    alone = [one_step(copy.deepcopy(model), tok, ip, settings, images, distributed.SINGLE) for images in split]
+    alone = [one_step(copy.deepcopy(model), tok, ip, settings, [images], grpo.Processes()) for images in split]
     got = two_ranks["per_process"]
     assert torch.allclose(got["advantages"], alone[0]["advantages"], atol=1e-6)
     for key in ("reward", "reward/pair_fidelity", "reward/triplet_accuracy", "reward/group_rank"):
         assert got["terms"][key] == pytest.approx((alone[0]["terms"][key] + alone[1]["terms"][key]) / 2, rel=1e-6)
     # the same images compared across the global batch give other preference terms
-    together = one_step(copy.deepcopy(model), tok, ip, settings, split[0] + split[1], distributed.SINGLE)
+    together = one_step(copy.deepcopy(model), tok, ip, settings, [split[0] + split[1]], grpo.Processes())
     assert together["terms"]["reward/pair_fidelity"] != pytest.approx(got["terms"]["reward/pair_fidelity"])
+
+
+@pytest.mark.slow
+def test_groups_on_one_process_give_the_step_of_as_many_processes(two_ranks, blank):
+    """--groups-per-step 2 on one process (the authors' 4 processes x 8 images on one GPU: 4 groups of 8)
+    gives two processes' step: the same advantages, metrics and summed gradient."""
+    settings, split = PER_PROCESS
+    model, tok, ip = blank
+    one = one_step(copy.deepcopy(model), tok, ip, dict(settings, groups_per_step=2), split, grpo.Processes())
+    got = two_ranks["per_process"]
+    difference = (got["grad"] - one["grad"]).abs().max().item()
+    print(f"max |grad| {one['grad'].abs().max().item():.3g}, max |difference| {difference:.2g}")
+    assert one["grad"].abs().max() > 1e-3 and difference <= 1e-5
+    assert torch.allclose(one["advantages"][:len(got["advantages"])], got["advantages"], atol=1e-6)  # rank 0's group
+    assert set(one["record"]) == set(got["record"])
+    for key, value in got["record"].items():
+        if not key.endswith("seconds"):
+            assert one["record"][key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 def test_ranks_split_the_global_batch_of_one_process():

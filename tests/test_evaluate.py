@@ -276,7 +276,7 @@ def _fake_judge(calls):
     """A judge whose score is read off the image (red / 50), and unparsed for one colour."""
 
     def judge(model, tokenizer, image_processor, visuals, *, video=False, samples=None,
-              temperature=1.0, top_k=0, max_new_tokens=None, seed=0, batch_size=8, progress=False):
+              temperature=1.0, top_k=0, max_new_tokens=None, seed=0, batch_size=8, progress=False, all_finished=None):
         calls.append(dict(n=len(visuals), video=video, samples=samples, seed=seed,
                           temperature=temperature))
         out = []
@@ -384,7 +384,7 @@ def hand_written(monkeypatch):
     def encode_prompts(tok, ip, visuals, prompts, video=False, labels=None):
         return visuals, prompts[0], (labels or preresq.picture_label)(0, video)
 
-    def sample_completions(model, tokenizer, batch, num_generations, **settings):
+    def sample_completions(model, tokenizer, batch, num_generations, all_finished=None, **settings):
         visuals, prompt, label = batch
         calls.append(dict(num_generations=num_generations, **settings, prompt=prompt, label=label))
         return torch.tensor([[k] for (k,) in visuals for _ in range(num_generations)])

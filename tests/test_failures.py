@@ -311,7 +311,7 @@ def score(cfg, texts, mos, g):
 def test_a_group_with_no_parsable_answer_has_zero_advantage():
     """Hand-worked: an answer without the format earns nothing (format 0, no accuracy terms), so a
     group of them has constant reward 0 and advantage exactly 0, never NaN (std 0 + eps)."""
-    cfg = harness.config.RunConfig(model="tiny").resolve()
+    cfg = harness.config.run_config(grpo.Settings)(model="tiny").resolve()
     good = ["<think>ok</think>\n<answer>" + "\n".join([s] * 5) + "</answer>" for s in ("2.0", "4.0", "3.0")]
     texts = ["no answer", "<think>still nothing", "5 5 5"] + good
     terms, valid = score(cfg, texts, torch.tensor([2.0, 4.0]), 3)

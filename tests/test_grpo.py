@@ -119,12 +119,19 @@ def update_inputs(blank, g=3):
     return model, tok, prompts, comp, attn, adv
 
 
-def rollout(prompts, comp, attn, g, suppressed):
-    return grpo.Rollout(prompts, comp, attn, [], torch.zeros(0), g, False, suppressed)
+def rollout(prompts, comp, attn, g):
+    return grpo.Rollout(prompts, preresq.Answers(comp, attn, [], g), torch.zeros(0), [], g, False)
+
+
+def policy_loss(model, tok, rollout, adv, old, cfg):
+    """grpo.policy_loss on this process's whole batch (its own totals)."""
+    policy = preresq.Policy(model, tok, None)
+    mask = rollout.answers.mask
+    return grpo.policy_loss(policy, rollout, adv, old, None, cfg, len(mask), mask.sum().item())
 
 
 def config(**kw):
-    cfg = harness.config.RunConfig(model="tiny").resolve()
+    cfg = harness.config.run_config(grpo.Settings)(model="tiny").resolve()
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -132,7 +139,7 @@ def config(**kw):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_micro_batches_give_the_full_batch_gradient_of_the_joined_forward(blank, loss_type):
-    """policy_update (each prompt once, answers micro-batch by micro-batch) = one backward of the loss
+    """policy_loss (each prompt once, answers micro-batch by micro-batch) = one backward of the loss
     over the whole batch computed the unshared way (each row's prompt + answer, pictures and all)."""
     model, tok, prompts, comp, attn, adv = update_inputs(blank)
     sup = preresq.suppressed_ids(tok)
@@ -146,8 +153,8 @@ def test_micro_batches_give_the_full_batch_gradient_of_the_joined_forward(blank,
     expected = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     for micro in (None, 2, 4):
         model.zero_grad()
-        grpo.policy_update(model, rollout(prompts, comp, attn, 3, sup), adv, None, None,
-                           config(micro_batch_size=micro, loss_type=loss_type))
+        policy_loss(model, tok, rollout(prompts, comp, attn, 3), adv, None,
+                    config(micro_batch_size=micro, loss_type=loss_type))
         got = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         assert torch.allclose(got, expected, atol=1e-6), micro
     model.zero_grad()
@@ -155,15 +162,14 @@ def test_micro_batches_give_the_full_batch_gradient_of_the_joined_forward(blank,
 
 def test_clipping_acts_only_when_updating_several_times(blank):
     model, tok, prompts, comp, attn, adv = update_inputs(blank)
-    sup = preresq.suppressed_ids(tok)
     cfg = config(lr=1e-2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    old = grpo.reference_logprobs(model, rollout(prompts, comp, attn, 3, sup), cfg)
+    old = grpo.frozen_logprobs(preresq.Policy(model, tok, None), rollout(prompts, comp, attn, 3), cfg)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * 50)
     fractions = []
     for _ in range(2):
         opt.zero_grad()
-        stats = grpo.policy_update(model, rollout(prompts, comp, attn, 3, sup), adv, old, None, cfg)
+        stats = policy_loss(model, tok, rollout(prompts, comp, attn, 3), adv, old, cfg)
         fractions.append(stats["clip_fraction"])
         opt.step()
     model.load_state_dict(state)
@@ -178,7 +184,6 @@ def test_toy_reward_rises(blank):
     model, tok, ip = blank
     model = copy.deepcopy(model)
     cfg = config(lr=1e-2, max_new_tokens=4)
-    sup = preresq.suppressed_ids(tok)
     end = tok.convert_tokens_to_ids(preresq.END_OF_TURN)
     rng = np.random.default_rng(1)
     imgs = [[Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))] for _ in range(2)]
@@ -192,8 +197,7 @@ def test_toy_reward_rises(blank):
         history.append(reward.mean().item())
         adv = grpo.group_advantages(reward).reshape(-1)
         opt.zero_grad()
-        grpo.policy_update(model, rollout(prompts, comp, preresq.completion_mask(comp, end), 8, sup), adv, None, None,
-                           cfg)
+        policy_loss(model, tok, rollout(prompts, comp, preresq.completion_mask(comp, end), 8), adv, None, cfg)
         opt.step()
     assert np.mean(history[:5]) < 0.7
     assert np.mean(history[-5:]) > 0.9
@@ -263,14 +267,14 @@ def test_the_paper_schedule_is_the_default_with_twice_g_in_stage_one(blank_dir):
     """Exploration-to-Stability is the default for images (the paper's 12 -> 6 from G = 6); the
     authors' video recipe keeps one stage; an explicit G1 / G2 wins."""
     for flags, g in ((["--model", str(blank_dir)], 6), ([], 6), (["--num-generations", "4"], 4)):
-        cfg, _, _ = harness.config.parse_args(flags)
+        cfg, _, _ = harness.config.parse_args(grpo.Settings, flags)
         assert (cfg.schedule, cfg.stage1_generations, cfg.stage2_generations) == ("explore-stable", 2 * g, g)
-    cfg, _, _ = harness.config.parse_args(["--num-generations", "4", "--stage1-generations", "5", "--stage2-generations", "3"])
+    cfg, _, _ = harness.config.parse_args(grpo.Settings, ["--num-generations", "4", "--stage1-generations", "5", "--stage2-generations", "3"])
     assert (cfg.stage1_generations, cfg.stage2_generations) == (5, 3)
-    video, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "synthetic-video"])
+    video, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--data", "synthetic-video"])
     assert video.schedule == "single" and video.num_generations == 5
     with pytest.raises(InputError):
-        harness.config.parse_args(["--stage1-generations", "1"])
+        harness.config.parse_args(grpo.Settings, ["--stage1-generations", "1"])
 
 
 def stage_rewards(cfg, texts, mos, g, step):
@@ -294,30 +298,30 @@ def test_impossible_flags_fail_before_any_model_loads(capsys):
     for flags in (["--num-generations", "0"], ["--reward", "threshold", "--no-response-branch"],
                   ["--temperature", "0"], ["--no-response-branch", "--no-preference-branch"]):
         with pytest.raises(InputError):
-            harness.config.parse_args(flags)
+            harness.config.parse_args(grpo.Settings, flags)
 
 
 def test_reference_logprobs_come_back_to_the_policy_device(blank):
     model, tok, prompts, comp, attn, adv = update_inputs(blank)
     cfg = config(micro_batch_size=4)
-    lp = grpo.reference_logprobs(model, rollout(prompts, comp, attn, 3, preresq.suppressed_ids(tok)), cfg)
+    lp = grpo.frozen_logprobs(preresq.Policy(model, tok, None), rollout(prompts, comp, attn, 3), cfg)
     assert lp.shape == comp.shape and lp.device == comp.device and torch.isfinite(lp).all()
 
 
 def test_exploration_lasts_half_of_a_run_set_by_epochs(blank_dir):
     """A real checkpoint trains for --epochs (the paper's 8), so the step count is known only once the
     data are: stage 1 must be half of that count, not half of an unset --steps (which gave 0 steps)."""
-    cfg, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
+    cfg, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--schedule", "explore-stable"])
     assert cfg.steps is None and cfg.epochs == 8
     cfg.set_length(num_images=297)  # ceil(8 * 297 / 8)
     assert cfg.steps == 297 and cfg.stage1_steps == 148
     assert [grpo.explore_stable(cfg, s).number for s in (0, 147, 148, 296)] == [1, 1, 2, 2]
     assert grpo.explore_stable(cfg, 0).num_generations == 12
     # two processes halve the steps, and stage 1 with them; an explicit --stage1-steps is kept
-    cfg, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable"])
+    cfg, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--schedule", "explore-stable"])
     cfg.set_length(297, world=2)
     assert cfg.steps == 149 and cfg.stage1_steps == 74
-    cfg, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--schedule", "explore-stable", "--stage1-steps", "5"])
+    cfg, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--schedule", "explore-stable", "--stage1-steps", "5"])
     cfg.set_length(297)
     assert cfg.steps == 297 and cfg.stage1_steps == 5
 
@@ -325,13 +329,13 @@ def test_exploration_lasts_half_of_a_run_set_by_epochs(blank_dir):
 def test_a_video_run_of_a_real_checkpoint_gets_the_authors_video_recipe(blank_dir):
     """The authors train video (LSVQ) with 5 videos per device, G = 5, 2 epochs and gradient
     checkpointing; image runs keep the paper's image defaults; explicit flags always win."""
-    video, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--data-root", "/x"])
+    video, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--data", "lsvq", "--data-root", "/x"])
     assert (video.images_per_step, video.num_generations, video.epochs, video.gradient_checkpointing) == (5, 5, 2, True)
-    image, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "koniq", "--data-root", "/x"])
+    image, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--data", "koniq", "--data-root", "/x"])
     assert (image.images_per_step, image.num_generations, image.epochs, image.gradient_checkpointing) == (8, 6, 8, False)
-    mixed, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "lsvq,koniq", "--data-root", "/x,/y"])
+    mixed, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--data", "lsvq,koniq", "--data-root", "/x,/y"])
     assert mixed.num_generations == 6  # not every set is a video set: the image recipe
-    mine, _, _ = harness.config.parse_args(["--model", str(blank_dir), "--data", "lsvq", "--num-generations", "7",
+    mine, _, _ = harness.config.parse_args(grpo.Settings, ["--model", str(blank_dir), "--data", "lsvq", "--num-generations", "7",
                                   "--no-gradient-checkpointing"])
     assert mine.num_generations == 7 and mine.gradient_checkpointing is False and mine.images_per_step == 5
-    assert "paper video: 5" in harness.config.build_parser().format_help()
+    assert "paper video: 5" in harness.config.build_parser(grpo.Settings).format_help()

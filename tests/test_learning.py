@@ -29,7 +29,7 @@ def two_threads():
 
 @pytest.mark.slow
 def test_grpo_lifts_held_out_srcc_of_the_tiny_preset(tiny, tmp_path, two_threads):
-    cfg, _, _ = harness.config.parse_args(["--steps", str(STEPS), "--eval-every", str(STEPS), "--save-every", str(STEPS),
+    cfg, _, _ = harness.config.parse_args(grpo.Settings, ["--steps", str(STEPS), "--eval-every", str(STEPS), "--save-every", str(STEPS),
                                  "--out", str(tmp_path / "run"), "--workers", "1"])
     grpo.train(cfg)
     evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]

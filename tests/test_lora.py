@@ -4,12 +4,14 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import bench
 import grpo
@@ -21,6 +23,9 @@ import harness.config
 import harness.logs
 
 G = 3
+# The laptop preset's tokenizer, which every model of these tests shares (the sampler's suppressed ids).
+TOKENIZER = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "models" / "tiny")
+SUPPRESSED = preresq.suppressed_ids(TOKENIZER)
 
 
 @pytest.fixture()
@@ -34,8 +39,15 @@ def inputs(blank):
     comp = torch.randint(0, 300, (2 * G, 7), generator=gen)
     mask = torch.ones_like(comp)
     mask[1, 4:] = 0
-    rollout = grpo.Rollout(prompts, comp, mask, [], torch.zeros(2), G, False, preresq.suppressed_ids(tok))
+    rollout = grpo.Rollout(prompts, preresq.Answers(comp, mask, [], G), torch.zeros(2), [], G, False)
     return rollout, torch.randn(2 * G, generator=gen)
+
+
+def policy_loss(model, rollout, advantages, cfg):
+    """grpo.policy_loss on the whole batch (its own totals); the model's tokenizer plays no part."""
+    policy = preresq.Policy(model, TOKENIZER, None)
+    mask = rollout.answers.mask
+    return grpo.policy_loss(policy, rollout, advantages, None, None, cfg, len(mask), mask.sum().item())
 
 
 def with_adapters(model, rank=4, targets="language", **kw):
@@ -46,13 +58,13 @@ def with_adapters(model, rank=4, targets="language", **kw):
 
 def logprobs(model, rollout):
     with torch.no_grad():
-        return preresq.completion_logprobs(model, preresq.cache_prompts(model, rollout.prompts), rollout.completions,
-                                           rollout.mask, temperature=1.0, num_generations=rollout.num_generations,
-                                           suppressed=rollout.suppressed)
+        return preresq.completion_logprobs(model, preresq.cache_prompts(model, rollout.prompts), rollout.answers.ids,
+                                           rollout.answers.mask, temperature=1.0,
+                                           num_generations=rollout.num_generations, suppressed=SUPPRESSED)
 
 
 def config(**kw):
-    cfg = harness.config.RunConfig(model="tiny", lora_rank=4).resolve()
+    cfg = harness.config.run_config(grpo.Settings)(model="tiny", lora_rank=4).resolve()
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -62,8 +74,9 @@ def train(model, rollout, advantages, cfg, steps=3):
     """A few GRPO updates (grpo.update: the reference pass with adapters off, AdamW on the adapters)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     cfg.lr, cfg.steps = 5e-2, 1  # optimizer_step sets the learning rate of step 0: 5e-2
-    records = [grpo.update(cfg, model, lora.Reference(model), optimizer, rollout, advantages, step=0)
-               for _ in range(steps)]
+    policy, reference = preresq.Policy(model, TOKENIZER, None), lora.AdaptersOff(model, TOKENIZER, None)
+    scored = SimpleNamespace(advantages=advantages, tokens=rollout.answers.mask.sum().item(), sequences=len(advantages))
+    records = [grpo.update(policy, reference, [(rollout, scored)], cfg, optimizer, step=0) for _ in range(steps)]
     return optimizer, records
 
 
@@ -138,7 +151,7 @@ def test_micro_batches_and_checkpointing_give_the_full_batch_gradient(blank, inp
         else:
             model.activation_checkpointing_disable()
         model.zero_grad(set_to_none=True)
-        grpo.policy_update(model, rollout, advantages, None, None, config(micro_batch_size=micro))
+        policy_loss(model, rollout, advantages, config(micro_batch_size=micro))
         grads.append(torch.cat([p.grad.flatten() for p in lora.adapter_weights(model).values()]))
     assert grads[0].abs().max() > 1e-4 and all(g.isfinite().all() for g in grads)
     for g in grads[1:]:
@@ -151,7 +164,7 @@ def test_a_bf16_model_keeps_float32_adapters_and_merges_into_bf16(blank_dir, inp
     rollout, advantages = inputs
     model = preresq.load_model(str(blank_dir), "cpu", "bfloat16")[0]
     lora.add_adapters(model, 4)
-    grpo.policy_update(model, rollout, advantages, None, None, config())
+    policy_loss(model, rollout, advantages, config())
     adapters = lora.adapter_weights(model)
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in adapters.values())
     assert any(p.grad.abs().max() > 0 for p in adapters.values())
@@ -181,8 +194,8 @@ def test_lora_flags_that_cannot_work_are_refused():
                            "unknown lm_head"), (["--lora-rank", "4", "--fsdp"], "--fsdp with --lora-rank"),
                            (["--lora-rank", "4", "--reference-device", "cpu"], "no reference copy")):
         with pytest.raises(InputError, match=message):
-            harness.config.parse_args(flags)
-    assert harness.config.parse_args(["--reference-device", "cpu"])[0].lora_rank is None  # full fine-tuning keeps it
+            harness.config.parse_args(grpo.Settings, flags)
+    assert harness.config.parse_args(grpo.Settings, ["--reference-device", "cpu"])[0].lora_rank is None  # full fine-tuning keeps it
 
 
 # --------------------------------------------------------------------------- grpo.py --lora-rank end to end
@@ -227,8 +240,7 @@ def test_a_lora_run_checkpoints_adapters_and_ends_with_a_merged_model(straight, 
     picture = [[Image.fromarray(np.random.default_rng(1).integers(0, 255, (84, 84, 3), dtype=np.uint8))]]
     prompts = preresq.encode_prompts(tok, ip, picture, [preresq.IMAGE_PROMPT])
     comp = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
-    rollout = grpo.Rollout(prompts, comp, torch.ones_like(comp), [], torch.zeros(1), 2, False,
-                           preresq.suppressed_ids(tok))
+    rollout = grpo.Rollout(prompts, preresq.Answers(comp, torch.ones_like(comp), [], 2), torch.zeros(1), [], 2, False)
     lp = [logprobs(m, rollout) for m in (merged, policy, tiny[0])]
     # merged W + s BA against W x + s B(A x): float32 rounding only (measured 1.1e-5 at |log p| ~ 15,
     # a few ulps), while the trained adapters moved the log-probs from the base model's by 0.39

@@ -171,7 +171,7 @@ def test_top_k_is_explicit_in_the_generation_config(blank, monkeypatch):
         preresq.sampling_config(tok, top_k=-1)
     seen = []
 
-    def shared_prefix_sample(model, cache, generation_config):  # the default sampler takes the same config
+    def shared_prefix_sample(model, cache, generation_config, all_finished=None):  # the default sampler: the same config
         seen.append(generation_config)
         return torch.zeros(cache.last_hidden.shape[0] * generation_config.num_return_sequences, 1, dtype=torch.long)
 

@@ -21,6 +21,9 @@ import data
 import grpo
 import preresq
 from harness import presets
+import harness.checkpoints
+import harness.config
+import harness.logs
 
 # The `tiny` preset, small batches, short answers, no held-out evaluation: about a second a step.
 FLAGS = ["--model", "tiny", "--device", "cpu", "--images-per-step", "2", "--num-generations", "2",
@@ -76,7 +79,7 @@ def test_straight_run_learns_and_writes_a_complete_checkpoint(straight, tiny):
     assert state["optimizer"]["state"] and state["optimizer"]["state"][0]["step"] == 2  # two AdamW steps
     assert state["data"]["next_step"] == 2 and state["data"]["items"] == len(data.synthetic_dataset())
     assert state["counters"] == {"skipped_items": 0, "nonfinite_steps": 0}
-    cfg = harness.config.parse_args(STRAIGHT + ["--out", str(straight)])[0]
+    cfg = harness.config.parse_args(grpo.Settings, STRAIGHT + ["--out", str(straight)])[0]
     assert state["config"] == {**asdict(cfg), "out": str(straight)}
     # the folder loads as an ordinary model
     model = preresq.load_model(str(ckpt), "cpu")[0]
@@ -336,9 +339,6 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(straight, tmp_path)
 SLOW_STEPS = """
 import os, sys, time
 import grpo
-import harness.checkpoints
-import harness.config
-import harness.logs
 step, calls = grpo.grpo_step, []
 def slow_step(*args, **kwargs):
     calls.append(1)

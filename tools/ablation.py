@@ -51,7 +51,7 @@ def run_variant(name: str, seed: int, common: list[str], out: Path, threads: int
         start = time.time()
         flags = common + VARIANTS[name] + ["--seed", str(seed), "--out", str(folder)]
         if threads is None:
-            grpo.train(harness.config.parse_args(flags)[0])
+            grpo.train(harness.config.parse_args(grpo.Settings, flags)[0])
         else:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             log_path = out / f"{name}-seed{seed}.log"
@@ -129,7 +129,7 @@ def command(argv=None) -> int:
     cli.at_least(p, args, steps=1, jobs=1)
     common = ["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []) + extra
     # Every run's flags are checked before the first run starts, which may be hours before the last.
-    configs = [harness.config.parse_args(common + VARIANTS[name])[0] for name in names]
+    configs = [harness.config.parse_args(grpo.Settings, common + VARIANTS[name])[0] for name in names]
     cli.check_device(configs[0].device)
     print(presets.describe_model(args.model))
     out = cli.check_out(args.out)
