@@ -551,13 +551,11 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
 
 def loop(cfg: Config, run) -> Path:
     """One grpo_step per step, with evaluation, logs and checkpoints around it (run: runkeeping.Run)."""
-    from tqdm import tqdm
-
-    from support import runkeeping
+    from support import cli, runkeeping
 
     first_eval = last_eval = None
-    bar = tqdm(range(run.start, run.steps), initial=run.start, total=run.steps, desc="GRPO", dynamic_ncols=True,
-               disable=not run.dist.main)
+    bar = cli.bar(range(run.start, run.steps), initial=run.start, total=run.steps, desc="GRPO", dynamic_ncols=True,
+                  show=run.dist.main)
     with runkeeping.Stop() as stop, runkeeping.Prefetch(run, cfg.max_pixels, cfg.workers) as pictures, bar:
         if run.held and run.start == 0:
             first_eval = runkeeping.evaluate_and_log(cfg, run, 0)

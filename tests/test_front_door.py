@@ -299,6 +299,33 @@ def test_preresq_scores_what_it_can_read_and_exits_1_for_the_rest(inputs, monkey
     assert "preresq.py: 1 files not scored" in out.err and "label file" not in out.err
 
 
+def test_progress_bars_honour_tqdm_disable_and_warnings_print_above_them(tmp_path, monkeypatch, capsys):
+    """TQDM_DISABLE=1 hides every bar (tqdm reads it only when no disable= is passed); a warning while a bar
+    shows is a line of its own (tqdm.write), not text appended to the bar's line."""
+    root = tmp_path / "set"
+    root.mkdir()
+    for k in range(3):
+        Image.new("RGB", (32, 32), (50 * k, 90, 40)).save(root / f"good{k}.png")
+    (root / "cut.png").write_bytes((root / "good0.png").read_bytes()[:60])
+    (root / "labels.txt").write_text("good0.png 1\ncut.png 2\ngood1.png 3\ngood2.png 4\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.setattr(preresq, "load_model", lambda *args: (None, None, None))
+    monkeypatch.setattr(preresq, "judge", fake_judge)
+    argv = ["--model", str(tmp_path / "model"), "--data", "labels", "--labels", str(root / "labels.txt"),
+            "--data-root", str(root), "--batch-size", "1"]
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert evaluate.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "\rlabels: 100%|" in err  # the bar shows
+    warning = next(line for line in err.split("\n") if "warning: skipped" in line)
+    assert warning.split("\r")[-1].startswith("evaluate.py: warning: skipped: cannot decode image"), repr(warning)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert evaluate.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "evaluate.py: warning: skipped: cannot decode image" in err
+
+
 def test_one_voice_for_failures_and_ctrl_c(capsys):
     def fails(argv):
         raise cli.Failure("the disk is full; checkpoint-2 is intact")
