@@ -285,6 +285,7 @@ def one_kind(items: list[Item], where: str) -> list[Item]:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
 _HUGE_WARNED: set[str] = set()
+_IGNORE_BOMB = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # an entry of warnings.filters
 
 
 def _open_image(path: str) -> Image.Image:
@@ -293,7 +294,8 @@ def _open_image(path: str) -> Image.Image:
     which Pillow refuses, a DataError."""
     limit = Image.MAX_IMAGE_PIXELS
     # Pillow's own warning names a line of its code in site-packages; this function says it, naming the file.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    if warnings.filters[:1] != [_IGNORE_BOMB]:  # (re)adding a filter resets every "show once" record
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         im = Image.open(path)
     except Image.DecompressionBombError:
