@@ -33,6 +33,7 @@ import os
 import random
 import struct
 import sys
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ from support import cli
 from support import synthetic
 import video
 # DataError, DATASETS and read_labels are part of this module's interface too (data.DataError ...).
-from support.label_formats import DATASETS, DataError, DatasetInfo, LabelRow, known_datasets, pair_sets, read_labels
+from support.label_formats import (DATASETS, DataError, DatasetInfo, LabelRow, check_duplicates, known_datasets,
+                                   pair_sets, read_labels)
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp")
 RANDOM_TEST_FRACTION = 0.2
@@ -76,11 +78,15 @@ def is_video(path: str) -> bool:
 
 # --------------------------------------------------------------------------- rescaling and splits
 
-def rescale(raw: list[float], lower_is_better: bool = False) -> list[float]:
-    """Min-max rescale to 1..5: 1 + 4 (x - min) / (max - min); flipped first when lower is better."""
-    lo, hi = min(raw), max(raw)
+def rescale(raw: list[float], lower_is_better: bool = False, where: str = "") -> list[float]:
+    """Min-max rescale to 1..5: 1 + 4 (x - min) / (max - min); flipped first when lower is better.
+    where: the label file, named by the DataError when the scores span no range, or more than a float holds."""
+    lo, hi, at = min(raw), max(raw), f"{where}: " if where else ""
     if hi == lo:
-        raise DataError(f"all {len(raw)} scores equal {lo}: cannot rescale to 1..5")
+        raise DataError(f"{at}all {len(raw)} scores equal {lo}: cannot rescale to 1..5")
+    if not math.isfinite(4 * (hi - lo)):
+        raise DataError(f"{at}the scores run from {lo:g} to {hi:g}, a range too large for a float: "
+                        "cannot rescale to 1..5. Fix the scores that are out of scale")
     return [1 + 4 * ((hi - x) if lower_is_better else (x - lo)) / (hi - lo) for x in raw]
 
 
@@ -173,8 +179,8 @@ def _items(name: str, info: DatasetInfo, root: str, rows: list[LabelRow], split:
     for i, r in enumerate(rows):
         groups.setdefault(r.group, []).append(i)
     mos = [0.0] * len(rows)
-    for idx in groups.values():
-        for i, m in zip(idx, rescale([rows[i].raw for i in idx], info.lower_is_better)):
+    for group, idx in groups.items():
+        for i, m in zip(idx, rescale([rows[i].raw for i in idx], info.lower_is_better, group)):
             mos[i] = m
     chosen = {id(r) for r in _select(name, info, rows, split, seed)}
     resolver = _Resolver(root, info.dirs, info.exts)
@@ -219,13 +225,13 @@ def _open(name: str, root: str | None, labels: str | None, seed: int) -> tuple[D
     else:
         root = _root(name, info, root)
     if name != "labels":
-        return info, root, info.read(root), name
+        return info, root, check_duplicates(info.read(root)), name
     if not labels:
         raise DataError("--data labels needs --labels FILE (a GT file or a training jsonl)")
     path = os.path.expanduser(labels)
     if not os.path.isfile(path):
         raise DataError(f"label file {labels} does not exist")
-    return info, root, read_labels(path), os.path.splitext(os.path.basename(path))[0]
+    return info, root, check_duplicates(read_labels(path)), os.path.splitext(os.path.basename(path))[0]
 
 
 def load_dataset(name: str, root: str | None = None, split: str = "train", *,
@@ -251,12 +257,27 @@ def load_datasets(names: str, roots: str | None = None, split: str = "train", *,
     """
     out: dict[str, list[Item]] = {}
     for name, root, label in pair_sets(names, roots, labels):
-        items = load_dataset(name, root, split, labels=label, seed=seed)
+        items = one_kind(load_dataset(name, root, split, labels=label, seed=seed), label or name)
         key = items[0].dataset if items else name
         if key in out:
             raise DataError(f"set {key!r} appears twice in --data")
         out[key] = items
     return out
+
+
+def one_kind(items: list[Item], where: str) -> list[Item]:
+    """items, or a DataError naming `where` and the first item of each kind when they mix images and
+    videos: a training set is one kind, as each training step shows its items one prompt (images and
+    videos have their own). evaluate.py, which prompts each item by its kind, reads mixed sets."""
+    first: dict[bool, Item] = {}
+    for it in items:
+        first.setdefault(it.is_video, it)
+    if len(first) > 1:
+        raise DataError(f"{where} mixes images and videos (first image {first[False].path}, first video "
+                        f"{first[True].path}); a training set must be one kind, as each step gives its items "
+                        "one prompt: put them in two label files, --data labels,labels --data-root DIR,DIR "
+                        "--labels images.txt,videos.txt")
+    return items
 
 
 # --------------------------------------------------------------------------- training batches
@@ -309,6 +330,29 @@ class BatchSampler:
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
+_HUGE_WARNED: set[str] = set()
+_IGNORE_BOMB = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # an entry of warnings.filters
+
+
+def _open_image(path: str) -> Image.Image:
+    """Image.open(path) (lazy: the header only). A picture over Pillow's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS) gets one warning line naming the file, once; one over twice the limit,
+    which Pillow refuses, a DataError."""
+    limit = Image.MAX_IMAGE_PIXELS
+    # Pillow's own warning names a line of its code in site-packages; this function says it, naming the file.
+    if warnings.filters[:1] != [_IGNORE_BOMB]:  # (re)adding a filter resets every "show once" record
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise DataError(f"{path} has over {2 * limit:,} pixels, more than Pillow decodes (twice its limit "
+                        "against decompression bombs): downscale the file") from None
+    if limit and im.width * im.height > limit and path not in _HUGE_WARNED:
+        _HUGE_WARNED.add(path)
+        cli.say(f"{os.path.basename(sys.argv[0]) or 'data.py'}: warning: {path} is {im.width} x {im.height} "
+                f"pixels, over Pillow's limit against decompression bombs ({limit:,} pixels); decoding "
+                "it takes much memory and time: downscale the file if it is not meant to be that large")
+    return im
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -355,7 +399,7 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
     applied. Undecodable, truncated or missing files raise DataError naming the path.
     """
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             downscaled = bool(max_pixels) and im.width * im.height > max_pixels
             if max_pixels and im.format in ("JPEG", "MPO") and im.width * im.height > max_pixels:
                 s = math.sqrt(max_pixels / (im.width * im.height))
@@ -432,7 +476,7 @@ def check_readable(path: str) -> None:
         with videos_as_data_errors():
             return video.check_video(path)
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             size = im.size
     except _DECODE_ERRORS as e:
         raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__}: {e}); pass an image "
@@ -462,7 +506,7 @@ def summary(name: str, root: str | None, split: str | None, labels: str | None, 
     problems = 0
     for s in [split] if split else info.splits(rows):
         try:
-            items = _items(name, info, root, rows, s, seed, dataset)
+            items = one_kind(_items(name, info, root, rows, s, seed, dataset), labels or name)
         except DataError as e:
             print(f"{s:<11} problem: {e}")
             problems += 1

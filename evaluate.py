@@ -40,7 +40,6 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 import scipy.stats
-from tqdm import tqdm
 
 from support import cli
 from support.authors_protocol import (AUTHORS_IMAGE_PROMPT, AUTHORS_VIDEO_PROMPT, authors_decoding, authors_label,
@@ -214,8 +213,7 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
     decoding, prompts = _protocol(model, protocol, dict(samples=samples, temperature=temperature, top_k=top_k,
                                                         max_new_tokens=max_new_tokens))
     warn, rows, unreadable = warn or cli.Warnings("evaluate"), [], 0
-    bar = tqdm(total=len(items), desc=items[0].dataset if items else "evaluate", unit="item",
-               disable=not progress)
+    bar = cli.bar(total=len(items), desc=items[0].dataset if items else "evaluate", unit="item", show=progress)
     for start in range(0, len(items), batch_size):
         readable = []
         for item in items[start:start + batch_size]:

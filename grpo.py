@@ -564,13 +564,12 @@ def train(cfg, resume: bool = False, force: bool = False):
 
 def loop(cfg, run):
     """One grpo_step per step, with evaluation, logs and checkpoints around it (run: harness.run.Run)."""
-    from tqdm import tqdm
-
     from harness import checkpoints, logs, prefetch
+    from support import cli
 
     first_eval = last_eval = None
-    bar = tqdm(range(run.start, run.steps), initial=run.start, total=run.steps, desc="GRPO", dynamic_ncols=True,
-               disable=not run.comm.main)
+    bar = cli.bar(range(run.start, run.steps), initial=run.start, total=run.steps, desc="GRPO", dynamic_ncols=True,
+                  show=run.comm.main)
     with checkpoints.Stop() as stop, prefetch.Prefetch(run, cfg) as pictures, bar:
         if run.held and run.start == 0:
             first_eval = logs.evaluate_and_log(cfg, run, 0)

@@ -503,7 +503,8 @@ def judge(model, tokenizer, image_processor, visuals: list, *, video: bool = Fal
     results = []
     with torch.random.fork_rng(devices=[]):  # the caller's CPU random stream is left as it was
         torch.manual_seed(seed)
-        for start in tqdm(range(0, len(visuals), batch_size), desc="judging", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(visuals), batch_size), desc="judging", leave=False,
+                          **({} if progress else {"disable": True})):  # tqdm reads TQDM_DISABLE without disable=
             chunk = [v if isinstance(v, (list, tuple)) else [v] for v in visuals[start:start + batch_size]]
             batch = encode_prompts(tokenizer, image_processor, chunk, [prompt] * len(chunk), video=video, labels=labels)
             ids = sample_completions(model, tokenizer, batch, k, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -76,6 +76,23 @@ class Failure(RuntimeError):
     and how to continue. The tool exits 1."""
 
 
+def say(line: str) -> None:
+    """One line on stderr, written above any progress bar that is showing (tqdm.write), not inside it."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def bar(*args, show: bool = True, **kwargs):
+    """A tqdm progress bar, hidden when show is False or TQDM_DISABLE is set (1, true, yes) in the
+    environment (read here, when the bar is made: tqdm itself reads it once, and never when disable= is given)."""
+    from tqdm import tqdm
+
+    hidden = not show or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+    return tqdm(*args, disable=hidden, **kwargs)
+
+
 class Warnings:
     """Warnings about skipped inputs through one counted, rate-limited path: a line each the first
     `limit` times, then only the count; `total` is kept for the summary and the logs."""
@@ -86,9 +103,9 @@ class Warnings:
     def __call__(self, message: str) -> None:
         self.total += 1
         if self.total <= self.limit:
-            print(f"{self.tool}: warning: {message}", file=sys.stderr, flush=True)
+            say(f"{self.tool}: warning: {message}")
         if self.total == self.limit:
-            print(f"{self.tool}: warning: further warnings of this run are counted, not shown", file=sys.stderr)
+            say(f"{self.tool}: warning: further warnings of this run are counted, not shown")
 
     def summary(self, what: str = "inputs skipped") -> None:
         if self.total:

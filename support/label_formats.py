@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass, field
@@ -52,20 +54,43 @@ class LabelRow:
     group: str               # the label file it came from: rescaling is per group
     ref: str | None = None
     split: str | None = None  # official split, where the set has one
+    where: str = ""          # "file, line N" (or "entry N"): where the row is written, for messages
 
 
 # --------------------------------------------------------------------------- label files
 
-def _bad_row(path: str, line: int | str, row, why: str) -> DataError:
+def _where(path: str, line: int | str) -> str:
     """line: a 1-based line (or spreadsheet row) number, or a description such as "entry 7"."""
-    where = line if isinstance(line, str) else f"line {line}"
-    return DataError(f"{path}, {where}: {why} in row {row!r}. Fix or delete that row.")
+    return f"{path}, {line if isinstance(line, str) else f'line {line}'}"
+
+
+def _bad_row(path: str, line: int | str, row, why: str) -> DataError:
+    return DataError(f"{_where(path, line)}: {why} in row {row!r}. Fix or delete that row.")
+
+
+def check_duplicates(rows: list[LabelRow]) -> list[LabelRow]:
+    """rows, or a DataError for a file that one label file lists twice with different scores."""
+    seen: dict[tuple[str, str], LabelRow] = {}
+    for r in rows:
+        first = seen.setdefault((r.group, os.path.normpath(r.name)), r)
+        if first.raw != r.raw:
+            raise DataError(f"{r.name!r} is listed twice with different scores: {first.raw:g} at {first.where} and "
+                            f"{r.raw:g} at {r.where}. Keep the right row and delete the other.")
+    return rows
 
 
 def _number(value, path: str, line: int | str, row) -> float:
+    """The score of one cell: a finite number. An empty cell, a boolean, text that is no number, NaN,
+    infinity or a number too large for a float (1e400) is a DataError naming the file, line and row."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _bad_row(path, line, row, "the score is empty")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, str, np.number)):
+        raise _bad_row(path, line, row, f"score {value!r} is not a number")
     try:
         x = float(value)
-    except (TypeError, ValueError):
+    except OverflowError:  # an integer beyond any float
+        x = math.inf
+    except ValueError:
         raise _bad_row(path, line, row, f"score {str(value)!r} is not a number") from None
     if not math.isfinite(x):
         raise _bad_row(path, line, row, f"score {str(value)!r} is not finite")
@@ -73,10 +98,17 @@ def _number(value, path: str, line: int | str, row) -> float:
 
 
 def _is_number(text: str) -> bool:
+    """True for any spelling float() reads, NaN, infinity and 1e400 included (a score, if a bad one)."""
     try:
-        return math.isfinite(float(text))
+        float(text)
+        return True
     except ValueError:
         return False
+
+
+def _is_file_name(text: str) -> bool:
+    """'a.png', 'imgs/I01.bmp': a name with an extension, as the files a label row names have."""
+    return re.search(r"\.[A-Za-z][A-Za-z0-9]{0,4}$", text) is not None
 
 
 def _int_name(value) -> str:
@@ -87,13 +119,25 @@ def _int_name(value) -> str:
     return text[:-2] if text.endswith(".0") and text[:-2].isdigit() else text
 
 
-def read_csv(path: str) -> list[list[str]]:
-    """All rows of a CSV file (a UTF-8 byte-order mark is dropped)."""
+def read_text(path: str) -> str:
+    """The text of a label file, the one place they are opened: UTF-8 (a byte-order mark is dropped,
+    line ends kept); any other encoding (UTF-16, Latin-1) is a DataError that says to save it as UTF-8."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"label file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}; "
+                        "UTF-16 or Latin-1?): save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read label file {path}: {e.strerror or e}") from None
+
+
+def read_csv(path: str) -> list[list[str]]:
+    """All rows of a CSV file (read_text)."""
+    try:
+        return list(csv.reader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as e:
+        raise DataError(f"cannot read {path} as CSV: {e}") from None
 
 
 _XLSX = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
@@ -154,6 +198,8 @@ def _xlsx_rows(worksheet, shared: list[str]) -> list[list]:
                 value = shared[int(v.text)]
             elif kind in ("str", "d"):  # formula text, ISO date
                 value = v.text
+            elif kind == "b":  # TRUE / FALSE: never a score or a name
+                value = v.text.strip() == "1"
             else:
                 value = float(v.text)
             cells.extend([None] * (col + 1 - len(cells)))
@@ -181,10 +227,33 @@ def read_mat(path: str, *keys: str) -> list[np.ndarray]:
     return [np.ravel(mat[k]) for k in keys]
 
 
-def _mat_str(x) -> str:
-    while isinstance(x, np.ndarray):  # MATLAB cell arrays arrive as nested object arrays
+def _mat_entry(x, path: str = "", i: int = 0):
+    """Entry i (0-based) of a flattened .mat array as one value: MATLAB cell arrays arrive as nested
+    object arrays; an empty cell, or a cell of several values, is a DataError naming file and entry."""
+    while isinstance(x, np.ndarray):
+        if x.size != 1:
+            raise DataError(f"{path}, entry {i + 1}: {'an empty cell' if x.size == 0 else f'{x.size} values'} "
+                            "where one name or score belongs. Fix that entry.")
         x = x.ravel()[0]
-    return str(x).strip()
+    return x
+
+
+def _mat_str(x, path: str = "", i: int = 0) -> str:
+    text = str(_mat_entry(x, path, i)).strip()
+    if not text:
+        raise DataError(f"{path}, entry {i + 1}: an empty name. Fix that entry.")
+    return text
+
+
+def _mat_rows(path: str, names, scores, refs=None, keep=None) -> list[LabelRow]:
+    """LabelRows of the entries `keep` (default: all) of parallel .mat arrays names, scores [, refs],
+    each entry checked (_mat_entry, _number)."""
+    out = []
+    for i in range(len(scores)) if keep is None else keep:
+        name = _mat_str(names[i], path, i)
+        out.append(LabelRow(name, _number(_mat_entry(scores[i], path, i), path, f"entry {i + 1}", name), path,
+                            None if refs is None else _mat_str(refs[i], path, i), where=_where(path, f"entry {i + 1}")))
+    return out
 
 
 def _table(path: str, rows: list[list], columns: dict[str, tuple[str, ...]],
@@ -217,22 +286,19 @@ def _table(path: str, rows: list[list], columns: dict[str, tuple[str, ...]],
 def read_labels(path: str) -> list[LabelRow]:
     """Rows of a "GT" label file or of a PreResQ / VisualQuality-R1 training jsonl.
 
-    Text formats, one item per line (blank lines and '#' comments skipped; a first line
-    without any number is a header):
+    Text formats, one item per line (blank lines and '#' comments skipped; the first line is a
+    header when no field of it is a number or a file name):
         10004473376.jpg 4.4789 0.5273     name mos [std]   (whitespace-separated)
+        my photo.jpg 4.4789               name mos         (the name is all before the score)
         5.51429 i01_01_1.bmp              mos name         (TID2013's mos_with_names.txt)
-        0_0.png 0_1.png 4.5692            ref dist mos
+        0_0.png 0_1.png 4.5692            ref dist mos     (two names, each with an extension)
         yfcc-batch1/747.mp4, 3.8720       path, mos        (comma-separated)
     jsonl / json list: one object per item; the file from "image" | "images" | "video" |
     "videos" | "path" (a string or a one-element list); the score from "mos" | "score" |
     "gt_score" | "label", else from the last "gpt"/"assistant" turn of "conversations".
     Names are relative to the dataset root. A malformed row raises DataError (file, line, row).
     """
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read label file {path}: {e}") from None
+    text = read_text(path)
     if text.lstrip()[:1] in ("{", "["):
         return _read_json_labels(path, text)
     rows, first = [], True
@@ -241,29 +307,46 @@ def read_labels(path: str) -> list[LabelRow]:
         if not s or s.startswith("#"):
             continue
         fields = [x.strip() for x in s.split(",")] if "," in s else s.split()
-        num = [_is_number(x) for x in fields]
-        header, first = first and not any(num), False
-        if header:
-            continue
-        if len(fields) == 2 and num[1]:
-            name, score, ref = fields[0], fields[1], None
-        elif len(fields) == 2 and num[0]:
-            name, score, ref = fields[1], fields[0], None
-        elif len(fields) == 3 and num[1] and num[2]:
-            name, score, ref = fields[0], fields[1], None
-        elif len(fields) == 3 and num[2]:
-            name, score, ref = fields[1], fields[2], fields[0]
-        else:
-            raise _bad_row(path, line, s, "expected 'name mos [std]', 'mos name', 'ref dist mos' "
-                                          "or 'path, mos'")
-        rows.append(LabelRow(name, _number(score, path, line, s), path, ref))
+        header, first = first and not any(_is_number(x) or _is_file_name(x) for x in fields), False
+        if not header:
+            name, score, ref = _text_row(s, fields, path, line)
+            if not name or ref == "":
+                raise _bad_row(path, line, s, "empty file name")
+            rows.append(LabelRow(name, _number(score, path, line, s), path, ref, where=_where(path, line)))
     return rows
+
+
+def _text_row(s: str, fields: list[str], path: str, line: int) -> tuple[str, str, str | None]:
+    """(name, score, ref) of one line of read_labels' text formats, or a DataError naming the line."""
+    num = [_is_number(x) for x in fields]
+    if "," in s:
+        if len(fields) == 2 and num[1]:
+            return fields[0], fields[1], None
+        if len(fields) == 2 and num[0]:
+            return fields[1], fields[0], None
+        if len(fields) == 3 and num[1] and num[2]:
+            return fields[0], fields[1], None
+        if len(fields) == 3 and num[2]:
+            return fields[1], fields[2], fields[0]
+    elif len(fields) >= 2 and num[0] and not num[-1]:
+        return s.split(None, 1)[1], fields[0], None
+    elif len(fields) >= 2 and num[-1]:
+        tail = 2 if len(fields) >= 3 and num[-2] else 1
+        name, words = s.rsplit(None, tail)[0], fields[:-tail]
+        if len(words) == 1 or not _is_number(words[-1]):  # not three numbers in a row
+            if len(words) != 2 or not _is_file_name(words[0]):
+                return name, fields[-tail], None
+            if os.path.splitext(words[0])[1].lower() == os.path.splitext(words[1])[1].lower():
+                return words[1], fields[-tail], words[0]
+            raise _bad_row(path, line, s, "this may be 'ref dist mos' or a name with a space in it; write "
+                                          "it with commas: 'ref, dist, mos' or 'name, mos'")
+    raise _bad_row(path, line, s, "expected 'name mos [std]', 'mos name', 'ref dist mos' or 'path, mos'")
 
 
 def _read_json_labels(path: str, text: str) -> list[LabelRow]:
     try:
         whole = json.loads(text)
-        records = list(enumerate(whole if isinstance(whole, list) else [whole], start=1))
+        records = [(f"item {k}", r) for k, r in enumerate(whole, start=1)] if isinstance(whole, list) else [(1, whole)]
     except json.JSONDecodeError:
         records = []
         for line, raw in enumerate(text.splitlines(), start=1):
@@ -279,14 +362,14 @@ def _read_json_labels(path: str, text: str) -> list[LabelRow]:
         files = next((rec[k] for k in ("image", "images", "video", "videos", "path") if k in rec), None)
         if isinstance(files, list) and len(files) == 1:
             files = files[0]
-        if not isinstance(files, str):
+        if not isinstance(files, str) or not files.strip():
             raise _bad_row(path, line, rec, "no single file under 'image'/'video'/'path'")
         score = next((rec[k] for k in ("mos", "score", "gt_score", "label") if k in rec), None)
         if score is None:
             turns = [t for t in rec.get("conversations", []) if isinstance(t, dict)
                      and t.get("from", t.get("role")) in ("gpt", "assistant")]
             score = turns[-1].get("value", turns[-1].get("content")) if turns else None
-        rows.append(LabelRow(files, _number(score, path, line, rec), path))
+        rows.append(LabelRow(files, _number(score, path, line, rec), path, where=_where(path, line)))
     return rows
 
 
@@ -322,7 +405,8 @@ def _tabular(path: str, rows: list[list], name: str | tuple, score: str | tuple,
     for line, cells, raw in _table(path, rows, cols, optional=tuple(more)):
         if cells["name"] is None or str(cells["name"]).strip() == "":
             raise _bad_row(path, line, raw, "empty file name")
-        yield line, cells, LabelRow(to_name(cells["name"]).strip(), _number(cells["score"], path, line, raw), path)
+        yield line, cells, LabelRow(to_name(cells["name"]).strip(), _number(cells["score"], path, line, raw), path,
+                                    where=_where(path, line))
 
 
 def _read_koniq(root: str) -> list[LabelRow]:
@@ -359,8 +443,7 @@ def _read_livec(root: str) -> list[LabelRow]:
     mos, = read_mat(mos_file, "AllMOS_release")
     if len(names) != len(mos):
         raise DataError(f"{names_file} lists {len(names)} images but {mos_file} has {len(mos)} scores")
-    return [LabelRow(_mat_str(n), _number(m, mos_file, f"entry {i + 1}", _mat_str(n)), mos_file)
-            for i, (n, m) in enumerate(zip(names, mos))]
+    return _mat_rows(mos_file, [_mat_str(n, names_file, i) for i, n in enumerate(names)], mos)
 
 
 def _read_agiqa(root: str) -> list[LabelRow]:
@@ -401,7 +484,7 @@ def _read_csiq(root: str) -> list[LabelRow]:
                      type=("dst_type",), level=("dst_lev",))
     for _, cells, row in table:
         kind = str(cells.get("type", "")).strip().lower()
-        if kind not in _CSIQ_TYPES or cells.get("level") is None:
+        if kind not in _CSIQ_TYPES or _int_name(cells.get("level")) not in ("1", "2", "3", "4", "5"):
             raise DataError(f"{path}: row for image {row.name!r} has dst_type {kind!r} / dst_lev "
                             f"{cells.get('level')!r}; expected one of {sorted(_CSIQ_TYPES)} and 1..5")
         row.ref = _int_name(row.name)
@@ -415,10 +498,14 @@ def _read_bid(root: str) -> list[LabelRow]:
     path = _find(root, "DatabaseGrades.xlsx")
     out = []
     for line, row in enumerate(read_xlsx(path)[1:], start=2):
-        if len(row) < 2 or row[0] is None:
+        row = (row + [None, None])[:2]
+        if all(c is None or str(c).strip() == "" for c in row):
             continue
         number = _number(row[0], path, line, row)
-        out.append(LabelRow(f"DatabaseImage{int(number):04d}.JPG", _number(row[1], path, line, row), path))
+        if number < 1 or not number.is_integer():
+            raise _bad_row(path, line, row, f"image number {row[0]!r} is not a whole number from 1")
+        out.append(LabelRow(f"DatabaseImage{int(number):04d}.JPG", _number(row[1], path, line, row), path,
+                            where=_where(path, line)))
     return out
 
 
@@ -434,8 +521,12 @@ def _read_live(root: str) -> list[LabelRow]:
         raise DataError(f"{dmos_file}: expected {len(names)} entries (LIVE release 2: jp2k 227, jpeg 233, "
                         f"wn/gblur/fastfading 174 each), found dmos {len(dmos)}, orgs {len(orgs)}, "
                         f"refnames_all {len(refs)}")
-    return [LabelRow(n, _number(d, dmos_file, f"entry {i + 1}", n), dmos_file, _mat_str(r))
-            for i, (n, d, o, r) in enumerate(zip(names, dmos, orgs, refs)) if not o]
+    flags = [_mat_entry(o, dmos_file, i) for i, o in enumerate(orgs)]
+    bad = next((i for i, o in enumerate(flags) if o not in (0, 1)), None)
+    if bad is not None:
+        raise DataError(f"{dmos_file}, entry {bad + 1}: orgs is {str(flags[bad])!r}; it must be 0 (distorted) or 1 "
+                        "(reference). Fix that entry.")
+    return _mat_rows(dmos_file, names, dmos, refs, keep=[i for i, o in enumerate(flags) if o == 0])
 
 
 def _read_lsvq(root: str) -> list[LabelRow]:
@@ -464,8 +555,9 @@ def _read_konvid(root: str) -> list[LabelRow]:
 def _read_livevqc(root: str) -> list[LabelRow]:
     path = _find(root, "data.mat")
     names, mos = read_mat(path, "video_list", "mos")
-    return [LabelRow(_mat_str(n), _number(m, path, f"entry {i + 1}", _mat_str(n)), path)
-            for i, (n, m) in enumerate(zip(names, mos))]
+    if len(names) != len(mos):
+        raise DataError(f"{path} lists {len(names)} videos in video_list but {len(mos)} scores in mos")
+    return _mat_rows(path, names, mos)
 
 
 def _read_youtube(root: str) -> list[LabelRow]:
@@ -611,16 +703,23 @@ def known_datasets() -> str:
 def pair_sets(names: str, roots: str | None = None, labels: str | None = None) -> list[tuple]:
     """The `--data a,b --data-root A,B [--labels F1,F2]` flags -> [(name, root or None, label file
     or None)]: one root per set, in order (an empty entry for the synthetic sets), one label file
-    per "labels" entry. A count that does not pair up raises DataError."""
+    per "labels" entry. A count that does not pair up raises DataError. A --data-root (--labels) that
+    is as a whole an existing folder (file) is one entry, commas in its name and all."""
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    root_list = [r.strip() for r in roots.split(",")] if roots else [""] * len(wanted)
+    root_list = _entries(roots, os.path.isdir) if roots else [""] * len(wanted)
     if len(root_list) != len(wanted):
         raise DataError(f"--data lists {len(wanted)} sets ({','.join(wanted)}) but --data-root gives "
                         f"{len(root_list)} folder(s); give one per set, comma-separated in the same "
                         "order (an empty entry for synthetic sets)")
-    label_list = [x.strip() for x in labels.split(",")] if labels else []
+    label_list = _entries(labels, os.path.isfile) if labels else []
     if len(label_list) != wanted.count("labels"):
         raise DataError(f"--data names 'labels' {wanted.count('labels')} time(s) but --labels gives "
                         f"{len(label_list)} file(s); give one per 'labels' entry, in order")
     files = iter(label_list)
     return [(n, r or None, next(files) if n == "labels" else None) for n, r in zip(wanted, root_list)]
+
+
+def _entries(value: str, exists: Callable[[str], bool]) -> list[str]:
+    """A flag's comma-separated entries, or the whole value when it names an existing path (exists)."""
+    whole = value.strip()
+    return [whole] if exists(os.path.expanduser(whole)) else [x.strip() for x in value.split(",")]

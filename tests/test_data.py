@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import sys
 import zipfile
 from xml.sax.saxutils import escape
 
@@ -206,6 +207,126 @@ def test_read_labels_training_jsonl_shapes(tmp_path):
     bad.write_text('{"image": "a.png", "mos": 1}\n{"image": "b.png", \n')
     with pytest.raises(DataError, match=r"bad.jsonl, line 2.*invalid JSON"):
         data.read_labels(str(bad))
+
+
+def test_read_labels_names_with_spaces(tmp_path):
+    """A name with spaces is the text before the score (after it in 'mos name'); a row of two names is
+    'ref dist mos' only when both are file names of one kind; a row that may be either is refused."""
+    p = tmp_path / "gt.txt"
+    p.write_text("my photo.png 4.0\nphoto.png 2.0\nmy  nice photo.png 3.5 0.4\n5.5 tid photo.bmp\n"
+                 "0_0.png 0_1.png 4.5\nno extension 1.5\n3015973424 4.64\n")
+    assert [(r.name, r.raw, r.ref) for r in data.read_labels(str(p))] == [
+        ("my photo.png", 4.0, None), ("photo.png", 2.0, None), ("my  nice photo.png", 3.5, None),
+        ("tid photo.bmp", 5.5, None), ("0_1.png", 4.5, "0_0.png"), ("no extension", 1.5, None),
+        ("3015973424", 4.64, None)]
+    p.write_text("a.png 1\nb.png 1 2 3\n")  # three numbers: no format has them
+    with pytest.raises(DataError, match=r"gt.txt, line 2: expected 'name mos \[std\]'"):
+        data.read_labels(str(p))
+    for body in ("a.png 1\n, 3\n", "a.png 1\n, b.png, 3\n"):
+        p.write_text(body)
+        with pytest.raises(DataError, match=r"gt.txt, line 2: empty file name"):
+            data.read_labels(str(p))
+    p.write_text("a.png 1\nholiday.v2 final.png 3\n")
+    with pytest.raises(DataError, match=r"gt.txt, line 2: .*'ref dist mos' or a name with a space.*commas"):
+        data.read_labels(str(p))
+    for name in ("my photo.png", "photo.png", "other.png"):
+        touch(str(tmp_path / name))
+    p.write_text("my photo.png 4.0\nphoto.png 2.0\nother.png 3\n")  # the picture named, not photo.png
+    items = data.load_dataset("labels", str(tmp_path), "all", labels=str(p))
+    assert {os.path.basename(i.path): i.raw for i in items} == {"my photo.png": 4.0, "photo.png": 2.0, "other.png": 3.0}
+
+
+@pytest.mark.parametrize("body, where, words", [
+    ("a.png nan\nb.png 2\nc.png 3\n", "line 1", "score 'nan' is not finite"),  # a first row is no header
+    ("a.png inf\nb.png 2\n", "line 1", "score 'inf' is not finite"),
+    ("a.png 1e400\nb.png 2\n", "line 1", "score '1e400' is not finite"),
+    ("a.png -Infinity\nb.png 2\n", "line 1", "is not finite"),
+    ("a.png four\nb.png 2\n", "line 1", "expected 'name mos [std]'"),
+    ("name mos\na.png 1\nb.png 1e400\n", "line 3", "score '1e400' is not finite"),
+    ("a.png, \nb.png, 2\n", "line 1", "expected"),
+    ('{"image": "a.png", "mos": true}\n{"image": "b.png", "mos": 2}\n', "line 1", "score True is not a number"),
+    ('{"image": "a.png", "mos": 1}\n{"image": "b.png", "mos": "high"}\n', "line 2", "'high' is not a number"),
+    ('{"image": "a.png", "mos": NaN}\n', "line 1", "is not finite"),
+    ('{"image": "a.png", "mos": 1e400}\n', "line 1", "is not finite"),
+    ('{"image": "a.png", "mos": 1' + "0" * 400 + '}\n', "line 1", "is not finite"),
+    ('{"image": "a.png", "mos": [3]}\n', "line 1", "is not a number"),
+    ('{"image": "a.png", "mos": null}\n', "line 1", "the score is empty"),
+    ('[{"image": "a.png", "mos": 1}, {"image": "b.png", "mos": false}]', "item 2", "is not a number"),
+])
+def test_a_score_must_be_a_finite_number_in_every_row(tmp_path, body, where, words):
+    p = tmp_path / "gt.jsonl"
+    p.write_text(body)
+    with pytest.raises(DataError) as e:
+        data.read_labels(str(p))
+    assert f"{p}, {where}: " in str(e.value) and words in str(e.value)
+
+
+def test_a_header_is_a_first_row_without_numbers_or_file_names(tmp_path):
+    p = tmp_path / "gt.txt"
+    for header in ("name mos", "image_name,MOS_zscore", "dist_img ref_img dmos"):
+        p.write_text(f"{header}\n0.png 0.png 1\n")
+        assert [r.name for r in data.read_labels(str(p))] == ["0.png"]
+
+
+def test_conflicting_duplicates_and_unscalable_ranges_are_refused(tmp_path, capsys):
+    for name in ("a.png", "b.png", "c.png"):
+        touch(str(tmp_path / name))
+    p = tmp_path / "gt.txt"
+    p.write_text("a.png 1\nb.png 2\n./a.png 3\nc.png 4\n")
+    with pytest.raises(DataError, match=rf"'./a.png' is listed twice with different scores: 1 at {p}, line 1 "
+                                        rf"and 3 at {p}, line 3"):
+        data.load_dataset("labels", str(tmp_path), "all", labels=str(p))
+    assert data.main(["--data", "labels", "--data-root", str(tmp_path), "--labels", str(p)]) == 2
+    assert "problems: none" not in capsys.readouterr().out
+    p.write_text("a.png 1\nb.png 2\na.png 1\nc.png 4\n")  # the same score twice is no conflict
+    assert len(data.load_dataset("labels", str(tmp_path), "all", labels=str(p))) == 4
+    p.write_text("a.png 1e308\nb.png -1e308\nc.png 0\n")  # each finite, their range not
+    with pytest.raises(DataError, match=rf"{p}: the scores run from -1e\+308 to 1e\+308, a range too large"):
+        data.load_dataset("labels", str(tmp_path), "all", labels=str(p))
+
+
+def test_a_label_file_not_in_utf8_is_named_and_the_fix_given(tmp_path):
+    p = tmp_path / "gt.txt"
+    p.write_text("a.png 1\nb.png 2\n", encoding="utf-16")
+    with pytest.raises(DataError, match=rf"label file {p} is not UTF-8 text .*: save it as UTF-8$"):
+        data.read_labels(str(p))
+    make_agiqa(str(tmp_path / "agiqa"))
+    csv_file = tmp_path / "agiqa" / "data.csv"
+    csv_file.write_text(csv_file.read_text().replace("a cat", "a café"), encoding="latin-1")
+    with pytest.raises(DataError, match=r"data.csv is not UTF-8 text.*save it as UTF-8"):
+        data.load_dataset("agiqa", str(tmp_path / "agiqa"), "all")
+
+
+def test_a_training_set_mixing_images_and_videos_is_refused(tmp_path, capsys):
+    """Each training step gives its items one prompt (the first item used to decide the set's kind);
+    evaluation prompts each item by its own kind, so load_dataset still reads the mix."""
+    for name in ("a.png", "b.mp4", "c.png", "d.mp4"):
+        touch(str(tmp_path / name))
+    p = tmp_path / "mixed.txt"
+    p.write_text("a.png 1\nb.mp4 2\nc.png 3\nd.mp4 4\n")
+    with pytest.raises(DataError) as e:
+        data.load_datasets("labels", str(tmp_path), "all", labels=str(p))
+    assert (f"{p} mixes images and videos (first image {tmp_path / 'a.png'}, first video {tmp_path / 'b.mp4'})"
+            in str(e.value))
+    assert [i.is_video for i in data.load_dataset("labels", str(tmp_path), "all", labels=str(p))] == [0, 1, 0, 1]
+    assert data.main(["--data", "labels", "--data-root", str(tmp_path), "--labels", str(p), "--split", "all"]) == 1
+    assert "mixes images and videos" in capsys.readouterr().out
+    (tmp_path / "videos.txt").write_text("b.mp4 2\nd.mp4 4\n")
+    sets = data.load_datasets("labels", str(tmp_path), "all", labels=str(tmp_path / "videos.txt"))
+    assert [i.is_video for i in sets["videos"]] == [True, True]
+
+
+def test_a_folder_or_label_file_with_a_comma_in_its_name(tmp_path):
+    """--data-root and --labels are split on commas only when the whole value is not an existing path."""
+    folder = tmp_path / "photos, 2024"
+    for name in ("a.png", "b.png"):
+        touch(str(folder / name))
+    (folder / "gt, v2.txt").write_text("a.png 1\nb.png 2\n")
+    sets = data.load_datasets("labels", str(folder), "all", labels=str(folder / "gt, v2.txt"))
+    assert [os.path.basename(i.path) for i in sets["gt, v2"]] == ["a.png", "b.png"]
+    assert data.pair_sets("labels", str(folder), str(folder / "gt, v2.txt")) == [
+        ("labels", str(folder), str(folder / "gt, v2.txt"))]
+    assert data.pair_sets("synthetic,labels", ",x", "y.txt") == [("synthetic", None, None), ("labels", "x", "y.txt")]
 
 
 # --------------------------------------------------------------------------- native fixtures
@@ -554,6 +675,80 @@ def test_bad_values_in_native_files_fail_at_open(tmp_path):
         data.load_dataset("csiq", str(tmp_path / "csiq"), "all")
 
 
+def test_empty_and_odd_cells_in_native_files_are_named(tmp_path):
+    """Every reader: an empty cell, a cell of several values, a flag that is neither 0 nor 1, a boolean, a
+    fractional image number, a missing score and mismatched arrays are a DataError naming file and entry."""
+    def refused(name, root, *words):
+        with pytest.raises(DataError) as e:
+            data.load_dataset(name, str(root), "all")
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+    make_livec(str(tmp_path / "livec"))
+    names = np.empty((5, 1), dtype=object)
+    names[:, 0] = [np.array(["t1.bmp"]), np.array([]), np.array(["3.bmp"]), np.array(["4.bmp"]), np.array(["5.bmp"])]
+    scipy.io.savemat(tmp_path / "livec" / "Data" / "AllImages_release.mat", {"AllImages_release": names})
+    refused("livec", tmp_path / "livec", "AllImages_release.mat, entry 2: an empty cell")
+    names[1, 0] = np.array(["  "])
+    scipy.io.savemat(tmp_path / "livec" / "Data" / "AllImages_release.mat", {"AllImages_release": names})
+    refused("livec", tmp_path / "livec", "AllImages_release.mat, entry 2: an empty name")
+    mos = np.empty((1, 5), dtype=object)
+    mos[0] = [np.array([1.0]), np.array([2.0, 3.0]), np.array([3.0]), np.array([4.0]), np.array([5.0])]
+    names[1, 0] = np.array(["t2.bmp"])
+    scipy.io.savemat(tmp_path / "livec" / "Data" / "AllImages_release.mat", {"AllImages_release": names})
+    scipy.io.savemat(tmp_path / "livec" / "Data" / "AllMOS_release.mat", {"AllMOS_release": mos})
+    refused("livec", tmp_path / "livec", "AllMOS_release.mat, entry 2: 2 values")
+
+    make_livevqc(str(tmp_path / "vqc"))
+    scipy.io.savemat(tmp_path / "vqc" / "data.mat", {"video_list": np.array(["A001.mp4", "A002.mp4", "B101.mp4"],
+                                                                            dtype=object).reshape(-1, 1),
+                                                     "mos": np.array([[6.2], [94.3]])})
+    refused("livevqc", tmp_path / "vqc", "data.mat lists 3 videos in video_list but 2 scores")
+
+    make_live(str(tmp_path / "live"))
+    mat = scipy.io.loadmat(tmp_path / "live" / "dmos.mat")
+    mat["orgs"][0, 3] = np.nan
+    scipy.io.savemat(tmp_path / "live" / "dmos.mat", {"dmos": mat["dmos"], "orgs": mat["orgs"]})
+    refused("live", tmp_path / "live", "dmos.mat, entry 4: orgs is 'nan'", "0 (distorted) or 1")
+
+    make_bid(str(tmp_path / "bid"))
+    grades = tmp_path / "bid" / "DatabaseGrades.xlsx"
+    write_xlsx(str(grades), {"Plan1": [["Image Number", "Score"], [1, 0.5], [2], [3, 3.2]]})
+    refused("bid", tmp_path / "bid", "DatabaseGrades.xlsx, line 3: the score is empty")
+    write_xlsx(str(grades), {"Plan1": [["Image Number", "Score"], [1, 0.5], [2.5, 4.9], [3, 3.2]]})
+    refused("bid", tmp_path / "bid", "DatabaseGrades.xlsx, line 3: image number 2.5 is not a whole number")
+    write_xlsx(str(grades), {"Plan1": [["Image Number", "Score"], [1, 0.5], [2, 4.9], [3, 3.2]]})
+    with zipfile.ZipFile(grades) as z:
+        parts = {n: z.read(n) for n in z.namelist()}
+    sheet = parts["xl/worksheets/sheet1.xml"].decode()
+    parts["xl/worksheets/sheet1.xml"] = sheet.replace('<c r="B3"><v>4.9</v></c>', '<c r="B3" t="b"><v>1</v></c>').encode()
+    with zipfile.ZipFile(grades, "w") as z:
+        for n, b in parts.items():
+            z.writestr(n, b)
+    refused("bid", tmp_path / "bid", "DatabaseGrades.xlsx, line 3: score True is not a number")
+
+    make_csiq(str(tmp_path / "csiq"))
+    write_xlsx(str(tmp_path / "csiq" / "csiq.DMOS.xlsx"), {"all_by_image": [["image", "dst_type", "dst_lev", "dmos"],
+                                                                            [1600, "noise", 2.5, 0.2]]})
+    refused("csiq", tmp_path / "csiq", "csiq.DMOS.xlsx", "dst_lev 2.5")
+
+    make_kadid(str(tmp_path / "kadid"), refs=3)
+    dmos = tmp_path / "kadid" / "dmos.csv"
+    dmos.write_text(dmos.read_text().replace("I02_01_05.png,I02.png,1.08", "I02_01_05.png,I02.png,"))
+    refused("kadid", tmp_path / "kadid", "dmos.csv, line 5: the score is empty")
+
+
+def test_scores_whose_range_overflows_never_reach_the_correlations(tmp_path):
+    """Each score finite, their range over a float: refused with the file named, not rescaled to NaN."""
+    make_koniq(str(tmp_path))
+    path = tmp_path / "koniq10k_distributions_sets.csv"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace(",3.9,", ",-1.7e308,")
+    lines[2] = lines[2].replace(",12.9,", ",1.7e308,")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{path}: the scores run from -1.7e\+308 to 1.7e\+308"):
+        data.load_dataset("koniq", str(tmp_path), "all")
+
+
 def test_missing_files_one_error_with_count_first_paths_and_layout(tmp_path):
     make_kadid(str(tmp_path), refs=3)
     for name in ("I01_01_01.png", "I02_01_05.png", "I03_01_01.png"):
@@ -683,6 +878,28 @@ def test_load_image_truncated_corrupt_missing_raise_dataerror(tmp_path):
     touch(str(tmp_path / "junk.png"), b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(DataError, match="junk.png.*re-download"):
         data.load_image(str(tmp_path / "junk.png"))
+
+
+def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """Over Pillow's limit: one warning line naming the file, once, and no Python warning from site-packages;
+    over twice the limit (Pillow refuses it): a DataError that says so, not 'truncated or corrupt'."""
+    Image.new("RGB", (16, 10), (9, 9, 9)).save(tmp_path / "big.png")
+    Image.new("RGB", (40, 10), (9, 9, 9)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(sys, "argv", ["preresq.py"])
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        assert data.load_image(str(tmp_path / "big.png")).size == (16, 10)
+        data.check_readable(str(tmp_path / "big.png"))
+    assert [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"preresq.py: warning: {tmp_path / 'big.png'} is 16 x 10 pixels")
+    for call in (data.load_image, data.check_readable):
+        with pytest.raises(DataError) as e:
+            call(str(tmp_path / "huge.png"))
+        assert str(tmp_path / "huge.png") in str(e.value) and "downscale" in str(e.value)
+        assert "corrupt" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- synthetic data

@@ -51,6 +51,13 @@ CASES = [
     case("grpo", ["--data", "koniq", "--data-root", "{in}/nope"], ["--data-root", "nope", "is not a folder"]),
     case("grpo", ["--data", "labels", "--labels", "{in}/labels/bad.txt", "--data-root", "{in}/labels"],
          ["bad.txt, line 2", "'1.png high'", "Fix or delete that row"]),
+    case("grpo", ["--data", "labels", "--labels", "{in}/labels/mixed.txt", "--data-root", "{in}/labels"],
+         ["mixed.txt mixes images and videos (first image {in}/labels/0.png, first video {in}/labels/clip.mp4)",
+          "--labels images.txt,videos.txt"]),
+    case("grpo", ["--data", "labels", "--labels", "{in}/labels/nanfirst.txt", "--data-root", "{in}/labels"],
+         ["nanfirst.txt, line 1: score 'nan' is not finite"]),
+    case("grpo", ["--data", "labels", "--labels", "{in}/a,b/bad.txt", "--data-root", "{in}/a,b"],
+         ["{in}/a,b/bad.txt, line 2", "'1.png high'"]),  # a folder with a comma in its name is one folder
     case("grpo", ["--model", "{in}/notamodel"], ["notamodel is not a model folder", "config.json"]),
     case("grpo", ["--model", HUB_ID], ["not in the local hub cache", "hf download"]),
     case("grpo", ["--device", "cuda"], ["--device cuda", "--device cpu"], marks=CUDA),
@@ -78,6 +85,11 @@ CASES = [
     case("evaluate", ["--model", "tiny", "--data", "koniq", "--data-root", "{in}/nope"], ["nope", "is not a folder"]),
     case("evaluate", ["--model", "tiny", "--data", "labels", "--labels", "{in}/labels/bad.txt", "--data-root",
                       "{in}/labels"], ["bad.txt, line 2", "Fix or delete that row"]),
+    case("evaluate", ["--model", "tiny", "--data", "labels", "--labels", "{in}/a,b/bad.txt", "--data-root",
+                      "{in}/a,b"], ["{in}/a,b/bad.txt, line 2"]),
+    case("evaluate", ["--model", "tiny", "--data", "labels", "--labels", "{in}/labels/twice.txt", "--data-root",
+                      "{in}/labels"], ["'1.png' is listed twice with different scores: 2 at {in}/labels/twice.txt, "
+                                       "line 2 and 4 at {in}/labels/twice.txt, line 4"]),
     case("evaluate", ["--model", "{in}/notamodel", "--data", "synthetic"], ["is not a model folder"]),
     case("evaluate", ["--model", HUB_ID, "--data", "synthetic"], ["not in the local hub cache"]),
     case("evaluate", ["--model", "tiny", "--data", "synthetic", "--device", "cuda"], ["--device cuda"], marks=CUDA),
@@ -114,6 +126,8 @@ CASES = [
     case("data", ["--data", "synthetic", "--data-root", "{in}/photos"], ["not a synthetic set"]),
     case("data", ["--data", "labels", "--data-root", "{in}/labels"], ["--data labels needs --labels FILE"]),
     case("data", [], ["name one dataset: --data NAME"]),
+    case("data", ["--data", "labels", "--labels", "{in}/labels/utf16.txt", "--data-root", "{in}/labels"],
+         ["label file {in}/labels/utf16.txt is not UTF-8 text", "save it as UTF-8"]),
     case("data", ["--data", "synthetic", "--seed", "-1"], ["--seed must be at least 0"]),
     # video.py
     case("video", ["{in}/clip.mp4", "--grid", "0", "--out", "views"], ["--grid must be at least 1"]),
@@ -167,8 +181,15 @@ def inputs(tmp_path_factory):
     for k in range(3):
         Image.new("RGB", (32, 32), (60 * k, 90, 40)).save(root / "labels" / f"{k}.png")
     (root / "labels" / "bad.txt").write_text("0.png 3.5\n1.png high\n2.png 4.0\n")
+    (root / "labels" / "mixed.txt").write_text("0.png 3.5\nclip.mp4 2.0\n1.png 4.0\n")
+    (root / "labels" / "nanfirst.txt").write_text("0.png nan\n1.png 2.0\n2.png 4.0\n")
+    (root / "labels" / "twice.txt").write_text("0.png 1\n1.png 2\n2.png 3\n1.png 4\n")
+    (root / "labels" / "utf16.txt").write_text("0.png 1\n1.png 2\n", encoding="utf-16")
+    (root / "a,b").mkdir()
+    (root / "a,b" / "bad.txt").write_text("0.png 3.5\n1.png high\n2.png 4.0\n")
     frames = [np.full((48, 64, 3), 8 * i, np.uint8) for i in range(8)]
     synthetic.write_clip(str(root / "clip.mp4"), frames, fps=8)
+    synthetic.write_clip(str(root / "labels" / "clip.mp4"), frames, fps=8)
     return root
 
 
@@ -216,7 +237,7 @@ def test_a_bad_input_is_refused_before_anything_is_made(tool, argv, code, words,
     assert got == code, printed
     assert re.search(rf"^{tool}\.py( \w+)?: error: ", printed, re.M), printed
     for word in words:
-        assert word in printed, printed
+        assert word.replace("{in}", str(inputs)) in printed, printed
     for word in absent:
         assert word not in printed, printed
     assert "Traceback" not in printed, printed
@@ -297,6 +318,33 @@ def test_preresq_scores_what_it_can_read_and_exits_1_for_the_rest(inputs, monkey
     assert [json.loads(line)["file"] for line in out.out.splitlines()] == [str(inputs / "good.png")]
     assert "preresq.py: warning: skipped:" in out.err and "bad.jpg" in out.err
     assert "preresq.py: 1 files not scored" in out.err and "label file" not in out.err
+
+
+def test_progress_bars_honour_tqdm_disable_and_warnings_print_above_them(tmp_path, monkeypatch, capsys):
+    """TQDM_DISABLE=1 hides every bar (tqdm reads it only when no disable= is passed); a warning while a bar
+    shows is a line of its own (tqdm.write), not text appended to the bar's line."""
+    root = tmp_path / "set"
+    root.mkdir()
+    for k in range(3):
+        Image.new("RGB", (32, 32), (50 * k, 90, 40)).save(root / f"good{k}.png")
+    (root / "cut.png").write_bytes((root / "good0.png").read_bytes()[:60])
+    (root / "labels.txt").write_text("good0.png 1\ncut.png 2\ngood1.png 3\ngood2.png 4\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.setattr(preresq, "load_model", lambda *args: (None, None, None))
+    monkeypatch.setattr(preresq, "judge", fake_judge)
+    argv = ["--model", str(tmp_path / "model"), "--data", "labels", "--labels", str(root / "labels.txt"),
+            "--data-root", str(root), "--batch-size", "1"]
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert evaluate.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "\rlabels: 100%|" in err  # the bar shows
+    warning = next(line for line in err.split("\n") if "warning: skipped" in line)
+    assert warning.split("\r")[-1].startswith("evaluate.py: warning: skipped: cannot decode image"), repr(warning)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert evaluate.main(argv + ["--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "evaluate.py: warning: skipped: cannot decode image" in err
 
 
 def test_one_voice_for_failures_and_ctrl_c(capsys):
