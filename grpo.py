@@ -39,9 +39,7 @@ import rewards
 # --------------------------------------------------------------------------- the algorithm
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages (GRPO).
-
-    rewards: (B, G) -> (B, G).  A[i, j] = (r[i, j] - mean_j r[i, :]) / (std + eps) where std is the
+    """Group-relative advantages (GRPO). rewards: (B, G) -> (B, G).  A[i, j] = (r[i, j] - mean_j r[i, :]) / (std + eps) where std is the
     unbiased std of the group ("group", the paper's), of the whole batch ("batch"), or 1 ("none",
     Dr. GRPO). A group of one answer has no baseline: its advantage is 0.
     """
@@ -60,16 +58,13 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0.
-
-    logp, ref_logp: (N, C) -> (N, C).
-    """
+    logp, ref_logp: (N, C) -> (N, C)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float):
     """PPO's clipped objective, per token, as a loss: -min(rho A, clip(rho, 1-eps, 1+eps) A).
-
     logp, old_logp: (N, C); advantages: (N,) one per sequence. Returns (loss (N, C), clipped (N, C)
     bool: tokens where the clipped branch was taken).
     """
@@ -82,7 +77,6 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None,
               num_sequences: int | None = None, num_tokens: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss (N, C) with mask (N, C) to a scalar.
-
     grpo:    mean over sequences of each sequence's token mean (the paper's).
     dapo:    sum over all tokens / number of tokens (token-level; TRL's default).
     dr_grpo: sum over all tokens / (sequences * max_len) (no length bias).
@@ -104,7 +98,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
               max_len: int | None = None, num_sequences: int | None = None, num_tokens: float | None = None,
               reasoning: torch.Tensor | None = None, reasoning_beta: float | None = None):
     """The GRPO objective as a loss: aggregate(clipped surrogate + beta * KL_k3).
-
     logp, old_logp, ref_logp: (N, C) (ref_logp None when beta = 0); advantages: (N,); mask (N, C).
     reasoning (N, C) bool and reasoning_beta: the reasoning tokens' own KL coefficient (the paper
     uses beta on every token; see --reasoning-beta). Returns (loss, stats) with stats = per-token
@@ -132,14 +125,12 @@ class Stage:
 
 
 def explore_stable(cfg: "Settings", step: int) -> Stage:
-    """Exploration-to-Stability (the paper's framework figure): stage 1 for the first stage1_steps steps, then stage 2.
-
-    Stage 1 explores: each image's prompt is drawn from a pool of paraphrases
+    """Exploration-to-Stability (the paper's framework figure): stage 1 for the first stage1_steps steps,
+    then stage 2. Stage 1 explores: each image's prompt drawn from a pool of paraphrases
     (preresq.IMAGE_PROMPT_POOL), G = stage1_generations (2 x num_generations: 12, as in the paper's
     ablation figure), the aspect-spread penalty on. Stage 2 stabilises: one fixed prompt, G = stage2_generations
     (num_generations: 6), no spread penalty. --schedule single trains every step like the public
-    code: one prompt, G = num_generations, the penalty always on (reported as stage 2).
-    """
+    code: one prompt, G = num_generations, the penalty always on (reported as stage 2)."""
     if cfg.schedule != "explore-stable":
         return Stage(2, (preresq.IMAGE_PROMPT,), cfg.num_generations, True)
     if step < cfg.stage1_steps:
@@ -164,10 +155,10 @@ def flag(default, type_, help: str, group: str, **argparse_options):
     return field(default=default, metadata=dict(type=type_, help=help, group=group, **argparse_options))
 
 
-# The paper's 7B recipe; None in Settings means this (laptop presets: harness/config.py).
+# The paper's 7B recipe, which None in Settings means, and the authors' video recipe (LSVQ, from the image
+# checkpoint: their image trainer's settings otherwise); the laptop presets' are in harness/config.py.
 PAPER_DEFAULTS = dict(images_per_step=8, num_generations=6, schedule="explore-stable", lr=1e-6, beta=0.04,
                       max_new_tokens=256)
-# The authors' video recipe (LSVQ, from the image checkpoint): their image trainer's settings otherwise.
 AUTHORS_VIDEO_DEFAULTS = dict(PAPER_DEFAULTS, images_per_step=5, num_generations=5, schedule="single")
 
 
@@ -229,7 +220,9 @@ class Settings:
         self.stage2_generations = g if self.stage2_generations is None else self.stage2_generations
         if self.steps:  # an --epochs run's length is known once its data are (harness/run.py)
             self.set_steps(self.steps)
-        self.check()
+        errors = self.errors()
+        if errors:
+            raise ConfigError("; ".join(errors))
         return self
 
     def set_steps(self, steps: int) -> None:
@@ -261,11 +254,6 @@ class Settings:
         if not self.temperature > 0:
             errors.append("--temperature must be > 0 (GRPO needs sampled answers)")
         return errors
-
-    def check(self) -> None:
-        errors = self.errors()
-        if errors:
-            raise ConfigError("; ".join(errors))
 
 
 # --------------------------------------------------------------------------- the other processes

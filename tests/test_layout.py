@@ -1,7 +1,8 @@
 """The shape of the code a student reads: the six paper files stay short and at the top, no function
 is longer than a screen, each paper file pulls in only what it needs (imports go one way and the
-step lifts out), no module reaches into another's private names, and nothing cites a file a
-reader of the repository cannot open."""
+step lifts out), the folders beside them stand wholly below them or wholly above, no file is longer
+than a sitting, no module reaches into another's private names, and nothing cites a file a reader
+of the repository cannot open."""
 import ast
 import re
 from pathlib import Path
@@ -10,11 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 READING_PATH = ("rewards.py", "grpo.py", "preresq.py", "video.py", "data.py", "evaluate.py")
-MODULES = sorted([*ROOT.glob("*.py"), *ROOT.glob("support/*.py"), *ROOT.glob("tools/*.py")])
+FOLDERS = ("support", "harness", "tools")
+MODULES = sorted([*ROOT.glob("*.py"), *(p for folder in FOLDERS for p in ROOT.glob(f"{folder}/*.py"))])
 NAMES = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in MODULES}
 # What each paper file may pull in when imported (the entry points import the machinery they run,
 # inside the function that starts it).
-ALLOWED = {"rewards": set(), "video": {"support", "support.frames"},
+ALLOWED = {"rewards": set(), "video": {"support", "support.frames", "support.cli"},
            "preresq": {"rewards", "support", "support.prompt_sharing"},
            "grpo": {"rewards", "preresq", "support", "support.prompt_sharing"}}
 ENTRY_POINTS = {"main", "command", "train", "loop", "score_files", "score"}
@@ -52,8 +54,10 @@ def imported(nodes) -> dict[str, set[str]]:
     return found
 
 
-GRAPH = {m: set(imported(top_level(tree(p)))) | ({"support"} if m.startswith("support.") else set())
-         for m, p in NAMES.items()}
+PACKAGE = lambda m: {m.split(".")[0]} if m.startswith(("support.", "harness.")) else set()
+GRAPH = {m: set(imported(top_level(tree(p)))) | PACKAGE(m) for m, p in NAMES.items()}
+# Counting the imports inside functions too: what a module may load at some point.
+EVERY_IMPORT = {m: set(imported(ast.walk(tree(p)))) | PACKAGE(m) for m, p in NAMES.items()}
 
 
 def closure(module: str) -> set[str]:
@@ -103,7 +107,9 @@ def test_paper_files_import_the_machinery_only_where_a_command_starts(name):
     assert not bad, bad
 
 
-def test_imports_have_no_cycles():
+@pytest.mark.parametrize("graph", ["module level", "inside functions too"])
+def test_imports_have_no_cycles(graph):
+    edges = GRAPH if graph == "module level" else EVERY_IMPORT
     state: dict[str, int] = {}
 
     def visit(m, trail):
@@ -112,12 +118,35 @@ def test_imports_have_no_cycles():
         if state.get(m) == 2:
             return
         state[m] = 1
-        for n in sorted(GRAPH.get(m, ())):
+        for n in sorted(edges.get(m, ())):
             visit(n, trail + [m])
         state[m] = 2
 
-    for m in GRAPH:
+    for m in edges:
         visit(m, [])
+
+
+def test_grpo_imports_only_rewards_and_preresq():
+    assert {m for m in GRAPH["grpo"] if not m.startswith("support")} <= {"rewards", "preresq"}
+    assert not {m for m in GRAPH["grpo"] if m.startswith("support")}, GRAPH["grpo"]
+
+
+def test_each_folder_stands_wholly_below_the_paper_files_or_wholly_above():
+    """Below: none of its files imports a paper file (not even inside a function). Above: no paper
+    file imports any of its files at module level (their commands may, where they start)."""
+    papers = {name[:-3] for name in READING_PATH}
+    for folder in FOLDERS:
+        files = {m for m in NAMES if m.startswith(folder + ".")}
+        below = not any(EVERY_IMPORT[m] & papers for m in files)
+        above = not any(GRAPH[p] & (files | {folder}) for p in papers)
+        print(folder, "below" if below else "", "above" if above else "")
+        assert below or above, folder
+
+
+def test_no_file_outside_the_paper_files_and_tests_is_longer_than_about_450_lines():
+    long = {str(p.relative_to(ROOT)): n for p in MODULES if p.name not in READING_PATH or p.parent != ROOT
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
 
 
 def test_no_module_uses_another_modules_private_names():
