@@ -256,10 +256,11 @@ class Config:
     log_rollouts: int = flag(None, int, "keep every answer of every Nth step, with its scores, reward terms and "
                              "advantage, in rollouts.jsonl (0: never; default: the evaluation interval)", "run")
 
-    def resolve(self) -> "Config":
-        """Fill unset values from the preset's or the paper's defaults and check the combination."""
+    def resolve(self, preset: str | None = None) -> "Config":
+        """Fill unset values from the preset's or the paper's defaults and check the combination. preset: the
+        preset --model is, named or by its folder (support.presets.preset_name); default: --model's name."""
         video = all(name in VIDEO_SETS for name in self.data.split(","))
-        defaults = PRESET_DEFAULTS.get(self.model, PAPER_VIDEO_DEFAULTS if video else PAPER_DEFAULTS)
+        defaults = PRESET_DEFAULTS.get(preset or self.model, PAPER_VIDEO_DEFAULTS if video else PAPER_DEFAULTS)
         for key, value in defaults.items():
             if key not in ("steps", "epochs") and getattr(self, key) is None:
                 setattr(self, key, value)
@@ -268,8 +269,7 @@ class Config:
         g = self.num_generations  # the paper's G = 6: 12 answers per image in stage 1, 6 in stage 2
         self.stage1_generations = 2 * g if self.stage1_generations is None else self.stage1_generations
         self.stage2_generations = g if self.stage2_generations is None else self.stage2_generations
-        if self.log_rollouts is None:
-            self.log_rollouts = self.eval_every or 0
+        self.log_rollouts = (self.eval_every or 0) if self.log_rollouts is None else self.log_rollouts
         if self.steps:  # an --epochs run's length is known once its data are (runkeeping.prepare)
             self.set_length()
         self.check()

@@ -11,8 +11,9 @@ the policy's side of that loop, in the order a step uses it:
   completion_mask(...)       -> tokens up to and including the first end-of-turn token
   completion_logprobs(...)   -> (B*G, C) log pi_theta(o_t | q, o_<t) of the distribution sampled from
   judge(...) / score(...)    -> inference: parsed aspect scores and the quality score (their mean)
-`python preresq.py FILE... --model FOLDER` scores image and video files; the untrained laptop preset
-is the folder models/tiny. Imported, this file needs only rewards.py and support/prompt_sharing.py.
+`python preresq.py FILE... --model FOLDER` scores image and video files (--model takes a preset name,
+as grpo.py and evaluate.py do; the default is the untrained laptop preset `tiny`, models/tiny).
+Imported, this file needs only rewards.py and support/prompt_sharing.py.
 
 Traps avoided, each of which silently changes what is trained:
 - Sampling passes a complete GenerationConfig (do_sample, temperature, top_k=0, top_p=1,
@@ -32,6 +33,7 @@ Traps avoided, each of which silently changes what is trained:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import sys
@@ -111,18 +113,47 @@ class ModelLoadError(ValueError):
 
 
 def locate_model(path_or_hub_id: str) -> str:
-    """The folder load_model reads: a local checkpoint folder (it must hold config.json) or a hub
-    id's local snapshot (hub_snapshot). Raises ModelLoadError saying what to do; loads nothing."""
+    """The folder load_model reads: a local checkpoint folder or a hub id's local snapshot
+    (hub_snapshot), checked by check_model_folder. Raises ModelLoadError saying what to do; loads nothing."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is not a model folder: it has no config.json. Give a folder "
-                                 f"written by save_pretrained (e.g. runs/.../final), a preset or a hub id.")
+        check_model_folder(path)
         return str(path)
-    if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a bare name is most likely a preset's
-        raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name). A laptop preset's "
-                             f"folder is printed by `python -m support.presets {path_or_hub_id}`; grpo.py takes its name.")
-    return hub_snapshot(str(path_or_hub_id))
+    if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a preset's name is support.presets.model_path's
+        raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name); a laptop preset's "
+                             f"folder is printed by `python -m support.presets NAME`.")
+    folder = hub_snapshot(str(path_or_hub_id))
+    check_model_folder(Path(folder))
+    return folder
+
+
+# The files from_pretrained reads besides config.json (any one of each tuple): without tokenizer.json a
+# tokenizer of the special tokens alone loads, and a run fails deep inside.
+MODEL_FILES = (("model.safetensors", "model.safetensors.index.json"), ("tokenizer.json",), ("tokenizer_config.json",),
+               ("preprocessor_config.json",))
+
+
+def check_model_folder(path: Path) -> None:
+    """ModelLoadError, before anything loads, unless `path` holds a whole Qwen2.5-VL checkpoint."""
+    if (path / "final").is_dir() or (path / "metrics.jsonl").exists() or any(path.glob("checkpoint-*")):
+        raise ModelLoadError(f"{path}: this is a run folder; its model is {path / 'final'}" + ("" if (
+            path / "final").is_dir() else f" once the run has ended (continue it: grpo.py --out {path} --resume)"))
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json. Give a folder written by "
+                             "save_pretrained (e.g. runs/.../final), a preset or a hub id.")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        kind, vision = config.get("model_type"), "vision_config" in config
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{path / 'config.json'} is not a model's config ({e}); re-save or re-download "
+                             "the model.") from None
+    if kind not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ModelLoadError(f"{path}: {'not a Qwen2.5-VL model' if vision else 'this is not a vision-language model'}"
+                             f" (Qwen2.5-VL expected); its config.json gives model_type {kind!r}.")
+    missing = [" or ".join(names) for names in MODEL_FILES if not any((path / n).exists() for n in names)]
+    if missing:
+        raise ModelLoadError(f"{path} lacks {', '.join(missing)}: the model is incomplete. Copy the whole folder, "
+                             "or re-save or re-download it.")
 
 
 def hub_snapshot(name: str) -> str:
@@ -168,10 +199,15 @@ def load_model(path_or_hub_id: str, device: str | None = None, dtype: torch.dtyp
         tokenizer = AutoTokenizer.from_pretrained(source)
         # The PIL image processor, not AutoImageProcessor's default: no torchvision is needed.
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        model, info = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, output_loading_info=True)
     except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a damaged file, ...
         raise ModelLoadError(f"could not load a Qwen2.5-VL model from {source}: {type(e).__name__}: {e}. "
                              "Check that the folder is complete (re-download or re-save it).") from e
+    missing = sorted(info["missing_keys"])  # transformers would leave them random, and answers with them
+    if missing:
+        raise ModelLoadError(f"{source}: {len(missing)} weights of the model are missing from its checkpoint "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); it would answer at "
+                             "random. Re-save or re-download the folder, or check that it is the model's.")
     tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer, image_processor
 
@@ -453,13 +489,12 @@ def score(model, processor, image_or_frames) -> Judgement:
 
 def score_files(argv=None) -> int:
     import data
-    from support import cli, reports
+    from support import cli, presets, reports
 
     p = cli.parser("preresq.py", "Score the quality of images and videos with a PreResQ model: the score "
                    "(1..5), the aspect scores and the reasoning of each file.")
     p.add_argument("files", nargs="+", help="image or video files")
-    cli.add_model_flags(p, "checkpoint folder (e.g. runs/<run>/final) or hub id; a laptop preset's folder is "
-                        "printed by `python -m support.presets tiny`")
+    cli.add_model_flags(p, "preset (tiny, small), checkpoint folder (e.g. runs/<run>/final) or hub id", "tiny")
     p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all of them")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
@@ -471,8 +506,8 @@ def score_files(argv=None) -> int:
     warn = cli.Warnings("preresq.py")
     files = cli.readable(args.files, data.check_readable, warn)  # in seconds, before a model loads in minutes
     cli.check_device(args.device)
-    print(f"model: {args.model} (from {locate_model(args.model)})", file=sys.stderr)
-    model, tokenizer, image_processor = load_model(args.model, args.device, args.dtype)
+    print(presets.describe_model(args.model), file=sys.stderr)
+    model, tokenizer, image_processor = load_model(presets.model_path(args.model), args.device, args.dtype)
     for path in files:
         try:
             visual = data.read_visual(path, max_pixels=args.max_pixels)

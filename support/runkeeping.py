@@ -794,7 +794,7 @@ def parse_args(argv=None) -> tuple["grpo.Config", bool, bool]:
     if errors:
         raise InputError("; ".join(errors))
     try:
-        cfg = grpo.Config(**args).resolve()
+        cfg = grpo.Config(**args).resolve(presets.preset_name(args["model"]))  # models/tiny is the tiny preset
     except grpo.ConfigError as e:
         raise InputError(str(e)) from None
     errors = lora.config_errors(cfg)  # the --lora-* flags, and what LoRA does not combine with
