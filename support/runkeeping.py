@@ -57,6 +57,11 @@ from support.files import atomic_folder
 CHECKPOINT_STATE = "trainer_state.pt"
 # The run's logs, one JSON line per record with its "step"; a resumed run cuts each back to its checkpoint.
 LOGS = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
+# AdamW keeps its moments in the weights' dtype: in float16 its eps (1e-8) and every squared gradient
+# under 6e-8 are 0, and the first update divides by them (measured: NaN at step 1, on the CPU).
+FLOAT16_TRAINING = ("--dtype float16 cannot train: AdamW's update in float16 turns the weights into NaN at the "
+                    "first step (its eps 1e-8 and squared gradients under 6e-8 round to 0). Train in float32 or "
+                    "bfloat16; evaluate.py and preresq.py may use float16.")
 # A run stops when this many steps in a row give non-finite rewards, losses or gradients.
 MAX_NONFINITE_STEPS = 5
 # Flags that may change between a run and its resumption; all others must match (or --force).
@@ -675,7 +680,20 @@ def log_step(cfg, run: Run, step: int, done, items: list, problems: list[str], s
         log_json(run.out / "metrics.jsonl", record)
     if run.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
         raise RunError(nonfinite_message(run.out, step, run.nonfinite_in_a_row, record["nonfinite"]))
+    if nonfinite_weights(run.model, run.dist):  # before a checkpoint could keep them
+        found = checkpoints(run.out)
+        raise RunError(f"step {step + 1}'s update left non-finite weights (NaN or infinite); stopping before they "
+                       f"are saved. The newest sound checkpoint is {found[-1] if found else 'none (none saved yet)'}. "
+                       "Try a lower --lr or --dtype float32, then continue with --resume --force.")
     return record
+
+
+def nonfinite_weights(model, dist: Dist = SINGLE) -> bool:
+    """Whether a trained weight is NaN or infinite on any rank: one float32 sum per tensor, one sync."""
+    sums = [getattr(p, "to_local", lambda: p)().detach().sum(dtype=torch.float32)
+            for p in model.parameters() if p.requires_grad]
+    bad = bool(sums) and not torch.stack(sums).sum().isfinite().item()
+    return bool(all_reduce([float(bad)], dist, "max")[0])
 
 
 def checkpoint_if_due(cfg, run: Run, done: int, stop: Stop) -> bool:
@@ -800,4 +818,8 @@ def parse_args(argv=None) -> tuple["grpo.Config", bool, bool]:
     errors = lora.config_errors(cfg)  # the --lora-* flags, and what LoRA does not combine with
     if errors:
         raise InputError("; ".join(errors))
+    check_device(cfg.device)
+    check_device(cfg.reference_device, "--reference-device")
+    if cfg.dtype == "float16":
+        raise InputError(FLOAT16_TRAINING)
     return cfg, resume, force
