@@ -167,7 +167,7 @@ def hub_snapshot(name: str) -> str:
     except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError
         pass
     advice = (f"Download it first (`hf download {name}` on a machine with network) or pass a local folder "
-              "with --model; a laptop preset needs no download: `python -m support.presets tiny` prints its folder.")
+              "with --model; a laptop preset needs no download: --model tiny.")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ModelLoadError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set. {advice}")
     try:
@@ -523,7 +523,7 @@ def score_files(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python preresq.py FILE... --model FOLDER`: exit 0 when every file was scored, 1 when some could
+    """`python preresq.py FILE... [--model M]`: exit 0 when every file was scored, 1 when some could
     not be (each is warned about), 2 for bad usage or input (no model is loaded), 130 on Ctrl-C."""
     from support.cli import entry
 
