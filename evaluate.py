@@ -257,7 +257,7 @@ def default_split(name):
 def parse_args(argv=None):
     p = cli.parser("evaluate.py", "Score labelled image/video sets with a PreResQ model and report SRCC, PLCC "
                    "and KRCC.")
-    cli.add_model_flags(p, "preset (tiny, small), checkpoint folder or hub id")
+    cli.add_model_flags(p, "preset (tiny, small), checkpoint folder or hub id", "tiny")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="comma-separated dataset names, from: " + ", ".join(data.DATASETS))
     g.add_argument("--data-root", help="one folder per set, comma-separated in the order of --data (empty: synthetic)")
@@ -336,7 +336,9 @@ def command(argv=None):
     print(model_line, file=sys.stderr)
     model, tokenizer, image_processor = preresq.load_model(presets.model_path(args.model), args.device, args.dtype)
     cli.make_out(out)
-    decoding = authors_decoding(model.generation_config) if args.protocol == "authors" else args.decoding or "greedy"
+    decoding = authors_decoding(model.generation_config) if args.protocol == "authors" else ", ".join(
+        ["greedy" if args.samples is None else f"{args.samples} sampled answers averaged"]
+        + [f"{k} {v}" for k, v in args.decoding.items() if k != "samples"])
     print(f"protocol {args.protocol}; decoding {decoding}; seed {args.seed}", file=sys.stderr)
     summary, warn = {}, cli.Warnings("evaluate.py")
     for name, items in sets.items():

@@ -2,17 +2,15 @@
 
 Paper: arXiv 2511.05393 (PreResQ-R1). A GRPO step shows the policy a picture with the quality
 prompt, samples G answers ("<think>...</think><answer>five aspect scores</answer>"), rewards
-them (rewards.py) and updates the policy on the per-token log-probs of what it sampled. Here is
-the policy's side of that loop, in the order a step uses it:
-  load_model(...)            -> model, tokenizer, image processor (a checkpoint folder or a hub id)
-  encode_prompts(...)        -> PromptBatch: B left-padded prompts with their pictures
-  cache_prompts(...)         -> each prompt's forward once, its keys and values for all G answers
-  sample_completions(...)    -> (B*G, C) completion tokens, every sampling setting explicit
-  completion_mask(...)       -> tokens up to and including the first end-of-turn token
-  completion_logprobs(...)   -> (B*G, C) log pi_theta(o_t | q, o_<t) of the distribution sampled from
-  judge(...) / score(...)    -> inference: parsed aspect scores and the quality score (their mean)
-`python preresq.py FILE... --model FOLDER` scores image and video files; the untrained laptop preset
-is the folder models/tiny. Imported, this file needs only rewards.py and support/prompt_sharing.py.
+them (rewards.py) and updates the policy on the per-token log-probs of what it sampled. The policy's
+side of that loop is one object, Policy (load, prompts, sample, logprobs), built on: load_model,
+encode_prompts (B left-padded prompts with their pictures), cache_prompts (each prompt's forward
+once, for all G answers), sample_completions (every sampling setting explicit), completion_mask and
+completion_logprobs (log pi_theta(o_t | q, o_<t) of the distribution sampled from). Inference:
+judge / score (the parsed aspect scores and their mean, the quality score).
+`python preresq.py FILE... --model FOLDER` scores image and video files (--model takes a preset name,
+as grpo.py and evaluate.py do; the default is the untrained laptop preset `tiny`, models/tiny).
+Imported, this file needs only rewards.py and support/prompt_sharing.py.
 
 Traps avoided, each of which silently changes what is trained:
 - Sampling passes a complete GenerationConfig (do_sample, temperature, top_k=0, top_p=1,
@@ -31,6 +29,7 @@ Traps avoided, each of which silently changes what is trained:
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -110,18 +109,47 @@ class ModelLoadError(ValueError):
 
 
 def locate_model(path_or_hub_id: str) -> str:
-    """The folder load_model reads: a local checkpoint folder (it must hold config.json) or a hub
-    id's local snapshot (hub_snapshot). Raises ModelLoadError saying what to do; loads nothing."""
+    """The folder load_model reads: a local checkpoint folder or a hub id's local snapshot
+    (hub_snapshot), checked by check_model_folder. Raises ModelLoadError saying what to do; loads nothing."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is not a model folder: it has no config.json. Give a folder "
-                                 f"written by save_pretrained (e.g. runs/.../final), a preset or a hub id.")
+        check_model_folder(path)
         return str(path)
-    if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a bare name is most likely a preset's
-        raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name). A laptop preset's "
-                             f"folder is printed by `python -m harness.presets {path_or_hub_id}`; grpo.py takes its name.")
-    return hub_snapshot(str(path_or_hub_id))
+    if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a preset's name is harness.presets.model_path's
+        raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name); a laptop preset's "
+                             f"folder is printed by `python -m harness.presets NAME`.")
+    folder = hub_snapshot(str(path_or_hub_id))
+    check_model_folder(Path(folder))
+    return folder
+
+
+# What from_pretrained reads besides config.json (one of each): without tokenizer.json a tokenizer of the
+# special tokens alone loads, and a run fails deep inside.
+MODEL_FILES = (("model.safetensors", "model.safetensors.index.json"), ("tokenizer.json",), ("tokenizer_config.json",),
+               ("preprocessor_config.json",))
+
+
+def check_model_folder(path: Path) -> None:
+    """ModelLoadError, before anything loads, unless `path` holds a whole Qwen2.5-VL checkpoint."""
+    if (path / "final").is_dir() or (path / "metrics.jsonl").exists() or any(path.glob("checkpoint-*")):
+        raise ModelLoadError(f"{path}: this is a run folder; its model is {path / 'final'}" + ("" if (
+            path / "final").is_dir() else f" once the run has ended (continue it: grpo.py --out {path} --resume)"))
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json. Give a folder written by "
+                             "save_pretrained (e.g. runs/.../final), a preset or a hub id.")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        kind, vision = config.get("model_type"), "vision_config" in config
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{path / 'config.json'} is not a model's config ({e}); re-save or re-download "
+                             "the model.") from None
+    if kind not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ModelLoadError(f"{path}: {'not a Qwen2.5-VL model' if vision else 'this is not a vision-language model'}"
+                             f" (Qwen2.5-VL expected); its config.json gives model_type {kind!r}.")
+    missing = [" or ".join(names) for names in MODEL_FILES if not any((path / n).exists() for n in names)]
+    if missing:
+        raise ModelLoadError(f"{path} lacks {', '.join(missing)}: the model is incomplete. Copy the whole folder, "
+                             "or re-save or re-download it.")
 
 
 def hub_snapshot(name: str) -> str:
@@ -135,7 +163,7 @@ def hub_snapshot(name: str) -> str:
     except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError
         pass
     advice = (f"Download it first (`hf download {name}` on a machine with network) or pass a local folder "
-              "with --model; a laptop preset needs no download: `python -m harness.presets tiny` prints its folder.")
+              "with --model; a laptop preset needs no download: --model tiny.")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ModelLoadError(f"model {name!r} is not in the local hub cache and HF_HUB_OFFLINE is set. {advice}")
     try:
@@ -167,10 +195,15 @@ def load_model(path_or_hub_id: str, device: str | None = None, dtype: torch.dtyp
         tokenizer = AutoTokenizer.from_pretrained(source)
         # The PIL image processor, not AutoImageProcessor's default: no torchvision is needed.
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        model, info = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, output_loading_info=True)
     except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a damaged file, ...
         raise ModelLoadError(f"could not load a Qwen2.5-VL model from {source}: {type(e).__name__}: {e}. "
                              "Check that the folder is complete (re-download or re-save it).") from e
+    missing = sorted(info["missing_keys"])  # transformers would leave them random, and answers with them
+    if missing:
+        raise ModelLoadError(f"{source}: {len(missing)} weights of the model are missing from its checkpoint "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); it would answer at "
+                             "random. Re-save or re-download the folder, or check that it is the model's.")
     tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer, image_processor
 
@@ -386,33 +419,23 @@ class Answers:
 
 class Policy:
     """The model side of GRPO as one object: the judge (a Qwen2.5-VL), its tokenizer and image processor.
-
-    Its methods are what a GRPO step asks of a model, in the order it asks:
-      prompts(visuals, questions)            -> PromptBatch: B prompts with their pictures
-      sample(prompts, G, ...)                -> Answers: G answers to each prompt, sampled
-      logprobs(prompts, answers, ...)        -> (B*G, C) log pi(o_t | q, o_<t) without gradient: the
-                                                reference's, or the old policy's when mu > 1
-      logprobs_for_backward(prompts, answers, ...) -> the same, a micro-batch at a time, for the loss
-    Every call runs each prompt once for its G answers (support/prompt_sharing.py), and a backward
-    carries the prompt's gradient back once. Kinds of this object change only `run`, the way a pass
-    enters the model (the LoRA reference: adapters off; a sharded model: through its FSDP root), and
-    `all_finished`. Another model family: another object with these methods.
-    """
+    Its methods are what a step asks of a model, in order: prompts (B prompts with their pictures),
+    sample (G answers to each), logprobs (log pi(o_t | q, o_<t) without gradient: the reference's, or
+    the old policy's when mu > 1) and logprobs_for_backward (the same, a micro-batch at a time, for the
+    loss). Each call runs a prompt once for its G answers (support/prompt_sharing.py), and a backward
+    carries its gradient back once. Kinds of this object change `run`, the way a pass enters the model
+    (the LoRA reference: adapters off; a sharded model: its FSDP root), and `all_finished`. Another
+    model family: another object with these methods."""
 
     def __init__(self, model, tokenizer, image_processor):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         self.suppressed = suppressed_ids(tokenizer)  # never sampled, and left out of every log-softmax
 
-    @classmethod
-    def load(cls, path_or_hub_id: str, device: str | None = None, dtype=None) -> "Policy":
-        return cls(*load_model(path_or_hub_id, device, dtype))
-
     def run(self, fn, *args, **kwargs):
         """One pass of the model: fn(model, *args, **kwargs)."""
         return fn(self.model, *args, **kwargs)
 
-    def all_finished(self, finished: bool) -> bool:
-        """Whether every process has finished sampling: in one process, whether this one has."""
+    def all_finished(self, finished: bool) -> bool:  # every process's sampling, as one process sees it
         return finished
 
     def prompts(self, visuals: list[list[Image.Image]], questions: list[str], video: bool = False) -> PromptBatch:
@@ -430,8 +453,7 @@ class Policy:
     @torch.no_grad()
     def logprobs(self, prompts: PromptBatch, answers: Answers, *, temperature: float,
                  micro_batch_size: int | None = None) -> torch.Tensor:
-        """(B*G, C) log-probs of the answers, micro-batch by micro-batch, returned on the answers'
-        device (the model may be on another: --reference-device)."""
+        """(B*G, C) log-probs of the answers, on their device (the model may be on another)."""
         device = next(self.model.parameters()).device
         ids, mask = answers.ids.to(device), answers.mask.to(device)
         cache = self.run(cache_prompts, prompts)
@@ -531,14 +553,13 @@ def score(model, processor, image_or_frames) -> Judgement:
 
 def score_files(argv=None) -> int:
     import data
-    from harness import reports
+    from harness import presets, reports
     from support import cli
 
     p = cli.parser("preresq.py", "Score the quality of images and videos with a PreResQ model: the score "
                    "(1..5), the aspect scores and the reasoning of each file.")
     p.add_argument("files", nargs="+", help="image or video files")
-    cli.add_model_flags(p, "checkpoint folder (e.g. runs/<run>/final) or hub id; a laptop preset's folder is "
-                        "printed by `python -m harness.presets tiny`")
+    cli.add_model_flags(p, "preset (tiny, small), checkpoint folder (e.g. runs/<run>/final) or hub id", "tiny")
     p.add_argument("--samples", type=int, help="average K sampled answers (default: greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all of them")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
@@ -550,8 +571,8 @@ def score_files(argv=None) -> int:
     warn = cli.Warnings("preresq.py")
     files = cli.readable(args.files, data.check_readable, warn)  # in seconds, before a model loads in minutes
     cli.check_device(args.device)
-    print(f"model: {args.model} (from {locate_model(args.model)})", file=sys.stderr)
-    model, tokenizer, image_processor = load_model(args.model, args.device, args.dtype)
+    print(presets.describe_model(args.model), file=sys.stderr)
+    model, tokenizer, image_processor = load_model(presets.model_path(args.model), args.device, args.dtype)
     for path in files:
         try:
             visual = data.read_visual(path, max_pixels=args.max_pixels)
@@ -567,7 +588,7 @@ def score_files(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python preresq.py FILE... --model FOLDER`: exit 0 when every file was scored, 1 when some could
+    """`python preresq.py FILE... [--model M]`: exit 0 when every file was scored, 1 when some could
     not be (each is warned about), 2 for bad usage or input (no model is loaded), 130 on Ctrl-C."""
     from support.cli import entry
 

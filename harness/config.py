@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import data
-from harness import lora
+from harness import lora, presets
 from harness.checkpoints import saved_config
-from support.cli import InputError, add_flags, default_text, number_errors
+from support.cli import InputError, add_flags, check_device, default_text, number_errors
 
 VIDEO_SETS = ("lsvq", "konvid", "livevqc", "youtube-ugc", "synthetic-video")
 # The run's defaults beside the step's: the paper's 7B recipe and the authors' video recipe (a real
@@ -22,6 +22,11 @@ VIDEO_SETS = ("lsvq", "konvid", "livevqc", "youtube-ugc", "synthetic-video")
 PAPER_RUN = dict(epochs=8, eval_every=100, save_every=200, eval_size=None, eval_samples=None,
                  gradient_checkpointing=False)
 AUTHORS_VIDEO_RUN = dict(PAPER_RUN, epochs=2, gradient_checkpointing=True)
+# AdamW keeps its moments in the weights' dtype: in float16 its eps (1e-8) and every squared gradient
+# under 6e-8 are 0, and the first update divides by them (measured: NaN at step 1, on the CPU).
+FLOAT16_TRAINING = ("--dtype float16 cannot train: AdamW's update in float16 turns the weights into NaN at the "
+                    "first step (its eps 1e-8 and squared gradients under 6e-8 round to 0). Train in float32 or "
+                    "bfloat16; evaluate.py and preresq.py may use float16.")
 # The laptop presets need far larger learning rates and shorter answers than the paper's 7B.
 PRESET_DEFAULTS = {
     "tiny": dict(images_per_step=8, num_generations=6, schedule="explore-stable", lr=5e-4, beta=0.04,
@@ -80,18 +85,18 @@ class RunSettings:
     lora_targets: str = flag("language", str, "where adapters go: language, vision, merger, comma-"
                              "separated", "LoRA")
 
-    def resolve(self):
-        """Fill unset values from the preset's or the paper's defaults and check the combination."""
+    def resolve(self, preset: str | None = None):
+        """Fill unset values from the preset's or the paper's defaults and check the combination. preset: the
+        preset --model is, named or by its folder (presets.preset_name); default: --model's name."""
         video = all(name in VIDEO_SETS for name in self.data.split(","))
         tables = defaults_tables(type(self))
-        defaults = tables.get(self.model, tables["paper video" if video else "paper"])
+        defaults = tables.get(preset or self.model, tables["paper video" if video else "paper"])
         for key, value in defaults.items():
             if key not in ("steps", "epochs") and getattr(self, key) is None:
                 setattr(self, key, value)
         if self.steps is None and self.epochs is None:  # presets count steps, the paper epochs
             self.steps, self.epochs = defaults.get("steps"), defaults.get("epochs")
-        if self.log_rollouts is None:
-            self.log_rollouts = self.eval_every or 0
+        self.log_rollouts = (self.eval_every or 0) if self.log_rollouts is None else self.log_rollouts
         super().resolve(defaults)
         return self
 
@@ -148,10 +153,14 @@ def parse_args(settings: type, argv=None) -> tuple[RunSettings, bool, bool]:
     if errors:
         raise InputError("; ".join(errors))
     try:
-        cfg = run_config(settings)(**args).resolve()
+        cfg = run_config(settings)(**args).resolve(presets.preset_name(args["model"]))  # models/tiny is tiny
     except ValueError as e:  # grpo.ConfigError: a combination that cannot train
         raise InputError(str(e)) from None
     errors = lora.config_errors(cfg)  # the --lora-* flags, and what LoRA does not combine with
     if errors:
         raise InputError("; ".join(errors))
+    check_device(cfg.device)
+    check_device(cfg.reference_device, "--reference-device")
+    if cfg.dtype == "float16":
+        raise InputError(FLOAT16_TRAINING)
     return cfg, resume, force

@@ -119,7 +119,20 @@ def log_step(cfg, run, step: int, done, batch, problems: list[str], seconds: flo
         log_json(run.out / "metrics.jsonl", record)
     if run.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
         raise RunError(nonfinite_message(run.out, step, run.nonfinite_in_a_row, record["nonfinite"]))
+    if nonfinite_weights(run.model, run.comm):  # before a checkpoint could keep them
+        found = checkpoints(run.out)
+        raise RunError(f"step {step + 1}'s update left non-finite weights (NaN or infinite); stopping before they "
+                       f"are saved. The newest sound checkpoint is {found[-1] if found else 'none (none saved yet)'}. "
+                       "Try a lower --lr or --dtype float32, then continue with --resume --force.")
     return record
+
+
+def nonfinite_weights(model, comm) -> bool:
+    """Whether a trained weight is NaN or infinite on any rank: one float32 sum per tensor, one sync."""
+    sums = [getattr(p, "to_local", lambda: p)().detach().sum(dtype=torch.float32)
+            for p in model.parameters() if p.requires_grad]
+    bad = bool(sums) and not torch.stack(sums).sum().isfinite().item()
+    return bool(comm.sum([float(bad)], "max")[0])
 
 
 def nonfinite_message(out: Path, step: int, count: int, what: str) -> str:

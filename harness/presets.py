@@ -117,6 +117,24 @@ def model_path(name_or_path: str) -> str:
 _NOTED: set[str] = set()  # presets whose changed recipe was noted once in this process
 
 
+def preset_name(name_or_path: str) -> str | None:
+    """The preset that --model names: its name, or the folder model_path gives it (models/<name>, or
+    its build in the cache; resolved paths compared); None for any other model. Builds nothing."""
+    if name_or_path in PRESETS:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return None
+    for name in PRESETS:
+        try:
+            folders = [SHIPPED / name, preset_path(name)]
+        except cli.InputError:  # a cache that cannot be written holds no preset
+            folders = [SHIPPED / name]
+        if any(path.resolve() == folder.resolve() for folder in folders):
+            return name
+    return None
+
+
 def ship(name: str) -> Path:
     """Copy the preset built by the current recipe (built now if needed) to models/<name>, stamped
     with the recipe's digest. `python -m harness.presets tiny --ship` after a change to the recipe."""
@@ -158,7 +176,12 @@ def describe_model(name: str) -> str:
     if name in PRESETS:
         return (f"model: the {name} preset, a laptop stand-in (harness/presets.py); for the paper's model pass "
                 "--model Qwen/Qwen2.5-VL-7B-Instruct")
+    if "/" not in name and not Path(name).expanduser().exists():
+        raise preresq.ModelLoadError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), a folder nor a hub id "
+                                     "(owner/name).")
     folder = preresq.locate_model(name)
+    if preset_name(name):
+        return f"model: {name} (the {preset_name(name)} preset's folder)"
     return f"model: {name} " + ("(a local checkpoint folder)" if Path(name).expanduser().exists()
                                 else f"(from the hub cache: {folder})")
 
@@ -496,7 +519,7 @@ _RECIPE_CODE = "".join(inspect.getsource(f) for f in (
 
 def command(argv=None) -> int:
     p = cli.parser("presets.py", "Build the named laptop presets if needed (once, minutes each) and print their "
-                   "folders, e.g. for preresq.py --model; grpo.py, evaluate.py and ablation.py take the name itself.")
+                   "folders; grpo.py, evaluate.py, preresq.py and ablation.py take the name itself.")
     p.add_argument("names", nargs="+", choices=list(PRESETS), metavar="NAME", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--ship", action="store_true", help="copy the preset built by the current recipe to models/NAME")
     p.add_argument("--verify", action="store_true", help="rebuild from the recipe (minutes) and compare with "

@@ -186,8 +186,8 @@ BOUNDS = {
     "stage1_steps": ((">=", 0),), "eval_every": ((">=", 0),), "save_every": ((">=", 0),), "log_rollouts": ((">=", 0),),
     "keep_last": ((">=", 1),), "eval_size": ((">=", 1),), "eval_samples": ((">=", 1),), "workers": ((">=", 1),),
     "max_pixels": ((">=", 1),), "jobs": ((">=", 1),),
-    # numpy's generators take no negative seed
-    "seed": ((">=", 0),),
+    # numpy's legacy seeding (np.random.seed) takes 0 to 2**32 - 1
+    "seed": ((">=", 0), ("<=", 2**32 - 1)),
     "lora_dropout": ((">=", 0), ("<", 1)), "invalid": ((">=", 0), ("<=", 1)),
 }
 _COMPARE = {">": (operator.gt, "greater than"), ">=": (operator.ge, "at least"), "<": (operator.lt, "less than"),
@@ -210,14 +210,42 @@ def number_errors(values: dict) -> list[str]:
     return errors
 
 
-def check_device(device: str | None) -> None:
-    """Refuse --device cuda where torch has no GPU, before anything is built or loaded."""
+def devices() -> dict[str, int]:
+    """The devices torch can use on this machine: {"cpu": 1, "cuda": number of GPUs, ...}."""
     import torch  # only the tools that take --device pay for torch
 
-    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+    found = {"cpu": 1}
+    for kind in ("cuda", "xpu", "mps"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            found[kind] = backend.device_count() if hasattr(backend, "device_count") else 1
+    return found
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a device torch does not know (--device foo) or this machine lacks (cuda without a GPU,
+    cuda:3 with two, mps off a Mac), before anything is built or loaded, naming the devices it has."""
+    import torch
+
+    if not device:
+        return
+    have = devices()
+    names = ", ".join(kind if kind in ("cpu", "mps") else ", ".join(f"{kind}:{i}" for i in range(n))
+                      for kind, n in have.items())
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index or 0
+    except (RuntimeError, ValueError):
+        kind, index = None, 0
+    if kind == "cpu" or index < have.get(kind, 0):
+        return
+    if kind is None:
+        why = "not a device torch knows (cpu, cuda, cuda:N, mps)"
+    elif kind == "cuda" and "cuda" not in have:
         why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no GPU"
-        raise InputError(f"--device {device}, but {why}. Use --device cpu, or a machine with a GPU and a CUDA "
-                         "build of torch.")
+    else:
+        why = f"this machine has {have[kind]} {kind} device(s), numbered from 0" if kind in have else \
+            f"torch has no {kind} device on this machine"
+    raise InputError(f"{flag} {device}: {why}. This machine has: {names}; use one of those (e.g. {flag} cpu).")
 
 
 def check_out(path, flag: str = "--out") -> Path:

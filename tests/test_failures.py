@@ -302,6 +302,29 @@ def test_a_run_that_keeps_producing_nan_stops_with_a_message(tmp_path, capsys, m
     assert [r["nonfinite_steps"] for r in records(out)] == [1, 2]
 
 
+def test_an_update_that_leaves_nan_weights_stops_before_they_are_saved(tmp_path, capsys, monkeypatch):
+    """The loss and the gradient are finite, the update is not (as float16's AdamW does): the run stops at
+    that step, names the newest sound checkpoint, and saves nothing with the broken weights."""
+    update, calls = torch.optim.AdamW.step, []
+
+    def overflowing(self, *args, **kwargs):
+        result = update(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    out = tmp_path / "run"
+    assert grpo.main(FLAGS + ["--steps", "4", "--save-every", "1", "--out", str(out)]) == 1
+    message = capsys.readouterr().err
+    assert "step 2's update left non-finite weights" in message and "Traceback" not in message
+    assert f"newest sound checkpoint is {out / 'checkpoint-1'}" in message and "--resume" in message
+    assert runkeeping.checkpoints(out) == [out / "checkpoint-1"] and not (out / "final").exists()
+    assert not runkeeping.nonfinite_weights(preresq.load_model(str(out / "checkpoint-1"), "cpu")[0])
+
+
 def score(cfg, texts, mos, g):
     """(reward terms, parse mask) of image answers, as a single-schedule step scores them."""
     scores, valid, fmt = rewards.parse_completions(texts, 5, g)

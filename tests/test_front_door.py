@@ -27,6 +27,7 @@ import evaluate
 import grpo
 import preresq
 from harness import presets
+import harness.config
 from support import synthetic
 import video
 
@@ -41,6 +42,7 @@ def case(tool, argv, words, code=2, absent=(), marks=()):
 
 
 CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="--device cuda is valid here")
+MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="--device mps is valid here")
 LABEL_FILE = "label file"
 
 CASES = [
@@ -80,6 +82,18 @@ CASES = [
     case("grpo", ["--keep-last", "0"], ["--keep-last must be at least 1"]),
     case("grpo", ["--max-pixels", "0"], ["--max-pixels must be at least 1"]),
     case("grpo", ["--workers", "0"], ["--workers must be at least 1"]),
+    case("grpo", ["--device", "foo"], ["--device foo: not a device", "This machine has: cpu"]),
+    case("grpo", ["--device", "mps"], ["--device mps: torch has no mps device", "This machine has: cpu"], marks=MPS),
+    case("grpo", ["--reference-device", "cuda"], ["--reference-device cuda", "This machine has: cpu",
+                                                  "--reference-device cpu"], marks=CUDA),
+    case("grpo", ["--seed", str(2**32)], [f"--seed must be at most {2**32 - 1}, got {2**32}"]),
+    case("grpo", ["--dtype", "float16"], ["--dtype float16 cannot train", "NaN at the first step", "float32"]),
+    case("grpo", ["--model", "{in}/run", "--out", "newrun"], ["run: this is a run folder; its model is", "run/final"]),
+    case("grpo", ["--model", "{in}/unfinished", "--out", "newrun"], ["unfinished: this is a run folder",
+                                                                     "--resume"]),
+    case("grpo", ["--model", "{in}/notokenizer"], ["notokenizer lacks tokenizer.json"]),
+    case("grpo", ["--model", "{in}/textonly"], ["this is not a vision-language model (Qwen2.5-VL expected)",
+                                                "model_type 'qwen2'"], absent=["Qwen2VLConfig"]),
     # evaluate.py
     case("evaluate", ["--model", "tiny", "--data", "koniq"], ["'koniq' needs --data-root"]),
     case("evaluate", ["--model", "tiny", "--data", "koniq", "--data-root", "{in}/nope"], ["nope", "is not a folder"]),
@@ -103,6 +117,10 @@ CASES = [
     case("evaluate", ["--model", "tiny", "--data", "synthetic", "--temperature", "nan"],
          ["--temperature must be a finite number, got nan"]),
     case("evaluate", ["--model", "tiny", "--data", "synthetic", "--seed", "-3"], ["--seed must be at least 0"]),
+    case("evaluate", ["--data", "synthetic", "--device", "foo"], ["--device foo: not a device", "This machine has"]),
+    case("evaluate", ["--model", "{in}/run", "--data", "synthetic", "--out", "eval"],
+         ["this is a run folder; its model is", "run/final"]),
+    case("evaluate", ["--model", "{in}/noprocessor", "--data", "synthetic"], ["lacks preprocessor_config.json"]),
     # preresq.py: the files are checked in seconds, before a model is found, built or loaded
     case("preresq", ["{in}/bad.jpg", "--model", "tiny"], ["bad.jpg", "not an image"], absent=[LABEL_FILE]),
     case("preresq", ["{in}/empty.mp4", "--model", "tiny"], ["empty.mp4", "cannot open as a video"],
@@ -111,8 +129,13 @@ CASES = [
     case("preresq", ["{in}/bad.jpg", "{in}/empty.mp4", "--model", "tiny"],
          ["none of the 2 files can be read", "warning: skipped", "bad.jpg", "empty.mp4"]),
     case("preresq", ["{in}/good.png", "--model", "x", "--dtype", "half"], ["invalid choice: 'half'"]),
-    case("preresq", ["{in}/good.png", "--model", "tiny"], ["'tiny' is neither a folder nor a hub id",
-                                                           "python -m harness.presets tiny"]),
+    case("preresq", ["{in}/good.png", "--model", "nosuch"], ["'nosuch' is neither a preset (tiny, small), a folder "
+                                                             "nor a hub id"]),
+    case("preresq", ["{in}/good.png", "--samples", "2", "--seed", str(2**32)], ["--seed must be at most 4294967295"]),
+    case("preresq", ["{in}/good.png", "--device", "mps"], ["--device mps", "This machine has: cpu"], marks=MPS),
+    case("preresq", ["{in}/good.png", "--model", "{in}/notokenizer"], ["notokenizer lacks tokenizer.json"]),
+    case("preresq", ["{in}/good.png", "--model", "{in}/noprocessor"], ["lacks preprocessor_config.json"]),
+    case("preresq", ["{in}/good.png", "--model", "{in}/textonly"], ["this is not a vision-language model"]),
     case("preresq", ["{in}/good.png", "--model", "{in}/notamodel"], ["is not a model folder"]),
     case("preresq", ["{in}/good.png", "--model", "x", "--device", "cuda"], ["--device cuda"], marks=CUDA),
     case("preresq", ["{in}/good.png", "--model", "x", "--samples", "0"], ["--samples must be at least 1"]),
@@ -143,6 +166,7 @@ CASES = [
     case("ablation", ["--variants", "nope"], ["unknown variant(s) nope", "fidelity"]),
     case("ablation", ["--seeds", "a,b"], ["--seeds takes comma-separated whole numbers"]),
     case("ablation", ["--seeds", "0,-1"], ["--seeds must be 0 or more"]),
+    case("ablation", ["--seeds", f"0,{2**32}"], ["--seeds must be 0 or more and at most 4294967295"]),
     case("ablation", ["--out", "{in}/afile"], ["--out", "is a file"]),
     case("ablation", ["--model", "{in}/notamodel"], ["is not a model folder"]),
     case("ablation", ["--steps", "0"], ["--steps must be at least 1"]),
@@ -159,6 +183,12 @@ CASES = [
     case("bench", ["step", "--beta", "-1"], ["--beta must be at least 0"]),
     case("bench", ["video", "--seconds", "inf"], ["--seconds must be a finite number"]),
     case("bench", ["rewards", "--device", "cuda"], ["--device cuda", "--device cpu"], marks=CUDA),
+    case("bench", ["rewards", "--device", "foo"], ["--device foo: not a device"]),
+    case("bench", ["step", "--image-size", "28x10000"], ["--image-size gives 28x10000 pictures",
+                                                         "sides at most 200 times apart"]),
+    case("bench", ["step", "--image-size", "4000x4000"], ["at most 12845056 pixels"]),
+    case("bench", ["step", "--visual-tokens", "100000"], ["--visual-tokens gives", "16384 visual tokens"]),
+    case("bench", ["video", "--size", "29x30"], ["--size 29x30", "even sides"]),
 ]
 
 
@@ -190,7 +220,24 @@ def inputs(tmp_path_factory):
     frames = [np.full((48, 64, 3), 8 * i, np.uint8) for i in range(8)]
     synthetic.write_clip(str(root / "clip.mp4"), frames, fps=8)
     synthetic.write_clip(str(root / "labels" / "clip.mp4"), frames, fps=8)
+    (root / "run" / "final").mkdir(parents=True)  # a run folder, finished and not
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / "metrics.jsonl").write_text('{"step": 1}\n')
+    model_copy(root / "notokenizer", without="tokenizer.json")
+    model_copy(root / "noprocessor", without="preprocessor_config.json")
+    (root / "textonly").mkdir()  # a language model's config, as Qwen2-0.5B ships it
+    (root / "textonly" / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"],
+                                                               "model_type": "qwen2", "hidden_size": 896}))
     return root
+
+
+def model_copy(folder: Path, without: str = "") -> Path:
+    """models/tiny's files linked into `folder`, but for `without`."""
+    folder.mkdir()
+    for f in (ROOT / "models" / "tiny").iterdir():
+        if f.name != without:
+            (folder / f.name).symlink_to(f)
+    return folder
 
 
 def listing(folder: Path) -> list[str]:
@@ -293,9 +340,7 @@ def test_unreadable_files_during_evaluation_are_counted_warnings_not_tracebacks(
     Image.new("RGB", (2000, 3), (90, 90, 90)).save(root / "wide.png")  # a shape the image processor refuses
     lines.append("wide.png 2.5")
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = model_copy(tmp_path / "model")
     monkeypatch.setattr(preresq, "load_model", lambda *args: (None, None, None))
     monkeypatch.setattr(preresq, "judge", fake_judge)
     out = tmp_path / "eval"
@@ -309,11 +354,11 @@ def test_unreadable_files_during_evaluation_are_counted_warnings_not_tracebacks(
     assert json.loads((out / "summary.json").read_text())["labels"]["unreadable"] == 8
 
 
-def test_preresq_scores_what_it_can_read_and_exits_1_for_the_rest(inputs, monkeypatch, capsys):
-    monkeypatch.setattr(preresq, "locate_model", lambda name: name)
+def test_preresq_scores_what_it_can_read_and_exits_1_for_the_rest(inputs, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(preresq, "load_model", lambda *args: (None, None, None))
     monkeypatch.setattr(preresq, "judge", fake_judge)
-    assert preresq.main([str(inputs / "good.png"), str(inputs / "bad.jpg"), "--model", "m", "--json"]) == 1
+    model = str(model_copy(tmp_path / "m"))
+    assert preresq.main([str(inputs / "good.png"), str(inputs / "bad.jpg"), "--model", model, "--json"]) == 1
     out = capsys.readouterr()
     assert [json.loads(line)["file"] for line in out.out.splitlines()] == [str(inputs / "good.png")]
     assert "preresq.py: warning: skipped:" in out.err and "bad.jpg" in out.err
@@ -345,6 +390,43 @@ def test_progress_bars_honour_tqdm_disable_and_warnings_print_above_them(tmp_pat
     assert evaluate.main(argv + ["--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
     assert "%|" not in err and "evaluate.py: warning: skipped: cannot decode image" in err
+
+
+def test_the_three_tools_take_a_preset_name_and_default_to_tiny(inputs, tmp_path, monkeypatch, capsys):
+    """One --model rule: a preset's name (built or found by presets.model_path), default tiny."""
+    loaded = []
+    monkeypatch.setattr(preresq, "load_model", lambda path, *args: loaded.append(path) or (None, None, None))
+    monkeypatch.setattr(preresq, "judge", fake_judge)
+    assert preresq.main([str(inputs / "good.png")]) == 0
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert evaluate.main(["--data", "synthetic", "--out", str(tmp_path / "eval")]) == 130  # stopped once loaded
+    assert harness.config.run_config(grpo.Settings)().model == "tiny"
+    assert loaded == [presets.model_path("tiny")] * 2 == [str(ROOT / "models" / "tiny")] * 2
+    assert capsys.readouterr().err.count("model: the tiny preset") == 2
+
+
+def test_a_preset_folder_gets_the_presets_defaults(tmp_path):
+    """--model models/tiny (however spelled) is the tiny preset: its learning rate, answer length and length
+    of run; the same files elsewhere are a checkpoint like any other, with the paper's."""
+    tiny = harness.config.PRESET_DEFAULTS["tiny"]
+    for model in ["tiny", str(ROOT / "models" / "tiny"), str(ROOT / "models" / ".." / "models" / "tiny")]:
+        for cfg in [harness.config.run_config(grpo.Settings)(model=model).resolve(presets.preset_name(model)),
+                    harness.config.parse_args(grpo.Settings, ["--model", model])[0]]:
+            assert (cfg.lr, cfg.max_new_tokens, cfg.steps, cfg.reasoning_beta) == (
+                tiny["lr"], tiny["max_new_tokens"], tiny["steps"], tiny["reasoning_beta"]), model
+    copy = str(model_copy(tmp_path / "copy"))
+    assert presets.preset_name(copy) is None and presets.preset_name(str(tmp_path)) is None
+    cfg = harness.config.parse_args(grpo.Settings, ["--model", copy])[0]
+    assert (cfg.lr, cfg.max_new_tokens, cfg.epochs) == (grpo.PAPER_DEFAULTS["lr"], 256, 8)
+
+
+def test_evaluation_says_its_decoding_is_greedy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(preresq, "load_model", lambda *args: (None, None, None))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    evaluate.main(["--data", "synthetic", "--max-new-tokens", "64", "--out", str(tmp_path / "eval")])
+    assert "protocol ours; decoding greedy, max_new_tokens 64; seed 0" in capsys.readouterr().err
+    evaluate.main(["--data", "synthetic", "--samples", "4", "--out", str(tmp_path / "eval")])
+    assert "protocol ours; decoding 4 sampled answers averaged; seed 0" in capsys.readouterr().err
 
 
 def test_one_voice_for_failures_and_ctrl_c(capsys):

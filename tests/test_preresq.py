@@ -205,14 +205,14 @@ def test_command_line_passes_top_k_to_the_judge(monkeypatch, tmp_path, capsys):
         seen.append(settings)
         return [preresq.Judgement(3.0, [3.0] * 5, ["<answer>3 3 3 3 3</answer>"], 1)]
 
-    monkeypatch.setattr(preresq, "locate_model", lambda name: name)  # "m" stands for a model that is there
+    monkeypatch.setattr(preresq, "locate_model", lambda name: name)  # "hub/m" stands for a model that is there
     monkeypatch.setattr(preresq, "load_model", lambda *a: (None, None, None))
     monkeypatch.setattr(preresq, "judge", judge)
     path = tmp_path / "photo.png"
     pictures([(56, 56)])[0].save(path)
-    assert preresq.main([str(path), "--model", "m", "--samples", "2", "--top-k", "5", "--json"]) == 0
+    assert preresq.main([str(path), "--model", "hub/m", "--samples", "2", "--top-k", "5", "--json"]) == 0
     assert seen[0]["top_k"] == 5 and seen[0]["samples"] == 2
-    assert preresq.main([str(path), "--model", "m"]) == 0
+    assert preresq.main([str(path), "--model", "hub/m"]) == 0
     assert seen[1]["top_k"] == 0 and seen[1]["samples"] is None
 
 
@@ -263,6 +263,29 @@ def test_load_model_errors_are_clear(tmp_path):
     with pytest.raises(preresq.ModelLoadError, match="not in the local hub cache"):
         preresq.load_model("Qwen/Qwen2.5-VL-7B-Instruct")
     assert time.time() - t < 10
+
+
+def test_a_checkpoint_missing_weights_of_the_model_is_refused_not_loaded_at_random(tmp_path, capsys):
+    """transformers initialises weights missing from the file at random and goes on; load_model refuses."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "holes"
+    folder.mkdir()
+    for f in Path(presets.model_path("tiny")).iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    preresq.load_model(str(folder), "cpu")  # whole, it loads
+    weights = load_file(str(folder / "model.safetensors"))
+    gone = [k for k in weights if ".layers.1.mlp." in k]
+    assert len(gone) == 3
+    save_file({k: v for k, v in weights.items() if k not in gone}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(preresq.ModelLoadError, match="3 weights of the model are missing from its checkpoint") as e:
+        preresq.load_model(str(folder), "cpu")
+    assert "model.language_model.layers.1.mlp.down_proj.weight" in str(e.value)
+    picture = tmp_path / "photo.png"
+    pictures([(56, 56)])[0].save(picture)
+    assert preresq.main([str(picture), "--model", str(folder)]) == 2
+    assert "preresq.py: error: " in capsys.readouterr().err
 
 
 def test_command_line_scores_files_and_reports_unreadable_ones(tiny, tmp_path):

@@ -124,8 +124,8 @@ def command(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {args.seeds!r}")
-    if any(s < 0 for s in seeds):
-        p.error(f"--seeds must be 0 or more (numpy's generators take no negative seed); got {args.seeds!r}")
+    if any(cli.number_errors({"seed": s}) for s in seeds):  # the bounds of grpo.py's --seed
+        p.error(f"--seeds must be 0 or more and at most {2**32 - 1} (numpy's seeds); got {args.seeds!r}")
     cli.at_least(p, args, steps=1, jobs=1)
     common = ["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []) + extra
     # Every run's flags are checked before the first run starts, which may be hours before the last.

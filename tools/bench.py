@@ -856,6 +856,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.at_least(parser, args, **{name: low for name, low in least.items() if hasattr(args, name)})
     if args.command == "video" and args.seconds <= 0:
         parser.error(f"--seconds must be above 0, got {args.seconds:g}")
+    if args.command == "video" and args.clip is None and (args.size[0] % 2 or args.size[1] % 2):
+        parser.error(f"--size {args.size[0]}x{args.size[1]}: the H.264 encoder takes even sides only")
+    if step:  # what the image processor and vision encoder take (smart_resize; Qwen2.5-VL's max_pixels)
+        width, height = size_for_visual_tokens(args.visual_tokens) if args.visual_tokens else args.image_size
+        if max(width, height) > 200 * min(width, height) or width * height > QWEN_MAX_PIXELS:
+            parser.error(f"{'--visual-tokens' if args.visual_tokens else '--image-size'} gives {width}x{height} "
+                         f"pictures; the vision encoder takes at most {QWEN_MAX_PIXELS} pixels "
+                         f"({QWEN_MAX_PIXELS // 784} visual tokens) with sides at most 200 times apart")
     if args.command == "rewards" and not 0 <= args.invalid <= 1:
         parser.error(f"--invalid is a share, from 0 to 1, got {args.invalid:g}")
     if args.command in ("step", "rewards"):

@@ -15,8 +15,8 @@ import grpo
 import preresq
 
 folder = sys.argv[1] if len(sys.argv) > 1 else "models/tiny"
-policy = preresq.Policy.load(folder, "cpu")          # the model side: model, tokenizer, image processor
-reference = preresq.Policy.load(folder, "cpu")       # the frozen initial model
+policy = preresq.Policy(*preresq.load_model(folder, "cpu"))     # the model side: model, tokenizer, processor
+reference = preresq.Policy(*preresq.load_model(folder, "cpu"))  # the frozen initial model
 reference.model.requires_grad_(False)
 
 # Four pictures and their mean opinion scores (1..5): a sharp one and three ever blurrier copies.
