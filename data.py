@@ -280,52 +280,6 @@ def one_kind(items: list[Item], where: str) -> list[Item]:
     return items
 
 
-# --------------------------------------------------------------------------- training batches
-
-class BatchSampler:
-    """Step 1 of GRPO: which images each step trains on, a pure function of (seed, step, global
-    batch), so resuming needs only the step.
-
-    Each step draws one dataset (in proportion to its size) and takes that set's next B x world
-    images (the global batch) from a seeded permutation that is redrawn every epoch of that set;
-    rank r keeps images r*B .. r*B+B-1 of them. Every rank computes the same global batch.
-    """
-
-    def __init__(self, sets: dict[str, list], batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.sets, self.batch_size, self.seed = sets, batch_size * world, seed
-        self.per_rank, self.rank = batch_size, rank
-        self.names = list(sets)
-        sizes = np.array([len(v) for v in sets.values()], dtype=float)
-        self.weights = sizes / sizes.sum()
-        self.choices: list[int] = []
-
-    def choice(self, step: int) -> int:
-        while len(self.choices) <= step:
-            rng = np.random.default_rng([self.seed, len(self.choices)])
-            self.choices.append(int(rng.choice(len(self.names), p=self.weights)))
-        return self.choices[step]
-
-    def batch(self, step: int) -> tuple[str, list]:
-        k = self.choice(step)
-        seen = sum(1 for s in range(step) if self.choice(s) == k) * self.batch_size
-        items, n = self.sets[self.names[k]], len(self.sets[self.names[k]])
-        picks = [(seen + i) for i in range(min(self.batch_size, n))]
-        mine = picks[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        order = lambda epoch: np.random.default_rng([self.seed, k, epoch]).permutation(n)
-        return self.names[k], [items[order(p // n)[p % n]] for p in mine]
-
-    def epoch(self, step: int) -> float:
-        """Passes over all training images completed before `step`."""
-        return step * self.batch_size / sum(len(v) for v in self.sets.values())
-
-    def dataset(self, step: int) -> str:
-        """The training set that step `step` draws from (the same on every rank)."""
-        return self.names[self.choice(step)]
-
-    def is_video(self, step: int) -> bool:
-        return self.sets[self.dataset(step)][0].is_video
-
-
 # --------------------------------------------------------------------------- images and videos
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,

@@ -6,7 +6,7 @@
     python grpo.py --out runs/koniq --resume         # after a crash, Ctrl-C or full disk
 
 One step of the paper's GRPO, in the order grpo_step runs it (each line names its function):
-  1. take B images of one dataset                                     (the loop: data.BatchSampler)
+  1. take B images of one dataset                                     (the loop: harness/prefetch.py)
   2. choose the stage: prompts, G, spread penalty                     explore_stable
   3. sample G answers per image at temperature T                      sample_rollout -> Policy.sample
   4. parse the aspect scores and reward every answer                  score_rollout -> rewards.REWARDS[...]

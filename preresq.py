@@ -109,18 +109,17 @@ class ModelLoadError(ValueError):
 
 
 def locate_model(path_or_hub_id: str) -> str:
-    """The folder load_model reads: a local checkpoint folder or a hub id's local snapshot
-    (hub_snapshot), checked by check_model_folder. Raises ModelLoadError saying what to do; loads nothing."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.exists():
-        check_model_folder(path)
-        return str(path)
-    if "/" not in str(path_or_hub_id):  # a hub id is owner/name; a preset's name is harness.presets.model_path's
+    """The folder load_model reads: a local checkpoint folder, a laptop preset shipped in models/ (by its
+    name), or a hub id's local snapshot (hub_snapshot), checked by check_model_folder. Raises
+    ModelLoadError saying what to do; loads nothing."""
+    path, shipped = Path(path_or_hub_id).expanduser(), Path(__file__).resolve().parent / "models" / path_or_hub_id
+    path = shipped if not path.exists() and (shipped / "config.json").exists() else path
+    if not path.exists() and "/" not in str(path_or_hub_id):  # a hub id is owner/name
         raise ModelLoadError(f"{path_or_hub_id!r} is neither a folder nor a hub id (owner/name); a laptop preset's "
                              f"folder is printed by `python -m harness.presets NAME`.")
-    folder = hub_snapshot(str(path_or_hub_id))
-    check_model_folder(Path(folder))
-    return folder
+    folder = Path(path if path.exists() else hub_snapshot(str(path_or_hub_id)))
+    check_model_folder(folder)
+    return str(folder)
 
 
 # What from_pretrained reads besides config.json (one of each): without tokenizer.json a tokenizer of the
@@ -553,7 +552,7 @@ def score(model, processor, image_or_frames) -> Judgement:
 
 def score_files(argv=None) -> int:
     import data
-    from harness import presets, reports
+    from harness import reports
     from support import cli
 
     p = cli.parser("preresq.py", "Score the quality of images and videos with a PreResQ model: the score "
@@ -571,8 +570,9 @@ def score_files(argv=None) -> int:
     warn = cli.Warnings("preresq.py")
     files = cli.readable(args.files, data.check_readable, warn)  # in seconds, before a model loads in minutes
     cli.check_device(args.device)
-    print(presets.describe_model(args.model), file=sys.stderr)
-    model, tokenizer, image_processor = load_model(presets.model_path(args.model), args.device, args.dtype)
+    source = locate_model(args.model)
+    print(f"model: {args.model}" + (f" (from {source})" if source != args.model else ""), file=sys.stderr)
+    model, tokenizer, image_processor = load_model(source, args.device, args.dtype)
     for path in files:
         try:
             visual = data.read_visual(path, max_pixels=args.max_pixels)

@@ -18,7 +18,7 @@ import torch.distributed as tdist
 
 import data
 import preresq
-from harness import distributed, lora, presets
+from harness import distributed, lora, prefetch, presets
 from harness.checkpoints import (CHECKPOINT_STATE, LOGS, check_same_data, checkpoints, config_differences,
                                  newest_sound_checkpoint, restore)
 from support.cli import InputError, Warnings, check_device
@@ -166,7 +166,7 @@ class Run:
     comm: object  # grpo.Processes
     sets: dict
     held: list
-    sampler: data.BatchSampler
+    sampler: prefetch.BatchSampler
     steps: int
     start: int
     model: torch.nn.Module  # what the optimizer trains and checkpoints hold (--fsdp: the FSDP root)
@@ -192,7 +192,7 @@ def prepare(cfg, resume: bool, force: bool, comm, device) -> Run:
     create_run_folder(out, resume, comm)
     if comm.main:
         print(model_line, flush=True)
-    sampler = data.BatchSampler(sets, cfg.images_per_optimizer_step(), cfg.seed, comm.rank, comm.world)
+    sampler = prefetch.BatchSampler(sets, cfg.images_per_optimizer_step(), cfg.seed, comm.rank, comm.world)
     cfg.set_length(sum(map(len, sets.values())), comm.world)
     steps = cfg.steps
     source = str(state["folder"]) if state else cfg.model

@@ -213,8 +213,8 @@ def test_groups_on_one_process_give_the_step_of_as_many_processes(two_ranks, bla
 
 def test_ranks_split_the_global_batch_of_one_process():
     sets = {"a": list(range(10)), "b": list(range(100, 125))}
-    one = data.BatchSampler(sets, 6, seed=3)
-    ranks = [data.BatchSampler(sets, 2, seed=3, rank=r, world=3) for r in range(3)]
+    one = harness.prefetch.BatchSampler(sets, 6, seed=3)
+    ranks = [harness.prefetch.BatchSampler(sets, 2, seed=3, rank=r, world=3) for r in range(3)]
     for step in range(12):  # several epochs of set "a"
         name, items = one.batch(step)
         assert [ranks[r].batch(step)[0] for r in range(3)] == [name] * 3

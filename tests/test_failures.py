@@ -321,8 +321,8 @@ def test_an_update_that_leaves_nan_weights_stops_before_they_are_saved(tmp_path,
     message = capsys.readouterr().err
     assert "step 2's update left non-finite weights" in message and "Traceback" not in message
     assert f"newest sound checkpoint is {out / 'checkpoint-1'}" in message and "--resume" in message
-    assert runkeeping.checkpoints(out) == [out / "checkpoint-1"] and not (out / "final").exists()
-    assert not runkeeping.nonfinite_weights(preresq.load_model(str(out / "checkpoint-1"), "cpu")[0])
+    assert harness.checkpoints.checkpoints(out) == [out / "checkpoint-1"] and not (out / "final").exists()
+    assert not harness.logs.nonfinite_weights(preresq.load_model(str(out / "checkpoint-1"), "cpu")[0], grpo.Processes())
 
 
 def score(cfg, texts, mos, g):
