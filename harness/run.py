@@ -100,18 +100,22 @@ def load_training_data(cfg) -> tuple[dict, list]:
     return sets, held
 
 
-def load_models(cfg, source: str, device, comm):
+def load_models(cfg, source: str, device, comm, loaded=None):
     """(the trained model, the policy, the frozen reference or None), placed and sharded as configured.
     The trained model is what the optimizer and checkpoints take (under --fsdp, its FSDP root); the
     policy and the reference are preresq.Policy objects. The reference is the initial model: a copy,
     or --model again when resuming from `source`. Under --lora-rank the policy is --model with
-    adapters (read from `source` when resuming) and the reference the policy with its adapters off."""
-    if not comm.main:  # rank 0 loads first: a preset missing from the cache is built once, not by every rank
-        tdist.barrier()
-    loaded = cfg.model if cfg.lora_rank else source  # a LoRA checkpoint holds only the adapters
-    model, tokenizer, image_processor = preresq.load_model(presets.model_path(loaded), device, cfg.dtype)
-    if comm.main and comm.world > 1:
-        tdist.barrier()
+    adapters (read from `source` when resuming) and the reference the policy with its adapters off.
+    loaded: (model, tokenizer, image_processor) already built, in place of loading `source`
+    (tools/step_bench.py's models of random weights)."""
+    if loaded is None:
+        if not comm.main:  # rank 0 loads first: a preset missing from the cache is built once, not by every rank
+            tdist.barrier()
+        name = cfg.model if cfg.lora_rank else source  # a LoRA checkpoint holds only the adapters
+        loaded = preresq.load_model(presets.model_path(name), device, cfg.dtype)
+        if comm.main and comm.world > 1:
+            tdist.barrier()
+    model, tokenizer, image_processor = loaded
     frozen = None
     if cfg.lora_rank:
         add_adapters(cfg, model, source, comm)

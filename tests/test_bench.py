@@ -1,4 +1,5 @@
-"""bench.py: the step bench on the tiny shapes, memory peaks, the real Qwen2.5-VL shapes, the video bench."""
+"""bench.py: the step bench on the tiny shapes (step_bench.py, step_report.py, phase_clock.py), memory
+peaks, the real Qwen2.5-VL shapes (model_shapes.py), the video bench."""
 import ast
 import math
 import statistics
@@ -9,9 +10,16 @@ import pytest
 import torch
 
 import bench
-from support import cli
-import preresq
+import grpo
 import harness.prefetch
+import model_shapes
+import phase_clock
+import preresq
+import step_bench
+import step_report
+from support import cli
+
+BENCH_FILES = ("bench.py", "step_bench.py", "step_report.py", "phase_clock.py", "model_shapes.py")
 
 
 @pytest.fixture()
@@ -25,8 +33,6 @@ def graded_reward(monkeypatch):
     """A reward that tells answers apart (0, 1, 2, 0, ... along each batch), in place of the configured
     one, which scores an untrained model's answers all alike: advantages that are not 0, so a step
     moves the weights."""
-    import grpo
-
     def graded(cfg, stage, scores, mos, valid, fmt, video):
         b, g = scores.shape[:2]
         return {"total": (torch.arange(b * g, dtype=torch.float32) % 3).reshape(b, g)}
@@ -35,23 +41,22 @@ def graded_reward(monkeypatch):
 
 
 def settings(**changes):
-    return bench.StepBench(**{**dict(images_per_step=1, num_generations=2, max_new_tokens=8, image_size=(56, 56),
+    return step_bench.StepBench(**{**dict(images_per_step=1, num_generations=2, max_new_tokens=8, image_size=(56, 56),
                                      steps=1, warmup_steps=0, beta=0.04), **changes})
 
 
 def test_step_bench_times_the_training_step_phase_by_phase(fresh_tiny):
-    import grpo
-
     model, tok, ip = fresh_tiny
-    originals = [grpo.sample_rollout, grpo.score_rollout, grpo.reference_logprobs, grpo.policy_update,
-                 grpo.optimizer_step, preresq.encode_prompts, torch.autograd.backward]
+    timed = [preresq.Policy.prompts, preresq.Policy.sample, grpo.score_rollout, preresq.Policy.logprobs,
+             grpo.policy_loss, torch.autograd.backward, grpo.optimizer_step]
+    assert [vars(where)[name] for where, name, _ in step_bench.HOOKS] == timed  # where the step calls them
     lines = []
-    s = bench.bench_grpo_step(model, tok, ip, settings(images_per_step=2, num_generations=3, image_size=(84, 56),
+    s = step_bench.bench_grpo_step(model, tok, ip, settings(images_per_step=2, num_generations=3, image_size=(84, 56),
                                                        steps=3), report=lines.append)
     assert s["visual_tokens"] == (84 // 28) * (56 // 28)
     steps = s["steps"]
     assert len(steps) == 3
-    for phase in bench.PHASES:  # medians, not means, of what each step measured; every phase ran
+    for phase in step_bench.PHASES:  # medians, not means, of what each step measured; every phase ran
         assert s[phase] == statistics.median(st.seconds[phase] for st in steps), phase
         assert s[phase] > 0, phase
     for st in steps:  # the phases are the step, up to grpo_step's few untimed lines between them
@@ -65,38 +70,35 @@ def test_step_bench_times_the_training_step_phase_by_phase(fresh_tiny):
     assert s["peak_bytes"] > sum(p.numel() * p.element_size() for p in model.parameters())
     # an untrained model's answers all score alike: said, not hidden
     assert s["flat_steps"] == 3 and "advantages were 0" in lines[-1]
-    for phase in bench.PHASES:
-        row = next(line for line in lines[-1].splitlines() if line.strip().startswith(bench.PHASE_NAMES[phase]))
+    for phase in step_bench.PHASES:
+        row = next(line for line in lines[-1].splitlines() if line.strip().startswith(step_report.PHASE_NAMES[phase]))
         assert f"{s[phase]:.3f} s" in row
     assert "peak memory" in lines[-1] and "untimed rest" in lines[-1]
     # the hooks are gone: the training code is as it was
-    assert originals == [grpo.sample_rollout, grpo.score_rollout, grpo.reference_logprobs, grpo.policy_update,
-                         grpo.optimizer_step, preresq.encode_prompts, torch.autograd.backward]
+    assert [preresq.Policy.prompts, preresq.Policy.sample, grpo.score_rollout, preresq.Policy.logprobs,
+            grpo.policy_loss, torch.autograd.backward, grpo.optimizer_step] == timed
 
 
 def test_the_bench_step_is_grpo_step(blank_dir, graded_reward):
     """A bench step changes the weights exactly as grpo.grpo_step called directly does, on the same
     pictures with the same seed, and it does change them."""
-    import copy
     from types import SimpleNamespace
-
-    import grpo
 
     run = settings(images_per_step=2, num_generations=3, lr=1e-3)
     model, tok, ip = preresq.load_model(str(blank_dir), "cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = bench.bench_grpo_step(model, tok, ip, run, report=lambda line: None)
+    s = step_bench.bench_grpo_step(model, tok, ip, run, report=lambda line: None)
     assert s["flat_steps"] == 0
-    direct, tok, ip = preresq.load_model(str(blank_dir), "cpu")
+    direct, reference = preresq.Policy.load(str(blank_dir), "cpu"), preresq.Policy.load(str(blank_dir), "cpu")
+    reference.model.requires_grad_(False)
     cfg = run.config()
-    reference = copy.deepcopy(direct).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(direct.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pictures, mos = bench.Pictures(run.image_size, seed=run.seed)(0, 2)
+    optimizer = torch.optim.AdamW(direct.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pictures, mos = step_bench.Pictures(run.image_size, seed=run.seed)(0, 2)
+    batch = grpo.Batch(0, [grpo.Group([SimpleNamespace(mos=m) for m in mos.tolist()], [[p] for p in pictures])])
     torch.manual_seed(run.seed)
-    done = grpo.grpo_step(cfg, direct, reference, tok, ip, optimizer, [SimpleNamespace(mos=m) for m in mos.tolist()],
-                          [[p] for p in pictures], 0, False)
+    done = grpo.grpo_step(direct, reference, batch, cfg, optimizer)
     assert done.stats["lr"] == 1e-3 and "grad_norm" in done.stats
-    weights = dict(direct.named_parameters())
+    weights = dict(direct.model.named_parameters())
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
@@ -107,14 +109,14 @@ def test_step_bench_runs_the_vision_tower_once_per_picture_and_pass(fresh_tiny):
     model, tok, ip = fresh_tiny
     seen = []
     model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-    bench.bench_grpo_step(model, tok, ip, settings(num_generations=3), report=lambda line: None)
+    step_bench.bench_grpo_step(model, tok, ip, settings(num_generations=3), report=lambda line: None)
     assert sum(seen) == 3 * (56 // 14) * (56 // 14)
 
 
 def test_step_bench_without_kl_skips_the_reference_pass(fresh_tiny):
     model, tok, ip = fresh_tiny
     lines = []
-    s = bench.bench_grpo_step(model, tok, ip, settings(beta=0.0), report=lines.append)
+    s = step_bench.bench_grpo_step(model, tok, ip, settings(beta=0.0), report=lines.append)
     assert s["reference"] == 0 and s["policy"] > 0
     row = next(line for line in lines[-1].splitlines() if line.strip().startswith("reference pass"))
     assert row.split()[-2:] == ["0.000", "s"]
@@ -124,7 +126,7 @@ def _labelled_pictures(folder, sizes):
     """Pictures of the given sizes in `folder`, and a GT label file naming them with scores 1, 2, ..."""
     folder.mkdir(parents=True, exist_ok=True)
     for k, (w, h) in enumerate(sizes):
-        bench.random_pictures(1, w, h, seed=k)[0].save(folder / f"p{k}.png")
+        step_bench.random_pictures(1, w, h, seed=k)[0].save(folder / f"p{k}.png")
     return [(f"p{k}.png", k + 1.0) for k in range(len(sizes))]
 
 
@@ -132,16 +134,16 @@ def test_label_file_pictures_are_read_resized_and_taken_in_order(tmp_path):
     rows = _labelled_pictures(tmp_path / "pictures", [(60, 40), (84, 56), (30, 50)])
     labels = tmp_path / "gt.txt"
     labels.write_text("".join(f"{name} {score}\n" for name, score in rows))
-    items = bench.label_items(str(labels), str(tmp_path / "pictures"))
+    items = step_bench.label_items(str(labels), str(tmp_path / "pictures"))
     assert [it.path for it in items] == [str(tmp_path / "pictures" / name) for name, _ in rows]
-    pictures = bench.Pictures((56, 28), items)
+    pictures = step_bench.Pictures((56, 28), items)
     pics, mos = pictures(1, 2)  # step 1 of two pictures a step: the third item, then the first again
     assert [p.size for p in pics] == [(56, 28), (56, 28)]
     assert mos.tolist() == [items[2].mos, items[0].mos]
     # a label file next to its pictures needs no --data-root
     (tmp_path / "pictures" / "gt.txt").write_text(labels.read_text())
-    assert bench.label_items(str(tmp_path / "pictures" / "gt.txt")) == items
-    random_pics, random_mos = bench.Pictures((56, 28))(0, 3)
+    assert step_bench.label_items(str(tmp_path / "pictures" / "gt.txt")) == items
+    random_pics, random_mos = step_bench.Pictures((56, 28))(0, 3)
     assert [p.size for p in random_pics] == [(56, 28)] * 3 and ((1 <= random_mos) & (random_mos <= 5)).all()
 
 
@@ -159,7 +161,7 @@ def test_step_bench_reads_a_label_file_and_refuses_a_missing_one(tmp_path, capsy
     (tmp_path / "clip.mp4").write_bytes(b"")
     (tmp_path / "videos.txt").write_text("clip.mp4 3.0\np0.png 4.0\n")
     with pytest.raises(cli.InputError):
-        bench.label_items(str(tmp_path / "videos.txt"))
+        step_bench.label_items(str(tmp_path / "videos.txt"))
     with pytest.raises(SystemExit):
         bench.parse_args(["step", "--data-root", str(tmp_path)])  # without --labels
     with pytest.raises(SystemExit):
@@ -167,9 +169,12 @@ def test_step_bench_reads_a_label_file_and_refuses_a_missing_one(tmp_path, capsy
 
 
 def test_phase_clock_gives_each_phase_its_own_time_and_puts_the_functions_back():
-    original = torch.autograd.backward
+    original, sample = torch.autograd.backward, preresq.Policy.sample
     x = torch.randn(300, 300, requires_grad=True)
-    with bench.PhaseClock(torch.device("cpu")) as clock:
+    hooks = (phase_clock.hook(torch.autograd.backward, "policy_backward"),
+             phase_clock.hook(preresq.Policy.sample, "generation"))
+    with phase_clock.PhaseClock(torch.device("cpu"), step_bench.PHASES, hooks) as clock:
+        assert preresq.Policy.sample is not sample  # a method is timed on its class
         assert torch.autograd.backward is not original and all(v == 0 for v in clock.seconds.values())
 
         def forward_and_backward():
@@ -179,15 +184,32 @@ def test_phase_clock_gives_each_phase_its_own_time_and_puts_the_functions_back()
         inner = clock.seconds["policy_backward"]
         torch.autograd.backward([(x * 2).sum()])
     assert 0 < inner < clock.seconds["policy_backward"] and clock.seconds["policy_forward"] > 0
-    assert torch.autograd.backward is original and x.grad is not None
+    assert torch.autograd.backward is original and preresq.Policy.sample is sample and x.grad is not None
     # nested time is taken off the outer call: one call inside another adds up to the outer's wall time
-    clock = bench.PhaseClock(torch.device("cpu"))
+    clock = phase_clock.PhaseClock(torch.device("cpu"), step_bench.PHASES)
     outer = clock.timed("generation", lambda: clock.timed("pictures", lambda: sum(range(10**6)))())
     start = time.perf_counter()
     outer()
     wall = time.perf_counter() - start
     assert clock.seconds["pictures"] > 0 and clock.seconds["generation"] > 0
     assert clock.seconds["pictures"] + clock.seconds["generation"] == pytest.approx(wall, rel=0.2)
+
+
+def test_a_function_the_bench_times_is_held_by_reference():
+    """A hook names the function itself, found where the training code calls it: a function that is
+    not there is refused, and a renamed part of the step fails when the bench is imported."""
+    assert phase_clock.hook(grpo.score_rollout, "reward") == (grpo, "score_rollout", "reward")
+    assert phase_clock.hook(preresq.Policy.logprobs, "reference")[:2] == (preresq.Policy, "logprobs")
+    with pytest.raises(ValueError, match="not an attribute"):
+        phase_clock.hook(lambda: None, "reward")
+
+
+@pytest.mark.parametrize("owner, name", [(grpo, "policy_loss"), (preresq.Policy, "sample")])
+def test_a_renamed_part_of_the_step_fails_at_the_bench_import(monkeypatch, owner, name):
+    source = (bench.ROOT / "tools" / "step_bench.py").read_text()
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(AttributeError, match=name):
+        exec(compile(source, "step_bench.py", "exec"), {"__name__": "step_bench_again"})
 
 
 def test_log_softmax_keeps_no_vocabulary_sized_tensor_for_the_backward(blank):
@@ -224,7 +246,7 @@ def test_log_softmax_keeps_no_vocabulary_sized_tensor_for_the_backward(blank):
 
 
 def test_word_tokenizer_decodes_ids_as_words_without_the_special_tokens():
-    words = bench.WordTokenizer({"<|im_end|>": 9, "<|endoftext|>": 8}, text_vocab=8)
+    words = model_shapes.WordTokenizer({"<|im_end|>": 9, "<|endoftext|>": 8}, text_vocab=8)
     assert words.batch_decode(torch.tensor([[3, 5, 9, 8], [1, 1, 1, 1]])) == ["w3 w5", "w1 w1 w1 w1"]
     assert words.batch_decode([[3, 9]], skip_special_tokens=False) == ["w3 w9"]
 
@@ -235,7 +257,7 @@ def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fi
 
     model, tok, ip = fresh_tiny
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = bench.bench_grpo_step(model, tok, ip, settings(warmup_steps=1, lora_rank=4), report=lambda line: None)
+    s = step_bench.bench_grpo_step(model, tok, ip, settings(warmup_steps=1, lora_rank=4), report=lambda line: None)
     assert s["reference"] > 0 and s["policy"] > 0  # the reference pass: the policy with its adapters off
     adapters = lora.adapter_weights(model)
     total = sum(p.numel() for p in before.values())
@@ -245,7 +267,7 @@ def test_step_bench_with_lora_trains_only_the_adapters_and_compares_with_full_fi
     lines = []
     full = {**s, "trained_parameters": 4 * s["trained_parameters"], "step": 2 * s["step"],
             "peak_bytes": 2 * s["peak_bytes"]}
-    ratios = bench.compare_lora(s, full, 4, report=lines.append)["ratios"]
+    ratios = step_report.compare_lora(s, full, 4, report=lines.append)["ratios"]
     assert ratios["trained_parameters"] == 0.25 and ratios["step"] == 0.5 and ratios["peak_bytes"] == 0.5
     assert "LoRA rank 4 against full fine-tuning" in lines[0] and "= 0.500" in lines[0]
 
@@ -255,31 +277,31 @@ def test_image_processor_is_widened_only_when_the_size_needs_it(fresh_tiny):
     limit = ip.size["longest_edge"]  # 224 * 224 for tiny
     side = 28 * (math.isqrt(limit) // 28 + 2)
     lines = []
-    s = bench.bench_grpo_step(model, tok, ip, settings(image_size=(side, side), beta=0.0), report=lines.append)
+    s = step_bench.bench_grpo_step(model, tok, ip, settings(image_size=(side, side), beta=0.0), report=lines.append)
     assert s["visual_tokens"] == (side // 28) ** 2
     assert ip.size["longest_edge"] == side * side and "max_pixels raised" in lines[0]
 
 
 def test_size_for_visual_tokens_gives_at_least_that_many_tokens():
-    assert bench.size_for_visual_tokens(529) == (644, 644)  # 23 x 23 tokens
-    assert bench.size_for_visual_tokens(500) == (644, 616)  # 23 x 22 = 506
+    assert step_bench.size_for_visual_tokens(529) == (644, 644)  # 23 x 23 tokens
+    assert step_bench.size_for_visual_tokens(500) == (644, 616)  # 23 x 22 = 506
     for n in (1, 7, 256, 500, 1000):
-        w, h = bench.size_for_visual_tokens(n)
+        w, h = step_bench.size_for_visual_tokens(n)
         assert n <= (w // 28) * (h // 28) < n + max(w, h) // 28
 
 
 def test_peak_memory_sees_an_allocation_and_resets_between_calls():
     device = torch.device("cpu")
     size = 300 * 2**20
-    _, seconds, peak_big = bench._measure(lambda: np.ones(size // 8).sum(), device)
-    _, _, peak_small = bench._measure(lambda: None, device)
+    _, seconds, peak_big = phase_clock.measure(lambda: np.ones(size // 8).sum(), device)
+    _, _, peak_small = phase_clock.measure(lambda: None, device)
     assert seconds > 0
     assert peak_big - peak_small > 0.8 * size
 
 
 @pytest.mark.parametrize("name, published_billions", [("qwen2.5-vl-3b", 3.75), ("qwen2.5-vl-7b", 8.29)])
 def test_real_shapes_have_the_published_parameter_counts(name, published_billions):
-    model = bench.qwen_model(name, "meta")
+    model = model_shapes.qwen_model(name, "meta")
     params = sum(p.numel() for p in model.parameters())
     assert round(params / 1e9, 2) == published_billions  # the model cards' "Model size"
     text, vision = model.config.text_config, model.config.vision_config
@@ -299,12 +321,12 @@ def test_word_tokenizer_splits_like_qwens_pre_tokenizer_and_feeds_the_real_promp
     model, tok, ip = blank
     pre = tok.backend_tokenizer.pre_tokenizer
     for text in (*preresq.IMAGE_PROMPT_POOL, preresq.VIDEO_PROMPT, "Rate it 4.25, isn't it?\n\n  ok"):
-        assert len(bench.WordTokenizer.PIECES.findall(text)) == len(pre.pre_tokenize_str(text)), text
+        assert len(model_shapes.WordTokenizer.PIECES.findall(text)) == len(pre.pre_tokenize_str(text)), text
     specials = {t: tok.convert_tokens_to_ids(t) for t in preresq.SPECIAL_TOKENS}
-    words = bench.WordTokenizer(specials, text_vocab=min(specials.values()))
+    words = model_shapes.WordTokenizer(specials, text_vocab=min(specials.values()))
     for key in ("suppress_tokens", "eos_token_id", "pad_token_id"):
         assert getattr(preresq.sampling_config(words), key) == getattr(preresq.sampling_config(tok), key)
-    pics = bench.random_pictures(2, 84, 56)
+    pics = step_bench.random_pictures(2, 84, 56)
     real = preresq.encode_prompts(tok, ip, [[p] for p in pics], [preresq.IMAGE_PROMPT] * 2)
     stand_in = preresq.encode_prompts(words, ip, [[p] for p in pics], [preresq.IMAGE_PROMPT] * 2)
     for s in specials.values():
@@ -353,17 +375,17 @@ def test_real_shape_path_runs_end_to_end_at_reduced_width(monkeypatch):
     """The CUDA-only path (Qwen's ids and vocabulary, WordTokenizer, Qwen's processor) on a narrow CPU copy."""
     narrow = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=1,
                   num_key_value_heads=1)  # head_dim stays 128, as mrope_section [16, 24, 24] needs
-    monkeypatch.setitem(bench.QWEN_SHAPES, "qwen2.5-vl-3b", {**bench.QWEN_SHAPES["qwen2.5-vl-3b"], **narrow})
-    monkeypatch.setattr(bench, "QWEN_VISION", {**bench.QWEN_VISION, "hidden_size": 32, "intermediate_size": 64,
+    monkeypatch.setitem(model_shapes.QWEN_SHAPES, "qwen2.5-vl-3b", {**model_shapes.QWEN_SHAPES["qwen2.5-vl-3b"], **narrow})
+    monkeypatch.setattr(model_shapes, "QWEN_VISION", {**model_shapes.QWEN_VISION, "hidden_size": 32, "intermediate_size": 64,
                                                "num_heads": 2})
     torch.manual_seed(0)
-    model = bench.qwen_model("qwen2.5-vl-3b", "cpu", torch.float32)
+    model = model_shapes.qwen_model("qwen2.5-vl-3b", "cpu", torch.float32)
     assert model.config.text_config.vocab_size == 151936
-    ids = bench.QWEN_SPECIAL_IDS
-    words = bench.WordTokenizer(ids, text_vocab=min(ids.values()))
+    ids = model_shapes.QWEN_SPECIAL_IDS
+    words = model_shapes.WordTokenizer(ids, text_vocab=min(ids.values()))
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    processor = Qwen2VLImageProcessorPil(min_pixels=bench.QWEN_MIN_PIXELS, max_pixels=bench.QWEN_MAX_PIXELS)
-    s = bench.bench_grpo_step(model, words, processor, settings(image_size=(112, 56)), report=lambda line: None)
+    processor = Qwen2VLImageProcessorPil(min_pixels=model_shapes.QWEN_MIN_PIXELS, max_pixels=model_shapes.QWEN_MAX_PIXELS)
+    s = step_bench.bench_grpo_step(model, words, processor, settings(image_size=(112, 56)), report=lambda line: None)
     assert s["visual_tokens"] == 8 and s["policy"] > 0 and s["reference"] > 0
     prompt = words.encode(preresq.render_prompt([8], preresq.IMAGE_PROMPT))
     assert prompt[0] == ids["<|im_start|>"] and prompt.count(ids["<|image_pad|>"]) == 8
@@ -376,21 +398,23 @@ def test_picture_prefetch_threads_yield_the_cores_to_torch():
     import threading
     from types import SimpleNamespace
 
-    from support import runkeeping
-
     if not hasattr(os, "setpriority"):
         pytest.skip("no thread priorities here")
     nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     own = nice()
     sampler = SimpleNamespace(batch=lambda step: (None, []))  # steps without pictures
-    with harness.prefetch.Prefetch(SimpleNamespace(sampler=sampler, steps=2, start=0), None, workers=2) as prefetch:
-        assert prefetch.load(0) == ([], [], [])
+    run = SimpleNamespace(sampler=sampler, steps=2, start=0, comm=grpo.Processes())
+    cfg = SimpleNamespace(images_per_step=2, groups_per_step=1, max_pixels=None, workers=2)
+    with harness.prefetch.Prefetch(run, cfg) as prefetch:
+        assert prefetch.load(0) == ([([], [], 0)], [])  # one group: no items, no pictures, first place 0
         assert prefetch.pool.submit(nice).result() == 19
     assert nice() == own
 
 
-def test_no_function_of_the_bench_is_longer_than_sixty_lines():
-    path = bench.ROOT / "tools" / "bench.py"
-    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(path.read_text()))
+@pytest.mark.parametrize("name", BENCH_FILES)
+def test_no_function_of_the_bench_is_longer_than_sixty_lines_nor_a_file_than_400(name):
+    text = (bench.ROOT / "tools" / name).read_text()
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(text))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
     assert not long, long
+    assert len(text.splitlines()) <= 400

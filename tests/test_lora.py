@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-import bench
+import model_shapes
 import grpo
 from harness import lora
 import preresq
@@ -95,7 +95,7 @@ def test_adapters_start_as_the_identity(blank, inputs):
 
 
 def test_targets_wrap_the_named_projections():
-    model = bench.qwen_model("qwen2.5-vl-7b", "meta")
+    model = model_shapes.qwen_model("qwen2.5-vl-7b", "meta")
     names = lora.add_adapters(model, 16)
     layer = "model.language_model.layers.0."
     assert names[:7] == [layer + n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
