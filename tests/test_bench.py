@@ -89,7 +89,7 @@ def test_the_bench_step_is_grpo_step(blank_dir, graded_reward):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     s = step_bench.bench_grpo_step(model, tok, ip, run, report=lambda line: None)
     assert s["flat_steps"] == 0
-    direct, reference = preresq.Policy.load(str(blank_dir), "cpu"), preresq.Policy.load(str(blank_dir), "cpu")
+    direct, reference = (preresq.Policy(*preresq.load_model(str(blank_dir), "cpu")) for _ in range(2))
     reference.model.requires_grad_(False)
     cfg = run.config()
     optimizer = torch.optim.AdamW(direct.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

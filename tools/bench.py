@@ -47,7 +47,8 @@ from support import cli  # noqa: E402
 from support.frames import check_video  # noqa: E402
 
 import step_bench  # noqa: E402
-from model_shapes import check_model_device  # noqa: E402
+from step_bench import size_for_visual_tokens  # noqa: E402
+from model_shapes import QWEN_MAX_PIXELS, check_model_device  # noqa: E402
 from phase_clock import sync  # noqa: E402
 
 
