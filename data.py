@@ -14,8 +14,8 @@ Paper map (arXiv 2511.05393, its data and evaluation protocol):
     read_visual(path, max_pixels)   # an image, or a video's views [global mosaic, local frames]
     python data.py --data NAME --data-root DIR   # items per split, score ranges, problems found
 
-Each benchmark's own label format and the table of set names (DATASETS) are in label_formats.py;
-the generated sets ("synthetic", "synthetic-video") in synthetic.py; video views in video.py.
+Each benchmark's own files and the set names (DATASETS): benchmarks.py; label files: label_formats.py;
+the generated sets ("synthetic", "synthetic-video"): synthetic.py; video views: video.py.
 
 Choices the paper leaves open:
 - KADID: train/val/test are the authors' published reference lists (`kadid_split`), whatever
@@ -45,8 +45,8 @@ from support import cli
 from support import synthetic
 import video
 # DataError, DATASETS and read_labels are part of this module's interface too (data.DataError ...).
-from support.label_formats import (DATASETS, DataError, DatasetInfo, LabelRow, check_duplicates, known_datasets,
-                                   pair_sets, read_labels)
+from support.benchmarks import DATASETS, DatasetInfo, known_datasets, pair_sets
+from support.label_formats import DataError, LabelRow, check_duplicates, read_labels
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp")
 RANDOM_TEST_FRACTION = 0.2

@@ -27,7 +27,7 @@ def run(folder: Path, script: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     guard = ("import importlib.util, sys\n"
-             "for name in ('data', 'evaluate', 'video', 'runkeeping', 'support.runkeeping', 'support.cli'):\n"
+             "for name in ('data', 'evaluate', 'video', 'harness', 'harness.run', 'support.cli'):\n"
              "    assert importlib.util.find_spec(name.split('.')[0]) is None or name.startswith('support.') and "
              "importlib.util.find_spec(name) is None, name\n")
     (folder / "guard").write_text(guard)

@@ -1,6 +1,6 @@
-"""Tests for data.py, label_formats.py and synthetic.py: fixture folders in each dataset's native
-format, label parsing, splits, errors, image decoding, and the synthetic sets' quality order
-(checked with PSNR)."""
+"""Tests for data.py, label_formats.py, benchmarks.py and synthetic.py: fixture folders in each
+dataset's native format, label parsing, splits, errors, image decoding, and the synthetic sets'
+quality order (checked with PSNR)."""
 import collections
 import csv
 import json
@@ -16,7 +16,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from support import label_formats
+from support import benchmarks, label_formats
 import data
 from support import synthetic
 from data import DataError
@@ -141,7 +141,7 @@ def test_read_mat_v5_cells_and_clear_errors(tmp_path):
     names = np.array(["t1.bmp", "long_name.bmp"], dtype=object).reshape(-1, 1)
     scipy.io.savemat(tmp_path / "a.mat", {"names": names, "mos": np.array([[10.5, 70.0]])})
     got_names, got_mos = label_formats.read_mat(str(tmp_path / "a.mat"), "names", "mos")
-    assert [label_formats._mat_str(n) for n in got_names] == ["t1.bmp", "long_name.bmp"]
+    assert [label_formats.mat_str(n) for n in got_names] == ["t1.bmp", "long_name.bmp"]
     assert list(got_mos) == [10.5, 70.0]
     with pytest.raises(DataError, match=r"no variable\(s\) \['dmos'\].*'mos', 'names'"):
         label_formats.read_mat(str(tmp_path / "a.mat"), "dmos")
@@ -441,7 +441,7 @@ def make_bid(root):
 
 def make_live(root):
     os.makedirs(root, exist_ok=True)
-    names = [f"{folder}/img{i}.bmp" for folder, n in label_formats._LIVE_FOLDERS for i in range(1, n + 1)]
+    names = [f"{folder}/img{i}.bmp" for folder, n in benchmarks._LIVE_FOLDERS for i in range(1, n + 1)]
     rng = np.random.default_rng(0)
     dmos = rng.uniform(0, 100, len(names))
     orgs = np.zeros(len(names))

@@ -1,7 +1,7 @@
 """The demo learns: GRPO with the PreResQ reward ties the `tiny` preset's scores to quality.
 
 The preset starts with no correlation between its scores and quality (held-out SRCC about 0,
-by construction: presets.neutral_opinion). A short run of the demo's own recipe (the paper's:
+by construction: preset_recipe.neutral_opinion). A short run of the demo's own recipe (the paper's:
 dual reward, Exploration-to-Stability) must lift the held-out SRCC clearly above where it started.
 Measured on the 2-core machine (README, "Tests"): 0.059 -> 0.769 in 150 steps (0.249 at step 50,
 0.698 at step 100); 100 steps were too few to test (0.059 -> 0.208: the learning rate decays to 0

@@ -1,4 +1,5 @@
-"""preresq.py: prompts, batching, sampling settings, log-probs against generate, loading; presets.py."""
+"""preresq.py: prompts, batching, sampling settings, log-probs against generate, loading; presets.py and
+preset_recipe.py."""
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import data
 import oracles
 from support import prompt_sharing
 import preresq
-from harness import presets
+from harness import preset_recipe, presets
 import rewards
 
 
@@ -233,7 +234,7 @@ def test_preset_is_an_ordinary_checkpoint_that_knows_the_format(tiny):
     again = AutoModelForImageTextToText.from_pretrained(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     rng = np.random.default_rng(5)
-    imgs = [presets._random_picture(rng) for _ in range(6)]
+    imgs = [preset_recipe._random_picture(rng) for _ in range(6)]
     judged = preresq.judge(model, tok, ip, imgs, samples=4, max_new_tokens=64)
     parsed = sum(j.parsed for j in judged)
     assert parsed >= 0.5 * 24, [j.texts[0] for j in judged]
@@ -315,44 +316,44 @@ def test_score_accepts_a_video_file(tiny):
 
 def test_prefetched_draws_exactly_like_a_plain_loop():
     rng = np.random.default_rng(3)
-    fetched = list(presets._prefetched(lambda: rng.random(3), 5))
+    fetched = list(preset_recipe._prefetched(lambda: rng.random(3), 5))
     plain = np.random.default_rng(3)
     assert all(np.array_equal(a, plain.random(3)) for a in fetched) and len(fetched) == 5
-    assert list(presets._prefetched(lambda: 1 / 0, 0)) == []
+    assert list(preset_recipe._prefetched(lambda: 1 / 0, 0)) == []
 
 
 def test_neutral_opinion_says_nothing_about_severity():
     """Latin square: every severity bin holds each opinion level once (mean 3.0), so the preset's
     starting scores are uncorrelated with how strong a degradation is."""
-    kinds = range(len(presets.DEGRADATION_NAMES))
-    for b in range(len(presets.SEVERITY_WORDS)):
-        severity = (b + 0.5) / len(presets.SEVERITY_WORDS)
-        levels = sorted(presets.neutral_opinion(k, severity) for k in kinds)
-        assert levels == sorted(presets.OPINION_LEVELS.tolist())
+    kinds = range(len(preset_recipe.DEGRADATION_NAMES))
+    for b in range(len(preset_recipe.SEVERITY_WORDS)):
+        severity = (b + 0.5) / len(preset_recipe.SEVERITY_WORDS)
+        levels = sorted(preset_recipe.neutral_opinion(k, severity) for k in kinds)
+        assert levels == sorted(preset_recipe.OPINION_LEVELS.tolist())
         assert np.mean(levels) == pytest.approx(3.0)
     # a kind's opinion changes with the strength (the picture matters), and untouched pictures get none
-    assert len({presets.neutral_opinion(0, (b + 0.5) / 4) for b in range(4)}) == 4
-    assert presets.neutral_opinion(None, 0.0) is None
-    assert presets.severity_bin(0.0) == 0 and presets.severity_bin(0.99) == 3 and presets.severity_bin(1.0) == 3
+    assert len({preset_recipe.neutral_opinion(0, (b + 0.5) / 4) for b in range(4)}) == 4
+    assert preset_recipe.neutral_opinion(None, 0.0) is None
+    assert [preset_recipe.severity_bin(s) for s in (0.0, 0.99, 1.0)] == [0, 3, 3]
 
 
 def test_warm_up_answers_describe_the_picture_and_parse():
-    assert presets.describe_degradation(None, 0.0) == "I see no distortion."
-    assert presets.describe_degradation(0, 0.9) == "I see severe blur."
-    assert presets.describe_degradation(6, 0.3) == "I see moderate faded colour."
+    assert preset_recipe.describe_degradation(None, 0.0) == "I see no distortion."
+    assert preset_recipe.describe_degradation(0, 0.9) == "I see severe blur."
+    assert preset_recipe.describe_degradation(6, 0.3) == "I see moderate faded colour."
     rng = np.random.default_rng(0)
     for kind, severity in [(None, 0.0), (2, 0.1), (7, 0.8)]:
-        text = presets._random_answer(rng, 5, False, presets.describe_degradation(kind, severity),
-                                      presets.neutral_opinion(kind, severity))
+        text = preset_recipe._random_answer(rng, 5, False, preset_recipe.describe_degradation(kind, severity),
+                                            preset_recipe.neutral_opinion(kind, severity))
         scores = rewards.parse_answer(text, 5)
         assert scores is not None and len(scores) == 5 and all(1 <= s <= 5 for s in scores)
         assert max(scores) - min(scores) < 1.5  # the aspects of one answer go together
-        assert presets.describe_degradation(kind, severity) in text
+        assert preset_recipe.describe_degradation(kind, severity) in text
 
 
 def test_degraded_picture_reports_kind_and_severity():
     rng = np.random.default_rng(1)
-    seen = [presets._degraded_picture(rng) for _ in range(40)]
+    seen = [preset_recipe._degraded_picture(rng) for _ in range(40)]
     assert all(isinstance(p, Image.Image) and 84 <= min(p.size) and max(p.size) <= 168 for p, _, _ in seen)
     assert all((k is None and s == 0.0) or (0 <= k < 8 and 0 <= s <= 1) for _, k, s in seen)
     assert any(k is None for _, k, _ in seen) and len({k for _, k, _ in seen}) >= 6
