@@ -125,7 +125,7 @@ def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
     mos (n,), scores (n, G, A), valid and fmt (n, G): this rank's n <= batch_size readable images.
     Each rank pads to batch_size rows (all_gather needs one shape) and the padding is dropped again,
     so the result is what one process would hold for the global batch's readable images, in rank
-    order. Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), sizes): sizes[r] is the
+    order and in the dtypes given (float64 scores stay float64, so equal means still tie). Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), sizes): sizes[r] is the
     number of rank r's rows among the N.
     """
     n = len(mos)
@@ -140,8 +140,8 @@ def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
     rows = torch.cat(parts).cpu()
     counts = [int(part[:, 0].sum()) for part in parts]
     rows = rows[rows[:, 0] > 0]
-    return (rows[:, 1].float(), rows[:, 2 + 2 * g:].reshape(-1, g, a).float(), rows[:, 2:2 + g] > 0.5,
-            rows[:, 2 + g:2 + 2 * g].float(), counts)
+    return (rows[:, 1].to(mos.dtype), rows[:, 2 + 2 * g:].reshape(-1, g, a).to(scores.dtype),
+            rows[:, 2:2 + g] > 0.5, rows[:, 2 + g:2 + 2 * g].to(fmt.dtype), counts)
 
 
 @dataclass(frozen=True)

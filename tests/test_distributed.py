@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from support import distributed, runkeeping
+import rewards
 import grpo
 from support import lora
 from support.cli import InputError
@@ -176,6 +177,25 @@ def test_by_default_each_process_compares_its_own_images(two_ranks, blank):
     # the same images compared across the global batch give other preference terms
     together = one_step(copy.deepcopy(model), tok, ip, settings, split[0] + split[1], distributed.SINGLE)
     assert together["terms"]["reward/pair_fidelity"] != pytest.approx(got["terms"]["reward/pair_fidelity"])
+
+
+def test_gathered_scores_keep_their_dtype_so_equal_means_still_tie(monkeypatch):
+    """Two ranks' parsed answers (all_gather stood in for: both ranks hold the same) come back
+    bit for bit, float64 included: a float32 round trip would split the tie of 4.026 and 4.026."""
+    texts = [f"<think>ok</think><answer>{v}</answer>" for v in
+             ("2.99\n3.21\n4.11\n4.90\n4.92", "3.08\n3.21\n4.11\n4.81\n4.92", "4\n4\n4\n4\n4", "x")]
+    scores, valid, fmt = rewards.parse_completions(texts, 5, 4)
+    mos = torch.tensor([3.5], dtype=torch.float64)
+
+    def all_gather(parts, packed):
+        for part in parts:
+            part.copy_(packed)
+    monkeypatch.setattr(distributed.tdist, "all_gather", all_gather)
+    got = distributed.gather_scores(distributed.Dist(rank=0, world=2), 1, mos, scores, valid, fmt)
+    for have, want in zip(got[:4], (mos, scores, valid, fmt)):
+        assert have.dtype == want.dtype and torch.equal(have, torch.cat([want, want]))
+    rank = rewards.group_rank(got[1].mean(-1), got[0], got[2])
+    assert rank[0, 0] == rank[0, 1] and rank[1, 0] == rank[1, 1]
 
 
 def test_ranks_split_the_global_batch_of_one_process():
