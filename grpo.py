@@ -43,7 +43,7 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1
     """Group-relative advantages (GRPO).
 
     rewards: (B, G) -> (B, G).  A[i, j] = (r[i, j] - mean_j r[i, :]) / (std + eps) where std is the
-    unbiased std of the group ("group", the paper's), of the whole batch ("batch"), or 1 ("none",
+    unbiased std of the group ("group", the authors' trainer's), of the whole batch ("batch"), or 1 ("none",
     Dr. GRPO). A group of one answer has no baseline: its advantage is 0.
     """
     g = rewards.shape[1]
@@ -84,7 +84,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grp
               num_sequences: int | None = None, num_tokens: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss (N, C) with mask (N, C) to a scalar.
 
-    grpo:    mean over sequences of each sequence's token mean (the paper's).
+    grpo:    mean over sequences of each sequence's token mean (the authors' trainer's).
     dapo:    sum over all tokens / number of tokens (token-level; TRL's default).
     dr_grpo: sum over all tokens / (sequences * max_len) (no length bias).
     num_sequences / num_tokens: totals over the whole batch when `per_token` is one micro-batch,
@@ -107,7 +107,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     """The GRPO objective as a loss: aggregate(clipped surrogate + beta * KL_k3).
 
     logp, old_logp, ref_logp: (N, C) (ref_logp None when beta = 0); advantages: (N,); mask (N, C).
-    reasoning (N, C) bool and reasoning_beta: the reasoning tokens' own KL coefficient (the paper
+    reasoning (N, C) bool and reasoning_beta: the reasoning tokens' own KL coefficient (the authors' trainer
     uses beta on every token; see --reasoning-beta). Returns (loss, stats) with stats = per-token
     mean KL and clip fraction (detached floats).
     """
@@ -207,7 +207,7 @@ class Config:
     lr: float = flag(None, float, "AdamW learning rate, linear decay to 0", "GRPO")
     beta: float = flag(None, float, "KL coefficient; 0 skips the reference model", "GRPO")
     reasoning_beta: float = flag(None, float, "KL coefficient of the reasoning tokens (inside <think>), when it "
-                                 "differs from --beta's (paper: --beta on every token)", "GRPO")
+                                 "differs from --beta's (authors' trainer: --beta on every token)", "GRPO")
     epsilon: float = flag(0.2, float, "PPO clip range", "GRPO")
     num_iterations: int = flag(1, int, "mu, updates per batch (the ratio differs from 1 only when mu > 1)", "GRPO")
     temperature: float = flag(1.0, float, "sampling temperature", "GRPO")
@@ -218,7 +218,7 @@ class Config:
     scale_rewards: str = flag("group", str, "advantage std scaling", "GRPO", choices=["group", "batch", "none"])
     compare_across_processes: bool = flag(False, bool, "under torchrun: the preference branch compares the "
                                           "whole global batch (default: each process's B images, as the "
-                                          "paper's per-device reward)", "reward")
+                                          "authors' trainer's per-device reward)", "reward")
     reward: str = flag("preresq", str, "reward function", "reward", choices=list(rewards.REWARDS))
     response_branch: bool = flag(True, bool, "drop the response branch (aspect-spread penalty, triplet balance)",
                                  "reward")

@@ -10,7 +10,8 @@ image's MOS on the 1..5 scale.
 
 Video drops R_rank and the division by 3 (`video=True`). Every weight, threshold and formula is
 the authors' training code's (grpo_preres_IQA_r1, grpo_preres_VQA_r1); the paper's figures
-name the other terms, but R_rank, the largest weight (1 against R_pair's 0.375), is in none of them.
+name the other terms, but R_rank, the largest weight (1 against R_pair's 0.375), is not named
+separately in the figures (the overall figure's preference reward is "Pairwise-Triplet-Score-Rank").
 
 | term      | name, and where it is shown                     | function                |
 |-----------|-------------------------------------------------|-------------------------|
@@ -19,7 +20,7 @@ name the other terms, but R_rank, the largest weight (1 against R_pair's 0.375),
 | R_tripbal | response triplet ranking balance (figures)      | `triplet_balance`       |
 | R_pair    | pairwise score and ranking (preference; figures)| `pairwise_fidelity`     |
 | R_trip3   | triplet ranking (preference; figures)           | `triplet_accuracy`      |
-| R_rank    | group rank (authors' code only: in no figure)   | `group_rank`            |
+| R_rank    | group rank (authors' code; not named separately in the figures) | `group_rank` |
 | R         | the combination (authors' code)                 | `preresq_reward`        |
 | rival     | VisualQuality-R1 Thurstone fidelity             | `fidelity_reward`       |
 | rival     | Q-Insight score threshold                       | `threshold_reward`      |

@@ -165,7 +165,7 @@ def test_two_ranks_give_the_gradient_and_metrics_of_one_process(two_ranks, blank
 
 @pytest.mark.slow
 def test_by_default_each_process_compares_its_own_images(two_ranks, blank):
-    """The paper's reward is computed per device: rank 0's advantages are those of one process on
+    """The authors' trainer computes the reward per device: rank 0's advantages are those of one process on
     rank 0's images alone, and the logged reward terms average the two ranks' own computations."""
     settings, split = PER_PROCESS
     model, tok, ip = blank
