@@ -125,8 +125,9 @@ def gather_scores(dist: Dist, batch_size: int, mos, scores, valid, fmt):
     mos (n,), scores (n, G, A), valid and fmt (n, G): this rank's n <= batch_size readable images.
     Each rank pads to batch_size rows (all_gather needs one shape) and the padding is dropped again,
     so the result is what one process would hold for the global batch's readable images, in rank
-    order and in the dtypes given (float64 scores stay float64, so equal means still tie). Returns (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), sizes): sizes[r] is the
-    number of rank r's rows among the N.
+    order and in the dtypes given (float64 scores stay float64, so equal means still tie). Returns
+    (mos (N,), scores (N, G, A), valid (N, G), fmt (N, G), sizes): sizes[r] is the number of rank
+    r's rows among the N.
     """
     n = len(mos)
     if dist.world == 1:
