@@ -39,9 +39,9 @@ import rewards
 # --------------------------------------------------------------------------- the algorithm
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages (GRPO). rewards: (B, G) -> (B, G).  A[i, j] = (r[i, j] - mean_j r[i, :]) / (std + eps) where std is the
-    unbiased std of the group ("group", the paper's), of the whole batch ("batch"), or 1 ("none",
-    Dr. GRPO). A group of one answer has no baseline: its advantage is 0.
+    """Group-relative advantages (GRPO). rewards: (B, G) -> (B, G). A[i, j] = (r[i, j] - mean_j r[i, :]) /
+    (std + eps) where std is the unbiased std of the group ("group", the authors' trainer's), of the
+    whole batch ("batch"), or 1 ("none", Dr. GRPO). A group of one answer has no baseline: its advantage is 0.
     """
     g = rewards.shape[1]
     if g < 2:
@@ -77,7 +77,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grpo", max_len: int | None = None,
               num_sequences: int | None = None, num_tokens: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss (N, C) with mask (N, C) to a scalar.
-    grpo:    mean over sequences of each sequence's token mean (the paper's).
+    grpo:    mean over sequences of each sequence's token mean (the authors' trainer's).
     dapo:    sum over all tokens / number of tokens (token-level; TRL's default).
     dr_grpo: sum over all tokens / (sequences * max_len) (no length bias).
     num_sequences / num_tokens: totals over the whole batch when `per_token` is one micro-batch,
@@ -99,7 +99,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
               reasoning: torch.Tensor | None = None, reasoning_beta: float | None = None):
     """The GRPO objective as a loss: aggregate(clipped surrogate + beta * KL_k3).
     logp, old_logp, ref_logp: (N, C) (ref_logp None when beta = 0); advantages: (N,); mask (N, C).
-    reasoning (N, C) bool and reasoning_beta: the reasoning tokens' own KL coefficient (the paper
+    reasoning (N, C) bool and reasoning_beta: the reasoning tokens' own KL coefficient (the authors' trainer
     uses beta on every token; see --reasoning-beta). Returns (loss, stats) with stats = per-token
     mean KL and clip fraction (detached floats).
     """
@@ -181,7 +181,7 @@ class Settings:
     lr: float = flag(None, float, "AdamW learning rate, linear decay to 0", "GRPO")
     beta: float = flag(None, float, "KL coefficient; 0 skips the reference model", "GRPO")
     reasoning_beta: float = flag(None, float, "KL coefficient of the reasoning tokens (inside <think>), when it "
-                                 "differs from --beta's (paper: --beta on every token)", "GRPO")
+                                 "differs from --beta's (authors' trainer: --beta on every token)", "GRPO")
     epsilon: float = flag(0.2, float, "PPO clip range", "GRPO")
     num_iterations: int = flag(1, int, "mu, updates per batch (the ratio differs from 1 only when mu > 1)", "GRPO")
     temperature: float = flag(1.0, float, "sampling temperature", "GRPO")
@@ -200,7 +200,7 @@ class Settings:
                                    "group rank)", "reward")
     compare_across_processes: bool = flag(False, bool, "under torchrun: the preference branch compares the "
                                           "whole global batch (default: each process's B images, as the "
-                                          "paper's per-device reward)", "reward")
+                                          "authors' trainer's per-device reward)", "reward")
     schedule: str = flag(None, str, "explore-stable: stage 1 prompt pool, spread penalty and G1; stage 2 "
                          "fixed prompt and G2 (explore_stable); single: the public code's one stage", "schedule",
                          choices=["single", "explore-stable"])
@@ -239,8 +239,8 @@ class Settings:
         return self.lr * max(0.0, 1 - step / self.steps)
 
     def errors(self) -> list[str]:
-        need = [(k, 1, "") for k in ("images_per_step", "groups_per_step", "num_iterations", "steps",
-                                     "micro_batch_size")] + [("max_new_tokens", 8, " (an answer needs room)"), ("top_k", 0, "")] + [
+        one = ("images_per_step", "groups_per_step", "num_iterations", "steps", "micro_batch_size")
+        need = [(k, 1, "") for k in one] + [("max_new_tokens", 8, " (an answer needs room)"), ("top_k", 0, "")] + [
             (k, 2, " (a group advantage compares the answers to one image: with one, every advantage is 0 and "
                    "nothing is learned)") for k in ("num_generations", "stage1_generations", "stage2_generations")]
         errors = [f"--{k.replace('_', '-')} must be at least {low}{why}" for k, low, why in need
@@ -281,9 +281,9 @@ class Processes:
         return t.tolist()
 
     def gather_scores(self, batch_size: int, mos, scores, valid, fmt):
-        """mos (n,), scores (n, G, A), valid and fmt (n, G) of this process's n <= batch_size images ->
-        the same of every process's (N rows in rank order, padded to batch_size for all_gather and
-        unpadded), and sizes: process r's number of rows."""
+        """mos (n,), scores (n, G, A), valid and fmt (n, G) of this process's n <= batch_size images -> the
+        same of every process's (N rows in rank order, padded for all_gather and unpadded; in the dtypes
+        given, so that equal float64 means still tie), and sizes: process r's number of rows."""
         n = len(mos)
         if self.world == 1:
             return mos, scores, valid, fmt, [n]
@@ -492,9 +492,8 @@ def optimizer_step(policy: preresq.Policy, optimizer, stats: dict, cfg: Settings
 
 def update(policy: preresq.Policy, reference: preresq.Policy | None, groups: list[tuple[Rollout, Scored]],
            cfg: Settings, optimizer, step: int, comm: Processes = Processes()) -> dict:
-    """Steps 6-8 on the groups that can teach: reference log-probs, then mu times the loss and its
-    gradient over every group and one optimizer step. Each group's loss is normalised by the totals
-    of all (answers and tokens, every process), so their gradients add up to one batch's."""
+    """Steps 6-8 on the groups that can teach: reference log-probs, then mu times every group's loss and
+    gradient, normalised by the totals of all (every process), and one optimizer step over them all."""
     tokens, sequences = sum(s.tokens for _, s in groups), int(sum(s.sequences for _, s in groups))
     t1 = time.time()
     ref = [frozen_logprobs(reference, r, cfg) for r, _ in groups]                                   # 6

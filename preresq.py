@@ -487,9 +487,9 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
 
 @dataclass
 class Judgement:
-    """The model's verdict on one item. score: the mean over parsed samples of their mean aspect score,
-    clipped to [1, 5] for reporting (the authors do not clip); None when no sample parsed, never an
-    invented score. aspects: per-aspect means over parsed samples; texts: every answer; parsed: how many parsed."""
+    """The model's verdict on one item. score: the mean over parsed samples of their mean aspect score, to
+    9 decimals, clipped to [1, 5] for reporting (the authors do not clip); None when no sample parsed, never
+    an invented score. aspects: per-aspect means over parsed samples; texts: every answer; parsed: how many."""
     score: float | None
     aspects: list[float] | None
     texts: list[str]
@@ -500,7 +500,8 @@ def _judgement(answers: list[str], num_aspects: int) -> Judgement:
     parsed = [a for a in (rewards.parse_answer(t, num_aspects) for t in answers) if a is not None]
     if not parsed:
         return Judgement(None, None, answers, 0)
-    score = float(np.clip(np.mean([np.mean(a) for a in parsed]), 1.0, 5.0))
+    # to the reward's decimals, so that answers whose means are equal in decimals tie in SRCC too
+    score = float(np.clip(round(np.mean([np.mean(a) for a in parsed]), rewards.PREDICTION_DECIMALS), 1.0, 5.0))
     return Judgement(score, np.mean(parsed, axis=0).tolist(), answers, len(parsed))
 
 

@@ -10,7 +10,8 @@ image's MOS on the 1..5 scale.
 
 Video drops R_rank and the division by 3 (`video=True`). Every weight, threshold and formula is
 the authors' training code's (grpo_preres_IQA_r1, grpo_preres_VQA_r1); the paper's figures
-name the other terms, but R_rank, the largest weight (1 against R_pair's 0.375), is in none of them.
+name the other terms, but R_rank, the largest weight (1 against R_pair's 0.375), is not named
+separately in the figures (the overall figure's preference reward is "Pairwise-Triplet-Score-Rank").
 
 | term      | name, and where it is shown                     | function                |
 |-----------|-------------------------------------------------|-------------------------|
@@ -19,7 +20,7 @@ name the other terms, but R_rank, the largest weight (1 against R_pair's 0.375),
 | R_tripbal | response triplet ranking balance (figures)      | `triplet_balance`       |
 | R_pair    | pairwise score and ranking (preference; figures)| `pairwise_fidelity`     |
 | R_trip3   | triplet ranking (preference; figures)           | `triplet_accuracy`      |
-| R_rank    | group rank (authors' code only: in no figure)   | `group_rank`            |
+| R_rank    | group rank (authors' code; not named separately in the figures) | `group_rank` |
 | R         | the combination (authors' code)                 | `preresq_reward`        |
 | rival     | VisualQuality-R1 Thurstone fidelity             | `fidelity_reward`       |
 | rival     | Q-Insight score threshold                       | `threshold_reward`      |
@@ -32,8 +33,9 @@ returns a dict of (B, G) float32 tensors: "format", its own terms by name, and "
 
 Invalid rollouts (`valid` False: the answer did not parse) score 0 on every term and take no
 part in any other rollout's comparisons; a rollout's comparisons are averaged over the valid
-partners it has, and a term with no partner at all is 0. Arithmetic is done in float64, so that
-a threshold test on two-decimal ratings does not depend on float32 rounding.
+partners it has, and a term with no partner at all is 0. Ratings are parsed and the arithmetic done
+in float64, predictions and MOS rounded to 9 decimals before they are compared, so that answers whose
+means are equal in decimals tie (2.99 3.21 4.11 4.90 4.92 and 3.08 3.21 4.11 4.81 4.92 mean 4.026).
 
 Where this file differs from the authors' code, and why:
 1. Parse failures. The authors fill a completion without numbers with 3.0,
@@ -98,6 +100,10 @@ FIDELITY_EPS = 1e-6      # VisualQuality-R1
 # Ratings are written with at most a few decimals; 1e-6 is far below that, and above the
 # float32 error of a difference of two ratings on the 1..5 scale (< 5e-7) (deviation 9).
 _DECIMAL_SLACK = 1e-6
+
+# A prediction (the mean of A ratings) and its MOS are rounded to this many decimals, so that means equal
+# in decimals tie: a float64 mean's error (~1e-15) is far below 5e-10; 2 or 5 ratings of 8 decimals average exactly.
+PREDICTION_DECIMALS = 9
 
 # A value above this is no rating on a 1..5 scale (a percentage, a year, a runaway digit
 # string); refusing it also keeps every reward finite in float32.
@@ -169,7 +175,7 @@ def parse_completions(texts: list[str], num_aspects: int, group_size: int,
                       device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The B*G completion texts of one step (image-major: image 0's G first) as reward inputs.
 
-    Returns scores (B, G, A) float32 (0 where unparsed), valid (B, G) bool, format (B, G) float32.
+    Returns scores (B, G, A) float64 (0 where unparsed), valid (B, G) bool, format (B, G) float32.
     """
     if group_size < 1 or len(texts) % group_size != 0:
         raise ValueError(f"parse_completions: {len(texts)} texts do not split into groups of "
@@ -177,7 +183,7 @@ def parse_completions(texts: list[str], num_aspects: int, group_size: int,
     parsed = [parse_answer(t, num_aspects) for t in texts]
     rows = [p if p is not None else [0.0] * num_aspects for p in parsed]
     shape = (len(texts) // group_size, group_size)
-    scores = torch.tensor(rows, dtype=torch.float32, device=device).reshape(*shape, num_aspects)
+    scores = torch.tensor(rows, dtype=torch.float64, device=device).reshape(*shape, num_aspects)
     valid = torch.tensor([p is not None for p in parsed], device=device).reshape(shape)
     fmt = torch.tensor([format_reward(t, num_aspects) for t in texts], dtype=torch.float32,
                        device=device).reshape(shape)
@@ -189,7 +195,8 @@ def parse_completions(texts: list[str], num_aspects: int, group_size: int,
 # ---------------------------------------------------------------------------------------
 
 def _prepare(x: Tensor, mos: Tensor | None, valid: Tensor | None, ndim: int, where: str):
-    """Check shapes and values; return float64 x with invalid entries zeroed, mos, valid."""
+    """Check shapes and values; return float64 x with invalid entries zeroed, mos, valid; the
+    predictions (ndim 2) and mos rounded to PREDICTION_DECIMALS, so that they are compared alike."""
     what = "scores (B, G, A)" if ndim == 3 else "predictions (B, G)"
     if not isinstance(x, Tensor) or x.dim() != ndim or not x.is_floating_point() or 0 in x.shape:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -210,8 +217,10 @@ def _prepare(x: Tensor, mos: Tensor | None, valid: Tensor | None, ndim: int, whe
         raise ValueError(f"{where}: non-finite score at {pos} of a valid completion; mark it "
                          f"invalid (valid=False) or fix the parser that produced it.")
     x = torch.where(full_valid, x, 0.0)
+    if ndim == 2:
+        x = x.round(decimals=PREDICTION_DECIMALS)
     if mos is not None:
-        mos = torch.as_tensor(mos, device=x.device).to(torch.float64)
+        mos = torch.as_tensor(mos, device=x.device).to(torch.float64).round(decimals=PREDICTION_DECIMALS)
         if tuple(mos.shape) != (B,) or not torch.isfinite(mos).all():
             raise ValueError(f"{where}: mos must hold B = {B} finite values, one per image, "
                              f"got shape {tuple(mos.shape)}.")

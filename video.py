@@ -17,8 +17,8 @@ how frames are decoded is in frames.py):
 - Short clips repeat indices (a 10-frame clip still gives 16 tiles); a clip with fewer than
   num_local decodable frames is an error, so local frames come from different moments.
 - Sizes: tiles have their longer side TILE_SIZE (a 16:9 clip gives a 512×288 mosaic); local
-  frames are capped at LOCAL_MAX_PIXELS (448², about 256 visual tokens) instead of the paper's
-  full resolution, which a 4K clip makes unaffordable.
+  frames are capped at LOCAL_MAX_PIXELS (448², about 256 visual tokens), our choice: the authors'
+  frame size is unknown, and a full 4K frame would cost about 10,600 visual tokens.
 - fragments=True replaces each local frame by its FAST-VQA fragment picture (Wu et al., ECCV
   2022), native-resolution patches that keep the artefacts resizing hides.
 """

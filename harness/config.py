@@ -127,7 +127,8 @@ def build_parser(settings: type) -> argparse.ArgumentParser:
                                 "PreResQ-R1 reward. With no flags: synthetic images and the `tiny` preset on the CPU "
                                 "(a few minutes). Defaults in [brackets] depend on --model: a preset's, or the "
                                 "paper's for a real one.")
-    add_flags(p, run_config(settings), default_text(defaults_tables(settings)), extra={"data": f" (known: {', '.join(data.DATASETS)})"})
+    add_flags(p, run_config(settings), default_text(defaults_tables(settings)),
+              extra={"data": f" (known: {', '.join(data.DATASETS)})"})
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--force", action="store_true", help="with --resume: accept a configuration that differs "
                    "from the checkpoint's")

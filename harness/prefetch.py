@@ -65,7 +65,8 @@ class Prefetch:
     while the loop waits for a step's pictures."""
 
     def __init__(self, run, cfg):
-        self.run, self.size, self.groups, self.max_pixels = run, cfg.images_per_step, cfg.groups_per_step, cfg.max_pixels
+        self.run, self.max_pixels = run, cfg.max_pixels
+        self.size, self.groups = cfg.images_per_step, cfg.groups_per_step
         self.pool = ThreadPoolExecutor(max(1, cfg.workers), initializer=lowest_priority)
         self.pending = {run.start: self.submit(run.start)}
 

@@ -38,7 +38,9 @@ def preresq_reward(d, g, valid, fmt, video=False, response=True, preference=True
     B, G, A = len(d), len(d[0]), len(d[0][0])
     zeros = lambda: [[0.0] * G for _ in range(B)]
     P_std, tripbal, pair, trip3, rank = zeros(), zeros(), zeros(), zeros(), zeros()
-    p = [[math.fsum(d[i][j]) / A for j in range(G)] for i in range(B)]
+    # predictions (means) and MOS to 9 decimals: means equal in decimals tie (rewards.py)
+    p = [[round(math.fsum(d[i][j]) / A, 9) for j in range(G)] for i in range(B)]
+    g = [round(x, 9) for x in g]
     srt = [sorted(p[i][j] for j in range(G) if valid[i][j]) for i in range(B)]
     for i in range(B):
         n_i = len(srt[i])

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from harness import distributed
+import rewards
 import grpo
 from harness import lora
 from support.cli import InputError
@@ -33,7 +34,6 @@ import harness.checkpoints
 import harness.config
 import harness.logs
 import harness.prefetch
-import data
 
 G = 3
 MOS = [1.5, 4.2, 3.1, 2.4]  # the global batch: 4 images, 2 per rank
@@ -179,7 +179,7 @@ def test_two_ranks_give_the_gradient_and_metrics_of_one_process(two_ranks, blank
 
 @pytest.mark.slow
 def test_by_default_each_process_compares_its_own_images(two_ranks, blank):
-    """The paper's reward is computed per device: rank 0's advantages are those of one process on
+    """The authors' trainer computes the reward per device: rank 0's advantages are those of one process on
     rank 0's images alone, and the logged reward terms average the two ranks' own computations."""
     settings, split = PER_PROCESS
     model, tok, ip = blank
@@ -209,6 +209,25 @@ def test_groups_on_one_process_give_the_step_of_as_many_processes(two_ranks, bla
     for key, value in got["record"].items():
         if not key.endswith("seconds"):
             assert one["record"][key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
+
+
+def test_gathered_scores_keep_their_dtype_so_equal_means_still_tie(monkeypatch):
+    """Two ranks' parsed answers (all_gather stood in for: both ranks hold the same) come back
+    bit for bit, float64 included: a float32 round trip would split the tie of 4.026 and 4.026."""
+    texts = [f"<think>ok</think><answer>{v}</answer>" for v in
+             ("2.99\n3.21\n4.11\n4.90\n4.92", "3.08\n3.21\n4.11\n4.81\n4.92", "4\n4\n4\n4\n4", "x")]
+    scores, valid, fmt = rewards.parse_completions(texts, 5, 4)
+    mos = torch.tensor([3.5], dtype=torch.float64)
+
+    def all_gather(parts, packed):
+        for part in parts:
+            part.copy_(packed)
+    monkeypatch.setattr(grpo.dist, "all_gather", all_gather)
+    got = grpo.Processes(rank=0, world=2).gather_scores(1, mos, scores, valid, fmt)
+    for have, want in zip(got[:4], (mos, scores, valid, fmt)):
+        assert have.dtype == want.dtype and torch.equal(have, torch.cat([want, want]))
+    rank = rewards.group_rank(got[1].mean(-1), got[0], got[2])
+    assert rank[0, 0] == rank[0, 1] and rank[1, 0] == rank[1, 1]
 
 
 def test_ranks_split_the_global_batch_of_one_process():

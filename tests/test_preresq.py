@@ -249,6 +249,14 @@ def test_judge_never_invents_a_score(blank):
         assert j.score is None and j.aspects is None and j.parsed == 0
 
 
+def test_answers_with_equal_decimal_means_get_equal_scores():
+    # both mean 4.026; in float64 the plain means differ in the last bit, which SRCC would rank apart
+    a = "<think>x</think><answer>2.99\n3.21\n4.11\n4.90\n4.92</answer>"
+    b = "<think>x</think><answer>3.08\n3.21\n4.11\n4.81\n4.92</answer>"
+    assert preresq._judgement([a], 5).score == preresq._judgement([b], 5).score == 4.026
+    assert preresq._judgement([a, b], 5).score == 4.026
+
+
 def test_greedy_judge_is_reproducible(tiny):
     model, tok, ip = tiny
     imgs = pictures([(84, 84), (56, 112)], seed=7)

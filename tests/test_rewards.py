@@ -173,6 +173,27 @@ def test_group_rank_ties_and_invalid_and_tolerance():
     close(group_rank(t([[3.02, 1.0]]), t([3.0])), [[math.exp(-1 / 3), math.exp(-1 / 3)]])
 
 
+def test_answers_with_equal_decimal_means_tie_in_every_term():
+    # 2.99 3.21 4.11 4.90 4.92 and 3.08 3.21 4.11 4.81 4.92 both mean 4.026 (float32 means 5e-8
+    # apart, float64 ones a bit apart). Image 0 (g 3.5) also holds all-4.0 and all-3.0 answers:
+    # N = 5, sorted 3.0, g, 4.0, 4.026, 4.026, so the pair sits at delta 2 or 3 and each gets
+    # (exp(-2/5) + exp(-3/5)) / 2 = 0.609566, not 0.670 and 0.549 apart.
+    def answer(values):
+        return "<think>ok</think><answer>" + "\n".join(values.split()) + "</answer>"
+    group = ["2.99 3.21 4.11 4.90 4.92", "3.08 3.21 4.11 4.81 4.92", "4 4 4 4 4", "3 3 3 3 3"]
+    others = [["2.10 2.30 2.20 2.00 2.40", "1.5 2.5 2 3 2", "2 2 2 2 2", "4.026 4.026 4.026 4.026 4.026"],
+              ["4.50 4.40 4.60 4.30 4.70", "3 4 5 4 4", "4.03 4.02 4.03 4.02 4.03", "3.5 3.5 4.5 4.5 4"]]
+    scores, valid, fmt = parse_completions([answer(v) for v in group + others[0] + others[1]], 5, 4)
+    mos = torch.tensor([3.5, 2.2, 4.5], dtype=torch.float64)
+    out = preresq_reward(scores, mos, valid, format_rewards=fmt)
+    close(out["group_rank"][0, :2], [0.609566] * 2)
+    for name in ("pair_fidelity", "triplet_accuracy", "group_rank"):
+        assert out[name][0, 0] == out[name][0, 1], name
+    want = rewards_reference.preresq_reward(*as_lists(scores, mos, valid, fmt))
+    for name in want:
+        close(out[name], want[name])
+
+
 def test_preresq_reward_combination_by_hand():
     # B = 1 (R_pair = R_trip3 = 0), g = 3, A = 2:
     #   r0 (3, 3) p 3.0: P_std 0.25; r1 (2, 3) p 2.5, r2 (3, 4) p 3.5: sigma 0.5 -> P_std 0.
@@ -497,7 +518,7 @@ def test_video_format_is_the_image_rule_which_the_authors_video_regex_tightens()
 def test_parse_completions_builds_reward_inputs():
     texts = [GOOD, "garbage", GOOD.replace("4.10", "Sharpness: 4.10"), "<answer>1 1 1 1 1</answer>"]
     scores, valid, fmt = parse_completions(texts, 5, 2)
-    assert scores.shape == (2, 2, 5) and scores.dtype == torch.float32
+    assert scores.shape == (2, 2, 5) and scores.dtype == torch.float64
     assert valid.tolist() == [[True, False], [True, True]]
     assert fmt.tolist() == [[1.0, 0.0], [0.0, 0.0]]
     close(scores[0, 0], [3.25, 2.0, 4.10, 3.5, 1.75])
