@@ -571,8 +571,7 @@ def loop(cfg: Config, run) -> Path:
                 last_eval = runkeeping.evaluate_and_log(cfg, run, step + 1)
             bar.set_postfix({"reward": f"{record.get('reward', float('nan')):.3f}",
                              **({"srcc": f"{last_eval['srcc']:.3f}"} if last_eval else {})})
-            if runkeeping.checkpoint_if_due(cfg, run, step + 1, stop):
-                return run.out
+            runkeeping.checkpoint_if_due(cfg, run, step + 1, stop)  # Ctrl-C, SIGTERM: saves, then Stopped
     return runkeeping.finish(cfg, run, first_eval, last_eval)
 
 
@@ -583,14 +582,14 @@ def command(argv=None) -> None:
     cfg, resume, force = runkeeping.parse_args(argv)
     try:
         train(cfg, resume=resume, force=force)
-    except KeyboardInterrupt:  # the second Ctrl-C (runkeeping.Stop), or one before training began
-        runkeeping.say_how_to_resume(cfg.out)
+    except KeyboardInterrupt as stop:  # a run stopped at its checkpoint, a second Ctrl-C, one before training
+        runkeeping.say_how_to_resume(cfg.out, stop)
         raise
 
 
 def main(argv=None) -> int:
     """Exit 0 when trained, 2 for bad usage or input (nothing is created), 1 when the run failed part
-    way (what is intact is said), 130 on Ctrl-C."""
+    way (what is intact is said), 130 when Ctrl-C or SIGTERM stopped it (a checkpoint is saved first)."""
     from support.cli import entry
 
     return entry("grpo.py", command, argv)

@@ -163,6 +163,15 @@ def describe_model(name: str) -> str:
                                 else f"(from the hub cache: {folder})")
 
 
+def model_folder(name: str) -> Path | None:
+    """Where --model's files are on this disk, without building anything: a folder, a preset's
+    (shipped, or its cache entry), or None for a hub id."""
+    if name in PRESETS:
+        return SHIPPED / name if (SHIPPED / name / "config.json").exists() else preset_path(name)
+    folder = Path(name).expanduser()
+    return folder if folder.exists() else None
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 def _bytes_to_unicode() -> dict[int, str]:

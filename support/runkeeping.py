@@ -51,8 +51,9 @@ from support import presets
 from support.distributed import (SINGLE, Dist, Ranks, all_reduce, broadcast, call, check_global_batch,
                                  full_optimizer_state, full_weights, is_sharded, load_optimizer_state, rank_seed,
                                  shard_model, unwrap)
-from support.cli import Failure, InputError, Warnings, add_flags, check_device, default_text, number_errors
-from support.files import atomic_folder
+from support.cli import (Failure, InputError, Warnings, add_flags, check_apart, check_device, default_text,
+                         number_errors)
+from support.files import WriteError, atomic_folder, partial_folders, write_error, write_file
 
 CHECKPOINT_STATE = "trainer_state.pt"
 # The run's logs, one JSON line per record with its "step"; a resumed run cuts each back to its checkpoint.
@@ -62,7 +63,9 @@ MAX_NONFINITE_STEPS = 5
 # Flags that may change between a run and its resumption; all others must match (or --force).
 RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
                      "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp",
-                     "log_rollouts"}
+                     "log_rollouts", "stage1_steps"}
+# What files.atomic_folder writes into a run folder: a save cut short by a kill leaves ".<name>-XXXXXXXX".
+SAVED_FOLDERS = r"checkpoint-\d+|final"
 
 
 class RunError(Failure):
@@ -101,6 +104,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, opt
         tdist.all_gather_object(ranks, rng_states())
     if not dist.main:
         return final
+    remove_partial_folders(out)
     save_folder(final, unwrap(model), tokenizer, image_processor,
                 {"step": step, "optimizer": optimizer_state,
                  "rng": ranks[0], **({"rng_ranks": ranks} if dist.world > 1 else {}), "world_size": dist.world,
@@ -127,10 +131,27 @@ def save_folder(final: Path, model, tokenizer, image_processor, state: dict | No
             if state is not None:
                 torch.save(state, tmp / CHECKPOINT_STATE)
     except Exception as e:  # a full disk: OSError, RuntimeError (torch.save) or SafetensorError, vaguely worded
-        free = shutil.disk_usage(final.parent).free / 2**20
-        raise RunError(f"could not write {final}: {e} ({free:,.0f} MiB free on that disk). The earlier "
-                       f"checkpoints in {final.parent} are intact. Free some space, then continue with "
-                       "--resume.") from e
+        lost = "The trained weights could not be saved. " if final.name == "final" else ""
+        raise RunError(str(write_error(final, getattr(e, "error", e), lost + what_is_safe(final.parent)))) from e
+
+
+def what_is_safe(out: Path) -> str:
+    """What a run stopped by a failed write keeps, in words: its newest checkpoint and the command
+    that continues from it, or that nothing can be resumed."""
+    found = checkpoints(out)
+    if not found:
+        return (f"No checkpoint was saved in {out}, so nothing can be resumed: free some space and start the "
+                "run again with another --out.")
+    return (f"Nothing earlier in {out} was lost; the newest checkpoint is {found[-1]}. Free some space, then "
+            f"continue with: python grpo.py --out {out} --resume")
+
+
+def remove_partial_folders(out: Path) -> None:
+    """Remove the hidden folders of saves that a kill cut short (files.partial_folders; as large as a
+    checkpoint); nothing else in OUT is touched."""
+    for folder in partial_folders(out, SAVED_FOLDERS):
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"grpo.py: removed {folder}, the unfinished copy of a save that was cut short", file=sys.stderr)
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -205,12 +226,14 @@ def config_differences(state: dict, cfg, world: int) -> list[str]:
 
 
 def check_run_folder(cfg, resume: bool, force: bool, dist: Dist = SINGLE) -> dict | None:
-    """Refuse a run folder that cannot work, before anything is created: a file, one with checkpoints
-    but no --resume, --resume without a checkpoint or with another configuration, no write access.
-    Returns the checkpoint state to resume from (or None)."""
+    """Refuse a run folder that cannot work, before anything is created: a file, --model's folder (or
+    one inside or around it), an earlier run's folder without --resume, --resume without a
+    checkpoint or with another configuration, no write access. Returns the checkpoint state to
+    resume from (or None)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; choose another --out.")
+    check_apart(out, presets.model_folder(cfg.model))
     state = None
     if resume:
         found, damaged = newest_sound_checkpoint(out)
@@ -228,6 +251,11 @@ def check_run_folder(cfg, resume: bool, force: bool, dist: Dist = SINGLE) -> dic
     elif out.exists() and checkpoints(out):
         raise InputError(f"{out} already holds checkpoints; add --resume to continue that run, "
                          "or choose another --out.")
+    elif out.exists() and any(out.iterdir()):  # a finished run without checkpoints, or any other files
+        names = sorted(p.name for p in out.iterdir())
+        raise InputError(f"--out {out} is not empty ({', '.join(names[:4])}{', ...' * (len(names) > 4)}): a new run "
+                         "never writes over earlier files. Choose another --out (there is no checkpoint in it "
+                         "to --resume from).")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"cannot write to --out {out} ({existing} is not writable). Choose a writable folder.")
@@ -235,16 +263,16 @@ def check_run_folder(cfg, resume: bool, force: bool, dist: Dist = SINGLE) -> dic
 
 
 def create_run_folder(out: Path, resume: bool, dist: Dist = SINGLE) -> None:
-    """Make the run folder (rank 0); a fresh run drops the logs of an attempt that never reached a checkpoint."""
+    """Make the run folder (rank 0), once nothing can refuse the run any more (the data and models
+    are loaded); a resumed run's folder loses only the unfinished copies of saves cut short."""
     if not dist.main:
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
-    if not resume:
-        for name in (*LOGS, "eval_items.jsonl"):
-            (out / name).unlink(missing_ok=True)
+    if resume:
+        remove_partial_folders(out)
 
 
 def data_fingerprint(sets: dict) -> str:
@@ -280,8 +308,11 @@ def restore(state: dict, out: Path, model, optimizer, cfg, dist: Dist = SINGLE) 
             truncate_log(out / name, state["step"])
 
 
-def say_how_to_resume(out: str | None) -> None:
-    """After an interrupted run: the newest complete checkpoint and the command that continues from it."""
+def say_how_to_resume(out: str | None, stop: BaseException | None = None) -> None:
+    """After an interrupted run: the newest complete checkpoint and the command that continues from it
+    (already said when the run stopped at a checkpoint: `stop` is Stopped)."""
+    if isinstance(stop, Stopped):
+        return
     found = checkpoints(Path(out)) if out else []
     print("\n" + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
                   f"  python grpo.py --out {out} --resume" if found else "No checkpoint was saved yet."),
@@ -299,14 +330,28 @@ def truncate_log(path: Path, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        path.write_text("".join(l + "\n" for l in kept))
+        write_run_file(path, "".join(l + "\n" for l in kept))
 
 
 def log_json(path: Path, record: dict) -> None:
     """One JSON line; a non-finite number is written as null (JSON has no NaN)."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(clean) + "\n")
+    write_run_file(path, json.dumps(clean) + "\n", append=True)
+
+
+def write_run_file(path: Path, text: str, append: bool = False) -> None:
+    """A file of the run folder, through files.write_file: a full or read-only disk stops the run with
+    the file, the newest checkpoint and how to continue (what_is_safe); nothing is left half-written."""
+    write_file(path, text, append=append, safe=lambda: what_is_safe(path.parent))
+
+
+def steps_text(first: int, last: int) -> str:
+    """Steps first..last (1-based, inclusive) in words: "steps 3-8", "step 3", or "no steps" when empty."""
+    return "no steps" if last < first else f"step {first}" if last == first else f"steps {first}-{last}"
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run at a checkpoint: grpo.py exits 130, as for any Ctrl-C."""
 
 
 class Stop:
@@ -567,7 +612,6 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     sets, held = load_training_data(cfg)
     check_same_data(state, sets, force)
     check_global_batch(sets, cfg.images_per_step, dist.world)
-    create_run_folder(out, resume, dist)
     if dist.main:
         print(model_line, flush=True)
     sampler = BatchSampler(sets, cfg.images_per_step, cfg.seed, dist.rank, dist.world)
@@ -575,6 +619,7 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
     steps = cfg.steps
     source = str(state["folder"]) if state else cfg.model
     model, reference, tokenizer, image_processor = load_models(cfg, source, device, dist)
+    create_run_folder(out, resume, dist)  # only now: a model that does not load leaves no trace
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters under --lora-rank
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
@@ -589,9 +634,10 @@ def prepare(cfg, resume: bool, force: bool, dist: Dist, device) -> Run:
         if state:
             print(f"resumed from {source} at step {start} (stage {cfg.stage(start)})")
         if cfg.schedule == "explore-stable":
-            print(f"schedule: stage 1 (prompt pool, G {cfg.stage1_generations}) steps 1-{cfg.stage1_steps}, "
-                  f"stage 2 (fixed prompt, G {cfg.stage2_generations}) steps {cfg.stage1_steps + 1}-{steps}")
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            first = min(cfg.stage1_steps, steps)
+            print(f"schedule: stage 1 (prompt pool, G {cfg.stage1_generations}) {steps_text(1, first)}, "
+                  f"stage 2 (fixed prompt, G {cfg.stage2_generations}) {steps_text(first + 1, steps)}")
+        write_run_file(out / "config.json", json.dumps(asdict(cfg), indent=2))
     counters = {"skipped_items": 0, "nonfinite_steps": 0, **(state.get("counters", {}) if state else {})}
     return Run(out, dist, sets, held, sampler, steps, start, model, reference, tokenizer, image_processor,
                optimizer, counters, Ranks(dist, is_sharded(model)))
@@ -678,22 +724,24 @@ def log_step(cfg, run: Run, step: int, done, items: list, problems: list[str], s
     return record
 
 
-def checkpoint_if_due(cfg, run: Run, done: int, stop: Stop) -> bool:
-    """Save a checkpoint every --save-every steps, and when Ctrl-C asked to stop (then True: stop now).
-    A signal may reach the ranks at different steps: they stop together, at the first that saw one."""
+def checkpoint_if_due(cfg, run: Run, done: int, stop: Stop) -> None:
+    """Save a checkpoint every --save-every steps, and when Ctrl-C or SIGTERM asked to stop: then
+    raise Stopped (grpo.py exits 130). A signal may reach the ranks at different steps: they stop
+    together, at the first that saw one."""
     stopping = bool(all_reduce([stop.requested], run.dist, "max")[0])
     if done >= run.steps or not ((cfg.save_every and done % cfg.save_every == 0) or stopping):
-        return False
+        return
     saved = save(cfg, run, done)
     if stopping and run.dist.main:
         print(f"stopped after step {done} of {run.steps}; checkpoint {saved}. Continue with:\n"
               f"  python grpo.py --out {run.out} --resume", file=sys.stderr, flush=True)
-    return stopping
+    if stopping:
+        raise Stopped
 
 
 def nonfinite_message(out: Path, step: int, count: int, what: str) -> str:
     found = checkpoints(out)
-    return (f"steps {step + 2 - count}-{step + 1} all gave a non-finite {what} (see {out / 'metrics.jsonl'}); "
+    return (f"{steps_text(step + 2 - count, step + 1)} all gave a non-finite {what} (see {out / 'metrics.jsonl'}); "
             f"stopping. The newest checkpoint is {found[-1] if found else 'none (none saved yet)'}. Try a lower "
             "--lr or --dtype float32, or check the data, then continue with --resume --force.")
 
@@ -705,8 +753,12 @@ def draw_run_curves(out: Path) -> None:
     series = {"mean reward": [(m["step"], m["reward"]) for m in steps if m.get("reward") is not None],
               "held-out SRCC": [(e["step"], e["srcc"]) for e in evals if e.get("srcc") is not None],
               "held-out PLCC": [(e["step"], e["plcc"]) for e in evals if e.get("plcc") is not None]}
-    if any(series.values()):  # every step skipped (no readable picture in its batch): nothing to draw
+    if not any(series.values()):  # every step skipped (no readable picture in its batch): nothing to draw
+        return
+    try:
         plots.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
+    except WriteError as e:  # a figure is never worth a run; the logs it is drawn from are intact
+        print(f"grpo.py: warning: {e}", file=sys.stderr)
 
 
 def evaluate_and_log(cfg, run: Run, step: int) -> dict | None:
@@ -715,7 +767,7 @@ def evaluate_and_log(cfg, run: Run, step: int) -> dict | None:
     metrics, rows = held_out(cfg, run.model, run.tokenizer, run.image_processor, run.held, run.dist, run.warn)
     if run.dist.main:
         log_json(run.out / "eval.jsonl", {"step": step, **metrics})
-        (run.out / "eval_items.jsonl").write_text("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+        write_run_file(run.out / "eval_items.jsonl", "".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
         if step:
             draw_run_curves(run.out)
         write_page(run)
@@ -776,6 +828,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def length_on_resume(saved: dict, given: set[str]) -> dict:
+    """What --steps or --epochs given with --resume change: --epochs alone counts the steps again
+    from the data, and stage 1 stays half the run's length unless --stage1-steps is given or the
+    checkpoint's was not half of its length (set by hand)."""
+    changes = {}
+    if "epochs" in given and "steps" not in given:
+        changes["steps"] = None
+    if given & {"steps", "epochs"} and "stage1_steps" not in given and saved.get("stage1_steps") is not None \
+            and saved["stage1_steps"] == (saved.get("steps") or 0) // 2:
+        changes["stage1_steps"] = None  # Config.set_length: half the new length
+    return changes
+
+
 def parse_args(argv=None) -> tuple["grpo.Config", bool, bool]:
     """Command line -> (config, resume, force). With --resume, flags not given come from the checkpoint."""
     p = build_parser()
@@ -783,13 +848,14 @@ def parse_args(argv=None) -> tuple["grpo.Config", bool, bool]:
     resume, force = args.pop("resume"), args.pop("force")
     if resume:
         if not args["out"]:
-            p.error("--resume needs --out DIR (the folder of the run to continue)")
+            raise InputError("--resume needs --out DIR (the folder of the run to continue)")
         saved = saved_config(Path(args["out"]))
         if saved is None:
-            p.error(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
+            raise InputError(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
         unset = object()
         given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(args, unset))))
         args = {k: saved.get(k, v) if given[k] is unset else given[k] for k, v in args.items()}
+        args.update(length_on_resume(saved, {k for k, v in given.items() if v is not unset}))
     errors = number_errors(args)  # every number finite, and within cli.BOUNDS
     if errors:
         raise InputError("; ".join(errors))
