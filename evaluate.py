@@ -333,6 +333,8 @@ def command(argv=None):
     cli.check_device(args.device)
     model_line = presets.describe_model(args.model)
     out = cli.check_out(args.out)
+    cli.check_apart(out, presets.model_folder(args.model))
+    earlier = reports.read_summary(out / "summary.json")  # an earlier call's sets are kept
     sets = load_sets(args)
     print(model_line, file=sys.stderr)
     model, tokenizer, image_processor = preresq.load_model(presets.model_path(args.model), args.device, args.dtype)
@@ -344,12 +346,16 @@ def command(argv=None):
         metrics, rows = evaluate(model, tokenizer, image_processor, items, protocol=args.protocol, seed=args.seed,
                                  batch_size=args.batch_size, max_pixels=args.max_pixels, warn=warn, **args.decoding)
         summary[name] = metrics
+        # the numbers first, each set's as soon as it is scored; a set of an earlier call keeps its entry
+        reports.write_summary(out / "summary.json", {**earlier, **summary})
         reports.write_dataset_files(out, name, metrics, rows, fitted_curve(metrics))
         report_page.write_evaluation_page(out / f"report-{name}.html", name, metrics, rows, data.read_visual)
-        reports.write_summary(out / "summary.json", summary)  # kept current per set
         if metrics["logistic_note"]:
             print(f"{name}: {metrics['logistic_note']}", file=sys.stderr)
     print(reports.format_table(summary))
+    kept = [name for name in earlier if name not in summary]
+    if kept:
+        print(f"summary.json also keeps the earlier results of {', '.join(kept)}", file=sys.stderr)
     warn.summary("unreadable files skipped (counted as unreadable)")
     print(f"files in {out}/: summary.json, predictions-<set>.csv, scatter-<set>.png, report-<set>.html",
           file=sys.stderr)
