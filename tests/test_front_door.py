@@ -73,6 +73,13 @@ CASES = [
     case("grpo", ["--keep-last", "0"], ["--keep-last must be at least 1"]),
     case("grpo", ["--max-pixels", "0"], ["--max-pixels must be at least 1"]),
     case("grpo", ["--workers", "0"], ["--workers must be at least 1"]),
+    case("grpo", ["--data", "labels", "--labels", "{in}/labels/three.txt", "--data-root", "{in}/labels",
+                  "--split", "all", "--images-per-step", "4"], ["--images-per-step 4, but training set 'three' has only 3 images",
+                                              "--images-per-step 3 or less"]),
+    case("grpo", ["--out", "{in}/labels"], ["--out", "labels is not empty (0.png, 1.png, 2.png, bad.txt, ...)"]),
+    case("grpo", ["--model", "{in}/notamodel", "--out", "{in}/notamodel/run"], ["is not a model folder"]),
+    case("grpo", ["--resume"], ["--resume needs --out DIR"], absent=["usage:"]),
+    case("grpo", ["--resume", "--out", "{in}/photos"], ["--resume: no complete checkpoint in"], absent=["usage:"]),
     # evaluate.py
     case("evaluate", ["--model", "tiny", "--data", "koniq"], ["'koniq' needs --data-root"]),
     case("evaluate", ["--model", "tiny", "--data", "koniq", "--data-root", "{in}/nope"], ["nope", "is not a folder"]),
@@ -133,6 +140,7 @@ CASES = [
     case("ablation", ["--model", "{in}/notamodel"], ["is not a model folder"]),
     case("ablation", ["--steps", "0"], ["--steps must be at least 1"]),
     case("ablation", ["--num-generations", "1"], ["--num-generations must be at least 2"]),
+    case("ablation", ["--eval-split", "none"], ["--eval-split none leaves nothing to compare", "held-out"]),
     # bench.py
     case("bench", ["step", "--B", "0"], ["--images-per-step must be at least 1"]),  # the old spelling
     case("bench", ["step", "--image-size", "448"], ["is not a picture size", "WIDTHxHEIGHT"]),
@@ -167,6 +175,7 @@ def inputs(tmp_path_factory):
     for k in range(3):
         Image.new("RGB", (32, 32), (60 * k, 90, 40)).save(root / "labels" / f"{k}.png")
     (root / "labels" / "bad.txt").write_text("0.png 3.5\n1.png high\n2.png 4.0\n")
+    (root / "labels" / "three.txt").write_text("0.png 3.5\n1.png 2.0\n2.png 4.0\n")
     frames = [np.full((48, 64, 3), 8 * i, np.uint8) for i in range(8)]
     synthetic.write_clip(str(root / "clip.mp4"), frames, fps=8)
     return root
