@@ -246,6 +246,8 @@ def test_resume_and_a_new_save_remove_what_a_killed_save_left(straight, tmp_path
     assert grpo.main(["--out", str(out), "--resume"]) == 0
     assert f"removed {out / '.checkpoint-3-k2x9q1ab'}" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob(".*")) == sorted(others)
+    assert all((out / name if name.endswith("h") else out / name / "notes.txt").read_text() == text
+               for name, text in others.items())
     assert_same_weights(out / "final", straight / "final")
     # a new save, in a run that a killed save of another process left a partial folder in
     log_json = runkeeping.log_json
