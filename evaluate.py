@@ -10,9 +10,8 @@ Paper map (PreResQ-R1, arXiv 2511.05393: SRCC and PLCC on each test set):
   as their inference scripts (support/authors_protocol.py): their prompt, one answer sampled with
   top_k 50, top_p 1, up to 512 tokens and the checkpoint's temperature and repetition penalty; an
   image scores the first number of the last answer, a video the mean of its numbers.
-reports.py writes summary.json, predictions-<set>.csv and scatter-<set>.png, and the table;
-report_page.py writes report-<set>.html: the scatter, the largest errors with their pictures and
-answers, the parse failures.
+reports.py writes summary.json (adding to an earlier one), predictions-<set>.csv, scatter-<set>.png
+and the table; report_page.py writes report-<set>.html (the scatter, the largest errors, parse failures).
 
 Deliberate deviations from the authors' evaluation code:
 - An answer that cannot be parsed is counted (`parse_failures`) and left out of the
@@ -246,12 +245,9 @@ def evaluate(model, tokenizer, image_processor, items, *, protocol="ours", sampl
 # --------------------------------------------------------------------------- command line
 
 def default_split(name):
-    """"test" for sets with a prescribed test split (official, or KADID's by reference), else "all".
-
-    Our choice, as the KonIQ-trained protocol tests KonIQ: the authors' GT_KonIQ.txt holds all
-    10,073 KonIQ images (pass "all" to test as they did). Sets without a prescribed split only have
-    data.py's seeded 80/20 split, which no published number uses.
-    """
+    """"test" for sets with a prescribed test split (official, or KADID's by reference), else "all". Our
+    choice: the authors' GT_KonIQ.txt holds all 10,073 KonIQ images (pass "all" to test as they did).
+    Sets without a prescribed split only have data.py's seeded 80/20 split, which no number uses."""
     return "test" if data.DATASETS[name].split in ("official", "kadid") else "all"
 
 
@@ -333,6 +329,8 @@ def command(argv=None):
     cli.check_device(args.device)
     model_line = presets.describe_model(args.model)
     out = cli.check_out(args.out)
+    cli.check_apart(out, presets.model_folder(args.model))
+    earlier = reports.read_summary(out / "summary.json")  # an earlier call's sets are kept
     sets = load_sets(args)
     print(model_line, file=sys.stderr)
     model, tokenizer, image_processor = preresq.load_model(presets.model_path(args.model), args.device, args.dtype)
@@ -346,12 +344,16 @@ def command(argv=None):
         metrics, rows = evaluate(model, tokenizer, image_processor, items, protocol=args.protocol, seed=args.seed,
                                  batch_size=args.batch_size, max_pixels=args.max_pixels, warn=warn, **args.decoding)
         summary[name] = metrics
+        # the numbers first, each set's as soon as it is scored; a set of an earlier call keeps its entry
+        reports.write_summary(out / "summary.json", {**earlier, **summary})
         reports.write_dataset_files(out, name, metrics, rows, fitted_curve(metrics))
         report_page.write_evaluation_page(out / f"report-{name}.html", name, metrics, rows, data.read_visual)
-        reports.write_summary(out / "summary.json", summary)  # kept current per set
         if metrics["logistic_note"]:
             print(f"{name}: {metrics['logistic_note']}", file=sys.stderr)
     print(reports.format_table(summary))
+    kept = [name for name in earlier if name not in summary]
+    if kept:
+        print(f"summary.json also keeps the earlier results of {', '.join(kept)}", file=sys.stderr)
     warn.summary("unreadable files skipped (counted as unreadable)")
     print(f"files in {out}/: summary.json, predictions-<set>.csv, scatter-<set>.png, report-<set>.html",
           file=sys.stderr)

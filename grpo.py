@@ -570,8 +570,7 @@ def loop(cfg, run):
                 last_eval = logs.evaluate_and_log(cfg, run, step + 1)
             bar.set_postfix({"reward": f"{record.get('reward', float('nan')):.3f}",
                              **({"srcc": f"{last_eval['srcc']:.3f}"} if last_eval else {})})
-            if checkpoints.checkpoint_if_due(cfg, run, step + 1, stop):
-                return run.out
+            checkpoints.checkpoint_if_due(cfg, run, step + 1, stop)  # Ctrl-C, SIGTERM: saves, then Stopped
     return logs.finish(cfg, run, first_eval, last_eval)
 
 
@@ -582,14 +581,14 @@ def command(argv=None) -> None:
     cfg, resume, force = config.parse_args(Settings, argv)
     try:
         train(cfg, resume=resume, force=force)
-    except KeyboardInterrupt:  # the second Ctrl-C (checkpoints.Stop), or one before training began
-        checkpoints.say_how_to_resume(cfg.out)
+    except KeyboardInterrupt as stop:  # a run stopped at its checkpoint, a second Ctrl-C, one before training
+        checkpoints.say_how_to_resume(cfg.out, stop)
         raise
 
 
 def main(argv=None) -> int:
     """Exit 0 when trained, 2 for bad usage or input (nothing is created), 1 when the run failed part
-    way (what is intact is said), 130 on Ctrl-C."""
+    way (what is intact is said), 130 when Ctrl-C or SIGTERM stopped it (a checkpoint is saved first)."""
     from support.cli import entry
 
     return entry("grpo.py", command, argv)

@@ -187,6 +187,7 @@ def sample_frames(path: str, num_frames: int, *, max_side: int | None = None,
 
 def command(argv: list[str] | None = None) -> int:
     from support import cli
+    from support import files
 
     p = cli.parser("video.py", "Write the views PreResQ-R1 sees of a clip as PNG files.")
     p.add_argument("clip", help="a video file")
@@ -209,11 +210,9 @@ def command(argv: list[str] | None = None) -> int:
     names = ["global.png"] + [f"{'fragments' if args.fragments else 'local'}-{k + 1}.png"
                               for k in range(len(views.local))]
     folder = cli.make_out(out)
-    try:
-        for name, image in zip(names, views.images):
-            image.save(folder / name)
-    except OSError as e:
-        raise cli.Failure(f"cannot write {folder / name}: {e.strerror or e}") from None
+    for name, image in zip(names, views.images):  # a full disk: one error line, no half a picture
+        with files.atomic_file(folder / name, "wb") as f:
+            image.save(f, format="PNG")
     print(f"{args.clip}: {views.num_frames} frames, decoded ({views.mode}) in {seconds:.2f} s")
     print(f"global {args.grid}x{args.grid} {views.mosaic.size[0]}x{views.mosaic.size[1]}: "
           f"frames {views.global_indices}")

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from harness import lora
 from harness.distributed import full_optimizer_state, full_weights, load_optimizer_state, rank_seed, unwrap
 from support.cli import Failure, InputError
-from support.files import atomic_folder
+from support.files import atomic_folder, partial_folders, write_error, write_file
 
 CHECKPOINT_STATE = "trainer_state.pt"
 
@@ -41,7 +41,9 @@ LOGS = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
 # Flags that may change between a run and its resumption; all others must match (or --force).
 RESUMABLE_CHANGES = {"out", "steps", "epochs", "eval_every", "eval_size", "save_every", "keep_last", "workers",
                      "device", "micro_batch_size", "gradient_checkpointing", "reference_device", "fsdp",
-                     "log_rollouts"}
+                     "log_rollouts", "stage1_steps"}
+# What files.atomic_folder writes into a run folder: a save cut short by a kill leaves ".<name>-XXXXXXXX".
+SAVED_FOLDERS = r"checkpoint-\d+|final"
 
 
 class RunError(Failure):
@@ -80,6 +82,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, image_processor, opt
         tdist.all_gather_object(ranks, rng_states())
     if not comm.main:
         return final
+    remove_partial_folders(out)
     save_folder(final, unwrap(model), tokenizer, image_processor,
                 {"step": step, "optimizer": optimizer_state,
                  "rng": ranks[0], **({"rng_ranks": ranks} if comm.world > 1 else {}), "world_size": comm.world,
@@ -106,10 +109,33 @@ def save_folder(final: Path, model, tokenizer, image_processor, state: dict | No
             if state is not None:
                 torch.save(state, tmp / CHECKPOINT_STATE)
     except Exception as e:  # a full disk: OSError, RuntimeError (torch.save) or SafetensorError, vaguely worded
-        free = shutil.disk_usage(final.parent).free / 2**20
-        raise RunError(f"could not write {final}: {e} ({free:,.0f} MiB free on that disk). The earlier "
-                       f"checkpoints in {final.parent} are intact. Free some space, then continue with "
-                       "--resume.") from e
+        lost = "The trained weights could not be saved. " if final.name == "final" else ""
+        raise RunError(str(write_error(final, getattr(e, "error", e), lost + what_is_safe(final.parent)))) from e
+
+
+def what_is_safe(out: Path) -> str:
+    """What a run stopped by a failed write keeps, in words: its newest checkpoint and the command
+    that continues from it, or that nothing can be resumed."""
+    found = checkpoints(out)
+    if not found:
+        return (f"No checkpoint was saved in {out}, so nothing can be resumed: free some space and start the "
+                "run again with another --out.")
+    return (f"Nothing earlier in {out} was lost; the newest checkpoint is {found[-1]}. Free some space, then "
+            f"continue with: python grpo.py --out {out} --resume")
+
+
+def remove_partial_folders(out: Path) -> None:
+    """Remove the hidden folders of saves that a kill cut short (files.partial_folders; as large as a
+    checkpoint); nothing else in OUT is touched."""
+    for folder in partial_folders(out, SAVED_FOLDERS):
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"grpo.py: removed {folder}, the unfinished copy of a save that was cut short", file=sys.stderr)
+
+
+def write_run_file(path: Path, text: str, append: bool = False) -> None:
+    """A file of the run folder, through files.write_file: a full or read-only disk stops the run with
+    the file, the newest checkpoint and how to continue (what_is_safe); nothing is left half-written."""
+    write_file(path, text, append=append, safe=lambda: what_is_safe(path.parent))
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -216,8 +242,11 @@ def restore(state: dict, out: Path, model, optimizer, cfg, comm) -> None:
             truncate_log(out / name, state["step"])
 
 
-def say_how_to_resume(out: str | None) -> None:
-    """After an interrupted run: the newest complete checkpoint and the command that continues from it."""
+def say_how_to_resume(out: str | None, stop: BaseException | None = None) -> None:
+    """After an interrupted run: the newest complete checkpoint and the command that continues from it
+    (already said when the run stopped at a checkpoint: `stop` is Stopped)."""
+    if isinstance(stop, Stopped):
+        return
     found = checkpoints(Path(out)) if out else []
     print("\n" + (f"The newest complete checkpoint is {found[-1]}; continue with:\n"
                   f"  python grpo.py --out {out} --resume" if found else "No checkpoint was saved yet."),
@@ -235,7 +264,11 @@ def truncate_log(path: Path, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        path.write_text("".join(l + "\n" for l in kept))
+        write_run_file(path, "".join(l + "\n" for l in kept))
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run at a checkpoint: grpo.py exits 130, as for any Ctrl-C."""
 
 
 class Stop:
@@ -263,17 +296,19 @@ class Stop:
             signal.signal(s, handler)
 
 
-def checkpoint_if_due(cfg, run, done: int, stop: Stop) -> bool:
-    """Save a checkpoint every --save-every steps, and when Ctrl-C asked to stop (then True: stop now).
-    A signal may reach the ranks at different steps: they stop together, at the first that saw one."""
+def checkpoint_if_due(cfg, run, done: int, stop: Stop) -> None:
+    """Save a checkpoint every --save-every steps, and when Ctrl-C or SIGTERM asked to stop: then
+    raise Stopped (grpo.py exits 130). A signal may reach the ranks at different steps: they stop
+    together, at the first that saw one."""
     stopping = bool(run.comm.sum([stop.requested], "max")[0])
     if done >= run.steps or not ((cfg.save_every and done % cfg.save_every == 0) or stopping):
-        return False
+        return
     saved = save(cfg, run, done)
     if stopping and run.comm.main:
         print(f"stopped after step {done} of {run.steps}; checkpoint {saved}. Continue with:\n"
               f"  python grpo.py --out {run.out} --resume", file=sys.stderr, flush=True)
-    return stopping
+    if stopping:
+        raise Stopped
 
 
 def save(cfg, run, done: int) -> Path:

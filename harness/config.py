@@ -135,6 +135,19 @@ def build_parser(settings: type) -> argparse.ArgumentParser:
     return p
 
 
+def length_on_resume(saved: dict, given: set[str]) -> dict:
+    """What --steps or --epochs given with --resume change: --epochs alone counts the steps again
+    from the data, and stage 1 stays half the run's length unless --stage1-steps is given or the
+    checkpoint's was not half of its length (set by hand)."""
+    changes = {}
+    if "epochs" in given and "steps" not in given:
+        changes["steps"] = None
+    if given & {"steps", "epochs"} and "stage1_steps" not in given and saved.get("stage1_steps") is not None \
+            and saved["stage1_steps"] == (saved.get("steps") or 0) // 2:
+        changes["stage1_steps"] = None  # Settings.set_steps: half the new length
+    return changes
+
+
 def parse_args(settings: type, argv=None) -> tuple[RunSettings, bool, bool]:
     """Command line -> (config, resume, force): config holds grpo.Settings (`settings`) and the run's.
     With --resume, flags not given come from the checkpoint."""
@@ -143,13 +156,14 @@ def parse_args(settings: type, argv=None) -> tuple[RunSettings, bool, bool]:
     resume, force = args.pop("resume"), args.pop("force")
     if resume:
         if not args["out"]:
-            p.error("--resume needs --out DIR (the folder of the run to continue)")
+            raise InputError("--resume needs --out DIR (the folder of the run to continue)")
         saved = saved_config(Path(args["out"]))
         if saved is None:
-            p.error(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
+            raise InputError(f"--resume: no complete checkpoint in {args['out']}; start without --resume")
         unset = object()
         given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(args, unset))))
         args = {k: saved.get(k, v) if given[k] is unset else given[k] for k, v in args.items()}
+        args.update(length_on_resume(saved, {k for k, v in given.items() if v is not unset}))
     errors = number_errors(args)  # every number finite, and within cli.BOUNDS
     if errors:
         raise InputError("; ".join(errors))

@@ -68,11 +68,14 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def check_global_batch(sets: dict, images_per_step: int, world: int) -> None:
-    """Every rank needs its own images: each training set must hold the global batch, B x world."""
-    if world == 1:
-        return
+    """Every rank needs its own images: each training set must hold the global batch, B x world (a
+    step takes each image at most once, and an epoch is counted in global batches)."""
     need = images_per_step * world
     for name, items in sets.items():
+        if len(items) < need and world == 1:
+            raise InputError(f"--images-per-step {images_per_step}, but training set {name!r} has only {len(items)} "
+                             f"images: a step takes each image at most once. Use --images-per-step {len(items)} or "
+                             "less, or more training data.")
         if len(items) < need:
             fewer, smaller = len(items) // images_per_step, len(items) // world
             advice = ([f"at most {fewer} process{'es' if fewer > 1 else ''}"] if fewer else []) + \

@@ -16,7 +16,8 @@ from tqdm import tqdm
 import data
 import evaluate
 from harness import lora, plots, report_page
-from harness.checkpoints import RunError, checkpoints, save_folder
+from harness.checkpoints import RunError, checkpoints, save_folder, write_run_file
+from support.files import WriteError
 from harness.distributed import full_weights, unwrap
 
 # A run stops when this many steps in a row give non-finite rewards, losses or gradients.
@@ -26,8 +27,12 @@ MAX_NONFINITE_STEPS = 5
 def log_json(path: Path, record: dict) -> None:
     """One JSON line; a non-finite number is written as null (JSON has no NaN)."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(clean) + "\n")
+    write_run_file(path, json.dumps(clean) + "\n", append=True)
+
+
+def steps_text(first: int, last: int) -> str:
+    """Steps first..last (1-based, inclusive) in words: "steps 3-8", "step 3", or "no steps" when empty."""
+    return "no steps" if last < first else f"step {first}" if last == first else f"steps {first}-{last}"
 
 
 def step_metrics(scored) -> dict:
@@ -137,7 +142,7 @@ def nonfinite_weights(model, comm) -> bool:
 
 def nonfinite_message(out: Path, step: int, count: int, what: str) -> str:
     found = checkpoints(out)
-    return (f"steps {step + 2 - count}-{step + 1} all gave a non-finite {what} (see {out / 'metrics.jsonl'}); "
+    return (f"{steps_text(step + 2 - count, step + 1)} all gave a non-finite {what} (see {out / 'metrics.jsonl'}); "
             f"stopping. The newest checkpoint is {found[-1] if found else 'none (none saved yet)'}. Try a lower "
             "--lr or --dtype float32, or check the data, then continue with --resume --force.")
 
@@ -149,8 +154,12 @@ def draw_run_curves(out: Path) -> None:
     series = {"mean reward": [(m["step"], m["reward"]) for m in steps if m.get("reward") is not None],
               "held-out SRCC": [(e["step"], e["srcc"]) for e in evals if e.get("srcc") is not None],
               "held-out PLCC": [(e["step"], e["plcc"]) for e in evals if e.get("plcc") is not None]}
-    if any(series.values()):  # every step skipped (no readable picture in its batch): nothing to draw
+    if not any(series.values()):  # every step skipped (no readable picture in its batch): nothing to draw
+        return
+    try:
         plots.draw_curves(out / "curves.png", {k: v for k, v in series.items() if v}, title=out.name)
+    except WriteError as e:  # a figure is never worth a run; the logs it is drawn from are intact
+        print(f"grpo.py: warning: {e}", file=sys.stderr)
 
 
 def held_out(cfg, policy, items: list, comm,
@@ -178,7 +187,7 @@ def evaluate_and_log(cfg, run, step: int) -> dict | None:
     metrics, rows = held_out(cfg, run.policy, run.held, run.comm, run.warn)
     if run.comm.main:
         log_json(run.out / "eval.jsonl", {"step": step, **metrics})
-        (run.out / "eval_items.jsonl").write_text("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+        write_run_file(run.out / "eval_items.jsonl", "".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
         if step:
             draw_run_curves(run.out)
         write_page(run)

@@ -11,6 +11,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from support import files
+
 BACKGROUND = (255, 255, 255)
 INK = (40, 40, 40)
 GRID = (225, 225, 225)
@@ -103,7 +105,8 @@ def draw_scatter(path, pred, mos, curve=None, title="", size=(640, 480), curve_l
         ys = np.clip(curve(xs), *frame.yrange)
         draw.line([frame.px(x, y) for x, y in zip(xs, ys)], fill=PALETTE[3], width=2)
         draw.text((frame.box[0] + 8, frame.box[1] + 6), curve_label, fill=PALETTE[3], font=_font(12))
-    img.save(path, format="PNG")
+    with files.atomic_file(path, "wb") as f:  # a full disk: a WriteError, no half a PNG
+        img.save(f, format="PNG")
 
 
 def draw_curves(path, series, title="", size=(720, 560)):
@@ -150,4 +153,5 @@ def draw_curves(path, series, title="", size=(720, 560)):
                     for cx, cy in segment:
                         draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
                 segment = []
-    img.save(path, format="PNG")
+    with files.atomic_file(path, "wb") as f:  # a full disk: a WriteError, no half a PNG
+        img.save(f, format="PNG")

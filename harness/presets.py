@@ -123,6 +123,15 @@ def verify(name: str) -> list[str]:
     return diffs
 
 
+def model_folder(name: str) -> Path | None:
+    """Where --model's files are on this disk, without building anything: a folder, a preset's
+    (shipped, or its cache entry), or None for a hub id."""
+    if name in PRESETS:
+        return SHIPPED / name if (SHIPPED / name / "config.json").exists() else preset_path(name)
+    folder = Path(name).expanduser()
+    return folder if folder.exists() else None
+
+
 def describe_model(name: str) -> str:
     """The line a tool prints before it loads its model: which model and why. A preset is described
     without being built; anything else must be there (preresq.locate_model, else ModelLoadError)."""

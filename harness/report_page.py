@@ -38,6 +38,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from support import files
+
 THUMB_SIDE = 160   # px, longest side of an embedded picture
 MAX_STEPS = 4      # logged steps shown on the training page
 MAX_GROUPS = 4     # groups shown per logged step
@@ -205,11 +207,10 @@ def page(title: str, body: list[str]) -> str:
 
 
 def write_page(path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file: a browser reloading meanwhile never reads half a page."""
+    """Write `text` to `path` through a temporary file (files.write_file): a browser reloading meanwhile
+    never reads half a page, and a full disk leaves the old page, not part of a new one."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    files.write_file(path, text)
     return path
 
 

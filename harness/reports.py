@@ -15,6 +15,7 @@ import math
 import os
 
 from harness import plots
+from support import files
 
 SUMMARY_KEYS = ("protocol", "n", "srcc", "plcc", "krcc", "plcc_logistic4", "plcc_logistic5",
                 "parse_failures", "unreadable", "logistic4_params", "logistic5_params", "logistic_note")
@@ -36,9 +37,25 @@ def write_summary(path, summary):
     """summary: {dataset: metrics}. Writes strict JSON; an undefined (NaN) correlation is null."""
     clean = {name: {k: _json_number(m[k]) for k in SUMMARY_KEYS if k in m}
              for name, m in summary.items()}
-    with open(path, "w") as f:
-        json.dump(clean, f, indent=2, allow_nan=False)
-        f.write("\n")
+    files.write_file(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
+
+
+def read_summary(path):
+    """An existing summary.json as {dataset: metrics} ({} when there is none), so that a new call adds
+    to it; InputError when it cannot be read, before any work: it is never written over."""
+    from support.cli import InputError
+
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict) or not all(isinstance(m, dict) for m in summary.values()):
+            raise ValueError("not a {set: metrics} object")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} cannot be read ({e}); it would be written over. Move it away, or choose "
+                         "another --out.") from None
+    return summary
 
 
 def write_predictions(path, rows):
@@ -47,7 +64,7 @@ def write_predictions(path, rows):
     Unparsed predictions have an empty score. Columns follow the first row's keys.
     """
     columns = list(rows[0]) if rows else ["path", "mos", "score", "parsed", "text"]
-    with open(path, "w", newline="") as f:
+    with files.atomic_file(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in rows:

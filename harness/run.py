@@ -19,17 +19,20 @@ import torch.distributed as tdist
 import data
 import preresq
 from harness import distributed, lora, prefetch, presets
-from harness.checkpoints import (CHECKPOINT_STATE, LOGS, check_same_data, checkpoints, config_differences,
-                                 newest_sound_checkpoint, restore)
-from support.cli import InputError, Warnings, check_device
+from harness.checkpoints import (CHECKPOINT_STATE, check_same_data, checkpoints, config_differences,
+                                 newest_sound_checkpoint, remove_partial_folders, restore, write_run_file)
+from harness.logs import steps_text
+from support.cli import InputError, Warnings, check_apart, check_device
 
 def check_run_folder(cfg, resume: bool, force: bool, comm) -> dict | None:
-    """Refuse a run folder that cannot work, before anything is created: a file, one with checkpoints
-    but no --resume, --resume without a checkpoint or with another configuration, no write access.
-    Returns the checkpoint state to resume from (or None)."""
+    """Refuse a run folder that cannot work, before anything is created: a file, --model's folder (or
+    one inside or around it), an earlier run's folder without --resume, --resume without a
+    checkpoint or with another configuration, no write access. Returns the checkpoint state to
+    resume from (or None)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; choose another --out.")
+    check_apart(out, presets.model_folder(cfg.model))
     state = None
     if resume:
         found, damaged = newest_sound_checkpoint(out)
@@ -47,6 +50,11 @@ def check_run_folder(cfg, resume: bool, force: bool, comm) -> dict | None:
     elif out.exists() and checkpoints(out):
         raise InputError(f"{out} already holds checkpoints; add --resume to continue that run, "
                          "or choose another --out.")
+    elif out.exists() and any(out.iterdir()):  # a finished run without checkpoints, or any other files
+        names = sorted(p.name for p in out.iterdir())
+        raise InputError(f"--out {out} is not empty ({', '.join(names[:4])}{', ...' * (len(names) > 4)}): a new run "
+                         "never writes over earlier files. Choose another --out (there is no checkpoint in it "
+                         "to --resume from).")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"cannot write to --out {out} ({existing} is not writable). Choose a writable folder.")
@@ -54,16 +62,16 @@ def check_run_folder(cfg, resume: bool, force: bool, comm) -> dict | None:
 
 
 def create_run_folder(out: Path, resume: bool, comm) -> None:
-    """Make the run folder (rank 0); a fresh run drops the logs of an attempt that never reached a checkpoint."""
+    """Make the run folder (rank 0), once nothing can refuse the run any more (the data and models
+    are loaded); a resumed run's folder loses only the unfinished copies of saves cut short."""
     if not comm.main:
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot write to --out {out}: {e.strerror or e}. Choose a writable folder.")
-    if not resume:
-        for name in (*LOGS, "eval_items.jsonl"):
-            (out / name).unlink(missing_ok=True)
+    if resume:
+        remove_partial_folders(out)
 
 
 def check_some_picture_reads(name: str, items: list, max_pixels: int | None) -> None:
@@ -193,7 +201,6 @@ def prepare(cfg, resume: bool, force: bool, comm, device) -> Run:
     sets, held = load_training_data(cfg)
     check_same_data(state, sets, force)
     distributed.check_global_batch(sets, cfg.images_per_optimizer_step(), comm.world)
-    create_run_folder(out, resume, comm)
     if comm.main:
         print(model_line, flush=True)
     sampler = prefetch.BatchSampler(sets, cfg.images_per_optimizer_step(), cfg.seed, comm.rank, comm.world)
@@ -202,6 +209,7 @@ def prepare(cfg, resume: bool, force: bool, comm, device) -> Run:
     source = str(state["folder"]) if state else cfg.model
     comm = replace(comm, sharded=bool(cfg.fsdp and comm.world > 1))
     model, policy, reference = load_models(cfg, source, device, comm)
+    create_run_folder(out, resume, comm)  # only now: a model that does not load leaves no trace
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or the adapters under --lora-rank
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Seeded only now: building a preset or initialising a model draws from (and reseeds) the
@@ -216,8 +224,9 @@ def prepare(cfg, resume: bool, force: bool, comm, device) -> Run:
         if state:
             print(f"resumed from {source} at step {start} (stage {cfg.stage(start)})")
         if cfg.schedule == "explore-stable":
-            print(f"schedule: stage 1 (prompt pool, G {cfg.stage1_generations}) steps 1-{cfg.stage1_steps}, "
-                  f"stage 2 (fixed prompt, G {cfg.stage2_generations}) steps {cfg.stage1_steps + 1}-{steps}")
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            first = min(cfg.stage1_steps, steps)
+            print(f"schedule: stage 1 (prompt pool, G {cfg.stage1_generations}) {steps_text(1, first)}, "
+                  f"stage 2 (fixed prompt, G {cfg.stage2_generations}) {steps_text(first + 1, steps)}")
+        write_run_file(out / "config.json", json.dumps(asdict(cfg), indent=2))
     counters = {"skipped_items": 0, "nonfinite_steps": 0, **(state.get("counters", {}) if state else {})}
     return Run(out, comm, sets, held, sampler, steps, start, model, policy, reference, optimizer, counters)

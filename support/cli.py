@@ -262,6 +262,19 @@ def check_out(path, flag: str = "--out") -> Path:
     return out
 
 
+def check_apart(out, model_folder, flag: str = "--out") -> None:
+    """Refuse an output folder that is the model's folder, lies inside it or holds it: the tool's files
+    would be mixed with the model's (a run's config.json over the model's). model_folder: where
+    --model's files are (presets.model_folder), None for a hub id."""
+    if model_folder is None:
+        return
+    a, b = Path(out).expanduser().resolve(), Path(model_folder).expanduser().resolve()
+    if a == b or b in a.parents or a in b.parents:
+        where = "is" if a == b else "lies inside" if b in a.parents else "holds"
+        raise InputError(f"{flag} {out} {where} the model's folder {model_folder}: its files would be mixed with "
+                         f"the model's. Choose an {flag} outside it.")
+
+
 def make_out(out: Path, flag: str = "--out") -> Path:
     """Create the folder check_out accepted, once the work is about to write into it."""
     try:

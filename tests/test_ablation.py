@@ -1,5 +1,6 @@
 """ablation.py: every variant trains with the same budget and lands in one table."""
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -51,3 +52,56 @@ def test_two_variants_one_step(tiny, tmp_path, jobs):
     assert "| preresq |" in text and "| threshold |" in text
     cfg = json.loads((out / "threshold-seed0" / "config.json").read_text())
     assert cfg["reward"] == "threshold" and cfg["steps"] == 1
+
+
+def finished_run(out, steps: int, variant="preresq", seed=0) -> dict:
+    """OUT/<variant>-seed<S> as a finished run of --steps `steps` leaves it (config.json, final/, eval.jsonl);
+    returns its files' text."""
+    common = ["--model", "tiny", "--steps", str(steps), "--eval-every", str(steps), "--save-every", str(steps)]
+    cfg = harness.config.parse_args(grpo.Settings, ablation.run_flags(variant, seed, common, out))[0]
+    folder = out / f"{variant}-seed{seed}"
+    (folder / "final").mkdir(parents=True)
+    texts = {"config.json": json.dumps(asdict(cfg), indent=2), "ablation.json": json.dumps({"seconds": 60.0}),
+             "eval.jsonl": json.dumps({"step": steps, "n": 4, "srcc": 0.5, "plcc": 0.4, "parse_failures": 0}) + "\n"}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    return texts
+
+
+def test_a_finished_run_is_reused_only_with_the_same_recipe(tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run of the same recipe is not trained again")
+
+    monkeypatch.setattr(grpo, "train", no_training)
+    out = tmp_path / "ab"
+    texts = finished_run(out, steps=1)
+    flags = ["--variants", "preresq", "--seeds", "0", "--out", str(out)]
+    assert ablation.main(flags + ["--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out / 'preresq-seed0'}: finished with the same recipe: reused" in printed and "| preresq | 0.500 |" in printed
+    # other flags: refused before any run, naming each difference; the earlier run is left as it was
+    message = ablation_refusal(flags + ["--steps", "2", "--lr", "0.001"], capsys)
+    assert f"{out / 'preresq-seed0'} holds a run of another recipe" in message
+    assert "--steps: 1 there, 2 now" in message and "--lr: 0.0005 there, 0.001 now" in message
+    assert "--eval-every: 1 there, 2 now" in message and "Choose another --out" in message
+    folder = out / "preresq-seed0"
+    assert {name: (folder / name).read_text() for name in texts} == texts
+
+
+def ablation_refusal(argv, capsys) -> str:
+    try:
+        code = ablation.main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_eval_split_none_is_refused_at_the_front_door(tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("refused before any run")
+
+    monkeypatch.setattr(grpo, "train", no_training)
+    message = ablation_refusal(["--eval-split", "none", "--out", str(tmp_path / "ab")], capsys)
+    assert "ablation.py: error: --eval-split none leaves nothing to compare" in message
+    assert not (tmp_path / "ab").exists()

@@ -250,7 +250,10 @@ def test_rank_seeds_differ_and_rank_0_keeps_the_seed():
 def test_too_few_images_for_the_processes_is_refused_with_the_numbers():
     sets = {"koniq": list(range(30)), "spaq": list(range(100))}
     distributed.check_global_batch(sets, 8, 3)  # 24 <= 30
-    distributed.check_global_batch(sets, 64, 1)  # one process: a short set gives a short batch, as always
+    with pytest.raises(InputError) as e:  # one process: a step takes each image at most once
+        distributed.check_global_batch(sets, 64, 1)
+    assert str(e.value) == ("--images-per-step 64, but training set 'koniq' has only 30 images: a step takes each "
+                            "image at most once. Use --images-per-step 30 or less, or more training data.")
     with pytest.raises(InputError) as e:
         distributed.check_global_batch(sets, 8, 4)
     message = str(e.value)

@@ -707,3 +707,91 @@ def test_authors_protocol_samples_as_generate_does_with_the_checkpoints_config(t
     plain = preresq.judge(model, tok, ip, pictures, seed=5, prompt=evaluate.AUTHORS_IMAGE_PROMPT,
                           labels=evaluate.authors_label, **dict(decoding, temperature=1.0, repetition_penalty=1.0))
     assert [j.texts[0] for j in plain] != theirs  # the checkpoint's settings change what is drawn
+
+
+# ---------------------------------------------------------------------------------------
+# the --out folder: earlier results kept, a full disk loses nothing
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_sets(tmp_path, monkeypatch):
+    """Two labelled sets (a.txt, b.txt) of four pictures each, a stand-in model folder and judge:
+    evaluate.main(argv(name)) scores set `name` into tmp_path/eval."""
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for k in range(8):
+        Image.new("RGB", (16, 16), (30 * k, 80, 80)).save(root / f"{k}.png")
+    for name, ks in (("a", range(4)), ("b", range(4, 8))):
+        (root / f"{name}.txt").write_text("".join(f"{k}.png {1 + (k * 7) % 5}\n" for k in ks))
+    model = presets.SHIPPED / "tiny"  # a whole model folder; loading it is stood in for
+    monkeypatch.setattr(preresq, "load_model", lambda *args: (None, None, None))
+    monkeypatch.setattr(preresq, "judge", _fake_judge([]))
+    return lambda name: ["--model", str(model), "--data", "labels", "--labels", str(root / f"{name}.txt"),
+                         "--data-root", str(root), "--out", str(tmp_path / "eval")]
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_second_call_into_the_same_out_keeps_the_earlier_sets(two_sets, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate.main(two_sets("a")) == 0
+    first = json.loads((out / "summary.json").read_text())
+    before = _snapshot(out)
+    assert evaluate.main(two_sets("b")) == 0
+    assert "summary.json also keeps the earlier results of a" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["a", "b"] and summary["a"] == first["a"] and summary["b"]["n"] == 4
+    assert all(_snapshot(out)[name] == data for name, data in before.items() if name != "summary.json")
+    # the newest result of a set replaces that set's entry only
+    labels = tmp_path / "pictures" / "a.txt"
+    labels.write_text(labels.read_text().replace("0.png 1", "0.png 5"))
+    assert evaluate.main(two_sets("a")) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert list(again) == ["a", "b"] and again["b"] == summary["b"] and again["a"]["srcc"] != first["a"]["srcc"]
+
+
+def test_an_unreadable_summary_is_refused_not_written_over(two_sets, tmp_path, capsys):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text('{"a": {"n": 4, "srcc"')
+    assert evaluate.main(two_sets("b")) == 2
+    assert "summary.json cannot be read" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["summary.json"]
+
+
+def test_a_full_disk_while_writing_the_page_loses_nothing(two_sets, tmp_path, capsys, monkeypatch):
+    """The page of set b cannot be written: one error line naming it, the numbers of b already in
+    summary.json, every file of set a byte for byte as it was, no partial file left."""
+    import builtins
+    from support import files
+
+    out = tmp_path / "eval"
+    assert evaluate.main(two_sets("a")) == 0
+    before = _snapshot(out)
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        write = f.write
+
+        def full(text):
+            if isinstance(text, str) and "<!DOCTYPE html>" in text:
+                write(text[:100])
+                raise OSError(28, "No space left on device")
+            return write(text)
+        f.write = full
+        return f
+
+    monkeypatch.setattr(files, "open", open_, raising=False)
+    assert evaluate.main(two_sets("b")) == 1
+    err = capsys.readouterr().err
+    assert f"evaluate.py: error: could not write {out / 'report-b.html'}: No space left on device (" in err
+    assert "every file written before it is intact" in err and "Traceback" not in err
+    after = _snapshot(out)
+    assert sorted(after) == sorted([*before, "predictions-b.csv", "scatter-b.png"])  # no .partial, no report-b
+    assert all(after[name] == data for name, data in before.items() if name != "summary.json")
+    summary = json.loads(after["summary.json"])
+    assert summary["a"] == json.loads(before["summary.json"])["a"] and summary["b"]["n"] == 4

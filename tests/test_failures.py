@@ -6,6 +6,8 @@ import io
 import json
 import math
 import pathlib
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 import grpo
 import preresq
 from harness import presets
+from support import files
 import rewards
 import harness.checkpoints
 import harness.config
@@ -232,7 +235,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
     monkeypatch.undo()
     message = capsys.readouterr().err
     assert f"could not write {out / 'checkpoint-2'}" in message and "No space left on device" in message
-    assert "checkpoints in" in message and "intact" in message and "--resume" in message
+    assert f"Nothing earlier in {out} was lost; the newest checkpoint is {out / 'checkpoint-1'}" in message
+    assert f"python grpo.py --out {out} --resume" in message
     # checkpoint-1 survives (--keep-last 1 prunes only after a complete save), nothing half-written remains
     assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-1"]
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
@@ -242,6 +246,206 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
     assert [r["step"] for r in records(out)] == [1, 2, 3]
     assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-2"]  # pruned to the newest
     assert (out / "final" / "model.safetensors").exists()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, byte for byte, by its path inside it (folders show in the paths)."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run shorter than --save-every (no checkpoint-*), with held-out logs: what a short
+    demo leaves. Each test copies it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    flags = FLAGS[:-4] + ["--eval-split", "test", "--eval-size", "2", "--eval-samples", "1", "--workers", "1"]
+    assert grpo.main(flags + ["--steps", "1", "--out", str(out)]) == 0
+    assert {"final", "metrics.jsonl", "eval.jsonl", "eval_items.jsonl"} <= {p.name for p in out.iterdir()}
+    assert not harness.checkpoints.checkpoints(out)
+    return out
+
+
+def test_a_finished_run_is_never_replaced(finished, tmp_path, capsys):
+    out = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(out)
+    message = fails(FLAGS + ["--steps", "1", "--out", str(out)], capsys)
+    assert message.startswith(f"grpo.py: error: --out {out} is not empty (") and "Choose another --out" in message
+    assert snapshot(out) == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")  # any file: a new run never writes beside it
+    assert "is not empty (todo.txt)" in fails(FLAGS + ["--steps", "1", "--out", str(tmp_path / "notes")], capsys)
+    assert snapshot(tmp_path / "notes") == {"todo.txt": b"mine"}
+
+
+@pytest.fixture
+def broken_model(tmp_path) -> Path:
+    folder = shutil.copytree(presets.model_path("tiny"), tmp_path / "broken")
+    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl", "vision_config": ')  # cut short
+    return folder
+
+
+def test_a_refused_run_touches_no_earlier_run_and_creates_nothing(finished, broken_model, tmp_path, capsys):
+    """The run folder is made only once the model has loaded: a model that does not load leaves an
+    earlier run as it was (byte for byte) and a new --out not created."""
+    out = shutil.copytree(finished, tmp_path / "run")
+    before = snapshot(out)
+    fails(FLAGS + ["--model", str(broken_model), "--steps", "1", "--out", str(out)], capsys)
+    assert snapshot(out) == before
+    message = fails(FLAGS + ["--model", str(broken_model), "--steps", "1", "--out", str(tmp_path / "new")], capsys)
+    assert str(broken_model) in message and not (tmp_path / "new").exists()
+
+
+def test_a_refused_resume_cuts_no_log(tmp_path, broken_model, capsys):
+    """--resume cuts the logs back to the checkpoint only once the checkpoint and the models loaded."""
+    out = tmp_path / "run"
+    assert grpo.main(FLAGS + ["--steps", "2", "--save-every", "1", "--out", str(out)]) == 0
+    before = snapshot(out)
+    fails(["--out", str(out), "--resume", "--force", "--steps", "3", "--model", str(broken_model)], capsys)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("where", ["is", "lies inside", "holds"])
+def test_out_is_never_the_models_folder(where, tmp_path, capsys):
+    model = shutil.copytree(presets.model_path("tiny"), tmp_path / "models" / "mine")
+    out = {"is": model, "lies inside": model / "run", "holds": model.parent}[where]
+    before = snapshot(tmp_path)
+    message = fails(FLAGS + ["--model", str(model), "--steps", "1", "--out", str(out)], capsys)
+    assert f"--out {out} {where} the model's folder {model}" in message and "outside it" in message
+    assert snapshot(tmp_path) == before
+
+
+def no_space_while_writing(path_part: str):
+    """A save_pretrained that fails like a full disk while writing a folder whose name holds path_part."""
+    from transformers import PreTrainedModel
+
+    save = PreTrainedModel.save_pretrained
+
+    def full(self, folder, *args, **kwargs):
+        if path_part in Path(folder).name:
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, folder, *args, **kwargs)
+    return full
+
+
+def test_a_full_disk_at_final_with_no_checkpoint_says_nothing_can_be_resumed(tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_space_while_writing(".final-"))
+    out = tmp_path / "run"
+    assert grpo.main(FLAGS + ["--steps", "1", "--out", str(out)]) == 1
+    message = capsys.readouterr().err
+    assert f"grpo.py: error: could not write {out / 'final'}: No space left on device (" in message
+    assert "The trained weights could not be saved" in message and "nothing can be resumed" in message
+    assert "intact" not in message and "--resume" not in message
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl"]  # no half-written final/
+
+
+def test_a_full_disk_at_final_names_the_newest_checkpoint(tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_space_while_writing(".final-"))
+    out = tmp_path / "run"
+    assert grpo.main(FLAGS + ["--steps", "3", "--save-every", "2", "--out", str(out)]) == 1
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert "The trained weights could not be saved" in message
+    assert f"the newest checkpoint is {out / 'checkpoint-2'}" in message and f"--out {out} --resume" in message
+    assert grpo.main(["--out", str(out), "--resume"]) == 0  # space freed: step 3 again, then final/
+    assert [r["step"] for r in records(out)] == [1, 2, 3] and (out / "final" / "model.safetensors").exists()
+
+
+class FullDisk:
+    """A file whose write stores half of what it is given, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def full_disk_when(condition):
+    """files.open, failing like a full disk for the files condition(file, mode) picks."""
+    import builtins
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        return FullDisk(f) if condition(file, mode) else f
+    return open_
+
+
+def test_a_full_disk_while_logging_stops_the_run_with_the_file_and_the_newest_checkpoint(tmp_path, capsys,
+                                                                                        monkeypatch):
+    out = tmp_path / "run"
+    appends = []
+
+    def second_metrics_line(file, mode):
+        appends.append(file) if str(file).endswith("metrics.jsonl") else None
+        return str(file).endswith("metrics.jsonl") and len(appends) == 2
+
+    monkeypatch.setattr(files, "open", full_disk_when(second_metrics_line), raising=False)
+    assert grpo.main(FLAGS + ["--steps", "3", "--save-every", "1", "--out", str(out)]) == 1
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert f"grpo.py: error: could not write {out / 'metrics.jsonl'}: No space left on device (" in message
+    assert f"the newest checkpoint is {out / 'checkpoint-1'}" in message and "Traceback" not in message
+    assert [r["step"] for r in records(out)] == [1]  # the torn half line was cut away
+    assert (out / "metrics.jsonl").read_text().endswith("}\n")
+    assert grpo.main(["--out", str(out), "--resume"]) == 0
+    assert [r["step"] for r in records(out)] == [1, 2, 3]
+
+
+def test_one_write_path_leaves_no_partial_file(tmp_path, monkeypatch):
+    (tmp_path / "page.html").write_text("the old page")
+    monkeypatch.setattr(files, "open", full_disk_when(lambda file, mode: "w" in mode), raising=False)
+    with pytest.raises(files.WriteError) as caught:
+        files.write_file(tmp_path / "page.html", "a new page")
+    assert str(caught.value).startswith(f"could not write {tmp_path / 'page.html'}: No space left on device (")
+    assert f"{tmp_path / 'page.html'} was left as it was" in str(caught.value)
+    monkeypatch.undo()
+    (tmp_path / "summary.json").mkdir()  # a folder where the file should be
+    with pytest.raises(files.WriteError, match="could not write .*summary.json: Is a directory"):
+        files.write_file(tmp_path / "summary.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html", "summary.json"]
+    assert (tmp_path / "page.html").read_text() == "the old page"
+    files.write_file(tmp_path / "log.jsonl", "one\n", append=True)
+    files.write_file(tmp_path / "log.jsonl", "two\n", append=True)
+    assert (tmp_path / "log.jsonl").read_text() == "one\ntwo\n"
+
+
+# --------------------------------------------------------------------------- stopping
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_saves_its_checkpoint_and_exits_130(signum, tmp_path, capsys, monkeypatch):
+    """The signal arrives during step 1: the step ends, checkpoint-1 is saved, and the exit status says
+    the run did not finish, so `grpo.py ... && grpo.py --model .../final` goes no further."""
+    import os
+
+    step = grpo.grpo_step
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_step", signalled)
+    out = tmp_path / "run"
+    assert grpo.main(FLAGS + ["--steps", "3", "--save-every", "100", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped after step 1 of 3; checkpoint {out / 'checkpoint-1'}" in err and "grpo.py: interrupted" in err
+    assert err.count("--resume") == 1 and not (out / "final").exists()
+    assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-1"]
 
 
 # --------------------------------------------------------------------------- non-finite values
@@ -370,6 +574,15 @@ def test_micro_batch_that_does_not_divide_the_batch(tmp_path):
     assert a["completion_tokens"] == b["completion_tokens"] and a["reward"] == b["reward"]
     assert a["grad_norm"] > 0 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_more_images_per_step_than_the_training_set_holds_is_refused(tmp_path, capsys):
+    """12 pictures at 32 a step would report epoch 2.67 after one pass; refused, both numbers named."""
+    flags = labelled_folder(tmp_path / "set", good=3)
+    message = fails(FLAGS + flags + ["--images-per-step", "4", "--steps", "1", "--out", str(tmp_path / "run")],
+                    capsys)
+    assert "--images-per-step 4, but training set 'labels' has only 3 images" in message
+    assert "--images-per-step 3 or less" in message and not (tmp_path / "run").exists()
 
 
 # More processes than images (torchrun) is checked in test_distributed.py.

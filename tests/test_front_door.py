@@ -94,6 +94,13 @@ CASES = [
     case("grpo", ["--model", "{in}/notokenizer"], ["notokenizer lacks tokenizer.json"]),
     case("grpo", ["--model", "{in}/textonly"], ["this is not a vision-language model (Qwen2.5-VL expected)",
                                                 "model_type 'qwen2'"], absent=["Qwen2VLConfig"]),
+    case("grpo", ["--data", "labels", "--labels", "{in}/labels/three.txt", "--data-root", "{in}/labels",
+                  "--split", "all", "--images-per-step", "4"], ["--images-per-step 4, but training set 'three' has only 3 images",
+                                              "--images-per-step 3 or less"]),
+    case("grpo", ["--out", "{in}/labels"], ["--out", "labels is not empty (0.png, 1.png, 2.png, bad.txt, ...)"]),
+    case("grpo", ["--model", "{in}/notamodel", "--out", "{in}/notamodel/run"], ["is not a model folder"]),
+    case("grpo", ["--resume"], ["--resume needs --out DIR"], absent=["usage:"]),
+    case("grpo", ["--resume", "--out", "{in}/photos"], ["--resume: no complete checkpoint in"], absent=["usage:"]),
     # evaluate.py
     case("evaluate", ["--model", "tiny", "--data", "koniq"], ["'koniq' needs --data-root"]),
     case("evaluate", ["--model", "tiny", "--data", "koniq", "--data-root", "{in}/nope"], ["nope", "is not a folder"]),
@@ -170,6 +177,7 @@ CASES = [
     case("ablation", ["--model", "{in}/notamodel"], ["is not a model folder"]),
     case("ablation", ["--steps", "0"], ["--steps must be at least 1"]),
     case("ablation", ["--num-generations", "1"], ["--num-generations must be at least 2"]),
+    case("ablation", ["--eval-split", "none"], ["--eval-split none leaves nothing to compare", "held-out"]),
     # bench.py
     case("bench", ["step", "--B", "0"], ["--images-per-step must be at least 1"]),  # the old spelling
     case("bench", ["step", "--image-size", "448"], ["is not a picture size", "WIDTHxHEIGHT"]),
@@ -216,6 +224,7 @@ def inputs(tmp_path_factory):
     (root / "labels" / "utf16.txt").write_text("0.png 1\n1.png 2\n", encoding="utf-16")
     (root / "a,b").mkdir()
     (root / "a,b" / "bad.txt").write_text("0.png 3.5\n1.png high\n2.png 4.0\n")
+    (root / "labels" / "three.txt").write_text("0.png 3.5\n1.png 2.0\n2.png 4.0\n")
     frames = [np.full((48, 64, 3), 8 * i, np.uint8) for i in range(8)]
     synthetic.write_clip(str(root / "clip.mp4"), frames, fps=8)
     synthetic.write_clip(str(root / "labels" / "clip.mp4"), frames, fps=8)

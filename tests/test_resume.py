@@ -212,9 +212,10 @@ def test_data_fingerprint_sees_scores_files_and_order():
 
 
 def test_resume_needs_a_checkpoint(tmp_path, capsys):
-    with pytest.raises(SystemExit):  # argparse's usage error: exit 2
-        grpo.main(["--out", str(tmp_path), "--resume"])
-    assert "no complete checkpoint" in capsys.readouterr().err
+    """The one-line message alone, as every other refusal: no usage block before it."""
+    message = refused(["--out", str(tmp_path), "--resume"], capsys)
+    assert message == f"grpo.py: error: --resume: no complete checkpoint in {tmp_path}; start without --resume\n"
+    assert refused(["--resume"], capsys) == "grpo.py: error: --resume needs --out DIR (the folder of the run to continue)\n"
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(straight, capsys):
@@ -228,6 +229,65 @@ def test_half_written_checkpoint_is_ignored(straight, tmp_path):
     (partial / harness.checkpoints.CHECKPOINT_STATE).unlink()
     (out / ".checkpoint-4-k2x9q1").mkdir()  # a save cut short
     assert [p.name for p in harness.checkpoints.checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_resume_and_a_new_save_remove_what_a_killed_save_left(straight, tmp_path, capsys, monkeypatch):
+    """A kill during a save leaves atomic_folder's hidden temporary folder, as large as a checkpoint:
+    --resume removes such folders, and so does every new save; nothing else hidden is touched."""
+    out = copy_run(straight, tmp_path / "run")
+    shutil.rmtree(out / "final")
+    shutil.copytree(out / "checkpoint-2", out / ".checkpoint-3-k2x9q1ab")  # a save of step 3 cut short
+    (out / ".final-0a_b2c3d").mkdir()
+    others = {".checkpoint-3-notes": "a folder of mine", ".mine-k2x9q1ab": "mine too", ".checkpoint-4-abcdefgh": "a file"}
+    for name, text in others.items():
+        if name.endswith("h"):
+            (out / name).write_text(text)
+        else:
+            (out / name).mkdir()
+            (out / name / "notes.txt").write_text(text)
+    assert grpo.main(["--out", str(out), "--resume"]) == 0
+    assert f"removed {out / '.checkpoint-3-k2x9q1ab'}" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob(".*")) == sorted(others)
+    assert all((out / name if name.endswith("h") else out / name / "notes.txt").read_text() == text
+               for name, text in others.items())
+    assert_same_weights(out / "final", straight / "final")
+    # a new save, in a run that a killed save of another process left a partial folder in
+    log_json = harness.logs.log_json
+
+    def leave_a_partial_folder(path, record):
+        log_json(path, record)
+        if path.name == "metrics.jsonl" and record["step"] == 1:
+            (path.parent / ".checkpoint-9-zzzzzzzz").mkdir()
+    monkeypatch.setattr(harness.logs, "log_json", leave_a_partial_folder)
+    assert grpo.main(FLAGS + ["--steps", "2", "--save-every", "1", "--out", str(tmp_path / "again")]) == 0
+    assert not list((tmp_path / "again").glob(".checkpoint-*"))
+
+
+def test_resume_with_fewer_steps_shortens_the_schedule_with_the_run(tmp_path, capsys, monkeypatch):
+    """8 steps planned (stage 1: steps 1-4), stopped at checkpoint-2, resumed with --steps 4: stage 1 is
+    half the new length (steps 1-2) and steps 3-4 train in stage 2, as the schedule line says."""
+    save = harness.checkpoints.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    out = tmp_path / "run"
+    monkeypatch.setattr(harness.checkpoints, "save_checkpoint", save_then_die)
+    assert grpo.main(FLAGS + ["--steps", "8", "--save-every", "2", "--out", str(out)]) == 130
+    monkeypatch.undo()
+    assert "stage 1 (prompt pool, G 4) steps 1-4, stage 2 (fixed prompt, G 2) steps 5-8" in capsys.readouterr().out
+    assert grpo.main(["--out", str(out), "--resume", "--steps", "4"]) == 0
+    assert "stage 1 (prompt pool, G 4) steps 1-2, stage 2 (fixed prompt, G 2) steps 3-4" in capsys.readouterr().out
+    assert [json.loads(l)["stage"] for l in metrics(out)] == [1, 1, 2, 2]
+    assert json.loads((out / "config.json").read_text())["stage1_steps"] == 2
+    # one step: stage 1 has none, and the line says so rather than "steps 1-0"
+    assert grpo.main(FLAGS + ["--steps", "1", "--out", str(tmp_path / "one")]) == 0
+    assert "stage 1 (prompt pool, G 4) no steps, stage 2 (fixed prompt, G 2) step 1" in capsys.readouterr().out
+
+
+def test_steps_text_never_prints_an_empty_or_backwards_range():
+    assert harness.logs.steps_text(1, 0) == "no steps" and harness.logs.steps_text(21, 9) == "no steps"
+    assert harness.logs.steps_text(3, 3) == "step 3" and harness.logs.steps_text(1, 4) == "steps 1-4"
 
 
 def cut(path: Path) -> None:
@@ -320,7 +380,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(straight, tmp_path)
     proc, err = start(STRAIGHT + ["--out", str(out)], tmp_path)
     wait_for(lambda: logged_steps(out) >= 1, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=120) == 130  # stopped, not finished: a pipeline's next command does not run
     message = err.read_text()
     done = logged_steps(out)
     assert 1 <= done < 4

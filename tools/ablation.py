@@ -25,9 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's modules, from wherever the tool is run
 
+from dataclasses import asdict
+
 from support import cli
+from support import files
 import grpo
 from harness import presets
+import harness.checkpoints
 import harness.config
 
 # name -> grpo.py flags that define the variant
@@ -42,29 +46,76 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, seed: int, common: list[str], out: Path, threads: int | None = None) -> dict:
-    """One training run; returns its final held-out metrics and wall time. threads=None: in this
-    process; a number: in a child `python grpo.py` with that many CPU threads, its output in
-    OUT/<variant>-seed<S>.log."""
+# Flags that say how a run is carried out, not what it trains: a finished run is reused whatever they were.
+HOW = harness.checkpoints.RESUMABLE_CHANGES - {"steps", "epochs", "eval_every", "eval_size", "stage1_steps"}
+
+
+def run_flags(name: str, seed: int, common: list[str], out: Path) -> list[str]:
+    return common + VARIANTS[name] + ["--seed", str(seed), "--out", str(out / f"{name}-seed{seed}")]
+
+
+def recipe_differences(saved: dict, wanted: dict) -> list[str]:
+    """The flags in which a run's saved config.json differs from the one wanted (outside HOW; the
+    length in steps only where the wanted one is known before the data are: --steps, not --epochs)."""
+    return [f"--{k.replace('_', '-')}: {saved.get(k)!r} there, {v!r} now" for k, v in wanted.items()
+            if k not in HOW and saved.get(k) != v and not (k in ("steps", "stage1_steps") and v is None)]
+
+
+def plan(name: str, seed: int, common: list[str], out: Path) -> str:
+    """What to do with OUT/<variant>-seed<S>, decided before any run starts: "run" (no such run yet),
+    "reuse" (finished with the same recipe), "resume" (stopped at a checkpoint, same recipe);
+    InputError for a run of another recipe, naming the flags, or one that cannot be continued."""
     folder = out / f"{name}-seed{seed}"
-    if not (folder / "final").exists():  # a finished run is reused (delete its folder to redo it)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return "run"
+    wanted = asdict(harness.config.parse_args(grpo.Settings, run_flags(name, seed, common, out))[0])
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise cli.InputError(f"{folder} holds files but no readable config.json of a run; move it away (or "
+                             f"choose another --out) to run the {name} variant with seed {seed} there.") from None
+    diffs = recipe_differences(saved, wanted)
+    if diffs:
+        raise cli.InputError(f"{folder} holds a run of another recipe, whose results would not be this "
+                             "ablation's:\n  " + "\n  ".join(diffs) + f"\nChoose another --out, or delete {folder} "
+                             "to run it again with these flags.")
+    if (folder / "final").exists() and (folder / "eval.jsonl").exists():
+        return "reuse"
+    if harness.checkpoints.checkpoints(folder):
+        return "resume"
+    raise cli.InputError(f"{folder} holds a run of this recipe that stopped before its first checkpoint; delete "
+                         "it to run it again, or choose another --out.")
+
+
+def run_variant(name: str, seed: int, common: list[str], out: Path, threads: int | None = None,
+                how: str = "run") -> dict:
+    """One training run (how: "run", "resume" or "reuse", from `plan`); returns its final held-out
+    metrics and wall time. threads=None: in this process; a number: in a child `python grpo.py`
+    with that many CPU threads, its output in OUT/<variant>-seed<S>.log."""
+    folder = out / f"{name}-seed{seed}"
+    print(f"{folder}: " + {"run": "a new run", "resume": "resuming it from its newest checkpoint",
+                           "reuse": "finished with the same recipe: reused"}[how], flush=True)
+    if how != "reuse":
         start = time.time()
-        flags = common + VARIANTS[name] + ["--seed", str(seed), "--out", str(folder)]
+        flags = run_flags(name, seed, common, out) + ["--resume"] * (how == "resume")
         if threads is None:
-            grpo.train(harness.config.parse_args(grpo.Settings, flags)[0])
+            grpo.train(*harness.config.parse_args(grpo.Settings, flags))
         else:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             log_path = out / f"{name}-seed{seed}.log"
-            with open(log_path, "w") as log:
+            with open(log_path, "a") as log:
                 done = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *flags],
                                       env=env, stdout=log, stderr=subprocess.STDOUT)
             if done.returncode:
                 raise cli.Failure(f"the {name} run with seed {seed} failed (exit {done.returncode}); its output is "
-                                  f"in {log_path}. Finished runs are kept and reused by the next call.")
-        (folder / "ablation.json").write_text(json.dumps({"variant": name, "seed": seed,
-                                                          "seconds": time.time() - start}))
+                                  f"in {log_path}. Finished runs are kept and reused by the next call, a run "
+                                  "stopped at a checkpoint is resumed.")
+        files.write_file(folder / "ablation.json", json.dumps({"variant": name, "seed": seed,
+                                                               "seconds": time.time() - start}))
     evals = [json.loads(l) for l in (folder / "eval.jsonl").read_text().splitlines()]
-    return {**evals[-1], "seed": seed, "seconds": json.loads((folder / "ablation.json").read_text())["seconds"]}
+    timing = folder / "ablation.json"
+    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else math.nan
+    return {**evals[-1], "seed": seed, "seconds": seconds}
 
 
 def mean_std(values: list[float]) -> str:
@@ -130,23 +181,27 @@ def command(argv=None) -> int:
     common = ["--model", args.model] + (["--steps", str(args.steps)] if args.steps else []) + extra
     # Every run's flags are checked before the first run starts, which may be hours before the last.
     configs = [harness.config.parse_args(grpo.Settings, common + VARIANTS[name])[0] for name in names]
+    if configs[0].eval_split == "none":
+        p.error("--eval-split none leaves nothing to compare: an ablation reports each run's held-out SRCC; "
+                "give a held-out split (default: test)")
     cli.check_device(configs[0].device)
     print(presets.describe_model(args.model))
     out = cli.check_out(args.out)
     steps = configs[0].steps
     common += ["--eval-every", str(steps), "--save-every", str(steps)]
+    plans = {(name, seed): plan(name, seed, common, out) for name in names for seed in seeds}
     cli.make_out(out)
     start = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with ThreadPoolExecutor(args.jobs) as pool:  # each thread waits on one child process
-        futures = {name: [pool.submit(run_variant, name, seed, common, out, threads) for seed in seeds]
-                   for name in names}
+        futures = {name: [pool.submit(run_variant, name, seed, common, out, threads, plans[name, seed])
+                          for seed in seeds] for name in names}
         results = {name: [f.result() for f in fs] for name, fs in futures.items()}
     text = table(results)
     print(f"\n{len(names)} variants x {len(seeds)} seeds, {steps} steps each, {(time.time() - start) / 60:.1f} min:\n")
     print(text)
-    (out / "ablation.md").write_text(text + "\n")
-    (out / "ablation.json").write_text(json.dumps(results, indent=1))
+    files.write_file(out / "ablation.md", text + "\n")
+    files.write_file(out / "ablation.json", json.dumps(results, indent=1))
     return 0
 
 
