@@ -379,8 +379,7 @@ def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float
     suppressed = preresq.suppressed_ids(tokenizer)
     batches = _prefetched(lambda: _warmup_batch(tokenizer, image_processor, rng, batch), steps)
     for prompt, comp_ids, mask in tqdm(batches, total=steps, desc="format warm-up", leave=False):
-        logp = preresq.completion_logprobs(model, prompt, comp_ids, mask, temperature=1.0, num_generations=1,
-                                           suppressed=suppressed)
+        logp = _answer_logprobs(model, prompt, comp_ids, mask, suppressed)
         loss = -(logp * mask).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()
@@ -390,9 +389,28 @@ def _format_warmup(model, tokenizer, image_processor, rng, steps: int, lr: float
     model.eval()
 
 
+def _answer_logprobs(model, prompt, comp_ids, mask, suppressed: list[int]) -> torch.Tensor:
+    """(B, C) log-probs of the answers, 0 after each end: the model's own forward over each prompt
+    joined with its answer, the vision tower once per picture (what the shipped presets were built
+    with; GRPO's completion_logprobs gets the same numbers by another route)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    ids = torch.cat([prompt.input_ids, comp_ids], 1)
+    features = model.model.get_image_features(prompt.pixel_values, prompt.image_grid_thw, return_dict=True)
+    attention = torch.cat([prompt.attention_mask, mask.to(prompt.attention_mask)], 1)
+    hidden = model.model(input_ids=ids, attention_mask=attention,
+                         image_grid_thw=prompt.image_grid_thw, mm_token_type_ids=preresq.mm_token_type_ids(model, ids),
+                         mm_encoder_outputs={"image": BaseModelOutputWithPooling(
+                             pooler_output=tuple(features.pooler_output))}).last_hidden_state
+    keep = mask.bool()
+    logp = preresq.selective_log_softmax(hidden[:, -comp_ids.shape[1] - 1:-1], model.lm_head,
+                                         comp_ids.masked_fill(~keep, 0), 1.0, suppressed)
+    return logp.masked_fill(~keep, 0.0)
+
+
 # The source of the preset recipe, read once at import: the code this process runs (a file edited
 # later must not rename the cache of what this process builds).
 _RECIPE_CODE = "".join(inspect.getsource(f) for f in (
     build_preset, _build_preset, build_tokenizer, _prefetched, _vision_pretraining, _degraded_picture,
-    _warmup_batch, _format_warmup, _random_picture, _random_answer, describe_degradation, severity_bin,
-    neutral_opinion))
+    _warmup_batch, _format_warmup, _answer_logprobs, _random_picture, _random_answer, describe_degradation,
+    severity_bin, neutral_opinion))

@@ -47,3 +47,35 @@ def test_the_shipped_files_are_what_the_recipe_writes(blank_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
         assert (Path(blank_dir) / name).read_bytes() == (shipped / name).read_bytes(), name
     assert json.loads((Path(blank_dir) / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
+
+
+def test_the_format_warm_up_runs_and_trains_what_it_says():
+    """One step of the warm-up (the suite builds presets without it): its log-probs are the model's own
+    over each prompt joined with its answer (as GRPO's completion_logprobs gets them), and the step moves
+    the language model and the adapter but not the rest of the vision tower."""
+    import numpy as np
+    import torch
+
+    import oracles
+    import preresq
+    from harness import preset_recipe
+
+    model, tok, proc = preresq.load_model(str(presets.SHIPPED / "tiny"), "cpu")
+    suppressed = preresq.suppressed_ids(tok)
+    prompt, comp, mask = preset_recipe._warmup_batch(tok, proc, np.random.default_rng(1), batch=2)
+    with torch.no_grad():
+        logp = preset_recipe._answer_logprobs(model, prompt, comp, mask, suppressed)
+        joined = oracles.joined_logprobs(model, prompt, comp, mask, temperature=1.0, num_generations=1,
+                                         suppressed=suppressed)
+        shared = preresq.completion_logprobs(model, preresq.cache_prompts(model, prompt), comp, mask,
+                                             temperature=1.0, num_generations=1, suppressed=suppressed)
+    assert (logp[mask == 0] == 0).all() and (logp[mask == 1] < 0).all()
+    torch.testing.assert_close(logp, joined, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logp, shared, rtol=0, atol=1e-4)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    preset_recipe._format_warmup(model, tok, proc, np.random.default_rng(2), steps=1, lr=1e-3, batch=2)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trained = {n for n in before if not n.startswith("model.visual.") or n.startswith("model.visual.merger.")}
+    assert moved == trained
+    assert not model.training
