@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository's modules, from wherever the tool is run
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from support import cli
 from support import files
@@ -56,7 +56,9 @@ def run_flags(name: str, seed: int, common: list[str], out: Path) -> list[str]:
 
 def recipe_differences(saved: dict, wanted: dict) -> list[str]:
     """The flags in which a run's saved config.json differs from the one wanted (outside HOW; the
-    length in steps only where the wanted one is known before the data are: --steps, not --epochs)."""
+    length in steps only where the wanted one is known before the data are: --steps, not --epochs).
+    A flag newer than the run counts as its default there."""
+    saved = {**{f.name: f.default for f in fields(harness.config.run_config(grpo.Settings))}, **saved}
     return [f"--{k.replace('_', '-')}: {saved.get(k)!r} there, {v!r} now" for k, v in wanted.items()
             if k not in HOW and saved.get(k) != v and not (k in ("steps", "stage1_steps") and v is None)]
 
